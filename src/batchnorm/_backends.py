@@ -1,0 +1,171 @@
+"""The contract every compute path of batch normalization fulfils, and how one is chosen.
+
+A *backend* computes the three pieces of the layer on tensors that
+:mod:`batchnorm.functional` has already validated:
+
+``forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
+num_batches_tracked, num_batches_skipped) -> (y, mean, invstd)``
+    Per-channel batch statistics over every dim but 1, the normalized and affine
+    output ``y`` (dtype and memory format of ``x``), and, when ``running_mean`` is
+    given, the in-place running-statistics update::
+
+        f = momentum                      (or 1 / (num_batches_tracked + 1) if None)
+        running_mean <- (1 - f) * running_mean + f * mean
+        running_var  <- (1 - f) * running_var  + f * var * m / (m - 1)
+
+    The update happens only when the batch's mean and variance are finite in every
+    channel; the decision is made on the device (no host synchronization): a good
+    batch adds 1 to ``num_batches_tracked``, a skipped one adds 1 to
+    ``num_batches_skipped`` (each when given). ``mean`` and ``invstd`` come back in
+    float32 (float64 for float64 input) and are what backward needs.
+    The batch is never empty here (the functional handles m == 0).
+
+``backward_train(dy, x, weight, mean, invstd) -> (dx, dweight, dbias)``
+    The closed form, per channel with x_hat = (x - mean) * invstd::
+
+        dbias   = sum(dy)
+        dweight = sum(dy * x_hat)
+        dx      = weight * invstd / m * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))
+
+``forward_eval(x, weight, bias, running_mean, running_var, eps) -> y``
+    The fixed affine map ``y = x * scale + shift`` with
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+    Only used when no gradient is needed; with gradients the functional composes
+    differentiable torch ops instead.
+
+``weight`` and ``bias`` may be ``None`` (meaning 1 and 0).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+BACKEND_NAMES = ("auto", "reference", "numba", "triton")
+
+
+class Backend(Protocol):
+    """A compute path; see the module docstring for the exact semantics."""
+
+    name: str
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor: ...
+
+
+def _numba_supports(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _triton_supports(x: Tensor) -> bool:
+    return x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _load_numba() -> Backend | None:
+    try:
+        from batchnorm.kernels import numba_cpu
+    except ImportError:
+        return None
+    return numba_cpu.BACKEND
+
+
+def _load_triton() -> Backend | None:
+    try:
+        from batchnorm.kernels import triton_host
+    except ImportError:
+        return None
+    return triton_host.BACKEND
+
+
+_loaded: dict[str, Backend | None] = {}
+
+
+def _get(name: str) -> Backend | None:
+    if name not in _loaded:
+        if name == "reference":
+            from batchnorm import _reference
+
+            _loaded[name] = _reference.BACKEND
+        elif name == "numba":
+            _loaded[name] = _load_numba()
+        else:
+            _loaded[name] = _load_triton()
+    return _loaded[name]
+
+
+def select_backend(name: str, x: Tensor) -> Backend:
+    """Return the backend ``name`` for input ``x``.
+
+    ``"auto"`` takes Triton for CUDA tensors when Triton is installed, the numba CPU
+    kernels for float32/float64 CPU tensors, and the pure-torch reference otherwise.
+    Naming a backend that cannot run on ``x`` is an error, never a silent fallback.
+    """
+    if name == "auto":
+        if _triton_supports(x):
+            backend = _get("triton")
+            if backend is not None:
+                return backend
+        if _numba_supports(x):
+            backend = _get("numba")
+            if backend is not None:
+                return backend
+        return _get("reference")  # type: ignore[return-value]
+    if name == "reference":
+        return _get("reference")  # type: ignore[return-value]
+    if name == "numba":
+        if not _numba_supports(x):
+            raise ValueError(
+                f"backend='numba' runs on float32/float64 CPU tensors, "
+                f"got a {x.dtype} tensor on {x.device}"
+            )
+        backend = _get("numba")
+        if backend is None:
+            raise RuntimeError("backend='numba' was requested but numba is not installed")
+        return backend
+    if name == "triton":
+        if not (x.device.type == "cuda" or _triton_interpreting()):
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or CPU tensors with "
+                f"TRITON_INTERPRET=1), got a tensor on {x.device}"
+            )
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"backend='triton' supports float16, bfloat16 and float32, got {x.dtype}"
+            )
+        backend = _get("triton")
+        if backend is None:
+            raise RuntimeError("backend='triton' was requested but triton is not installed")
+        return backend
+    raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+
+
+def _triton_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

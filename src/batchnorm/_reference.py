@@ -1,0 +1,194 @@
+"""Batch normalization in plain torch ops: the portable backend and the differentiable form.
+
+Everything here is written from the formulas of Ioffe & Szegedy (2015), Algorithm 1,
+for a channel with m values x_1..x_m::
+
+    mu      = (1/m) sum x_i
+    var     = (1/m) sum (x_i - mu)^2          (biased: used to normalize)
+    x_hat_i = (x_i - mu) / sqrt(var + eps)
+    y_i     = gamma * x_hat_i + beta
+
+and its backward, with invstd = 1/sqrt(var + eps)::
+
+    dbeta  = sum dy_i
+    dgamma = sum dy_i x_hat_i
+    dx_i   = gamma * invstd / m * (m dy_i - sum dy - x_hat_i sum(dy x_hat))
+
+The variance is computed in two passes around the mean (never E[x^2] - E[x]^2, which
+cancels catastrophically when |mean| >> std). float16/bfloat16 inputs are upcast to
+float32 for every reduction and the result is cast back.
+
+Two users:
+
+* :data:`BACKEND` — runs on any device and dtype; the fallback when no compiled
+  kernel applies (CPU half precision, CUDA without Triton, ...).
+* :func:`differentiable_backward` — the closed-form backward written so that autograd
+  can differentiate through it again (double backward). It recomputes the statistics
+  from ``x`` because the saved ``mean``/``invstd`` carry no graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dim but the channel dim (1): the dims the statistics are taken over."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-channel vector ``(C,)`` to broadcast against ``x`` (N, C, *)."""
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance, two passes, in :func:`stats_dtype`."""
+    xs = x.to(stats_dtype(x))
+    dims = reduce_dims(x)
+    mean = xs.mean(dim=dims)
+    centered = xs - channel_view(mean, x)
+    var = (centered * centered).mean(dim=dims)
+    return mean, var
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    m: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> None:
+    """The guarded in-place EMA / cumulative update (see :mod:`batchnorm._backends`).
+
+    The finiteness decision stays a device tensor: ``torch.where`` keeps the old
+    values for a bad batch, so nothing waits for the host.
+    """
+    ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / (num_batches_tracked.to(mean.dtype) + 1.0)
+    else:
+        factor = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
+    unbiased = var * (m / (m - 1))
+    new_mean = torch.lerp(running_mean.to(mean.dtype), mean, factor)
+    new_var = torch.lerp(running_var.to(var.dtype), unbiased, factor)
+    running_mean.copy_(torch.where(ok, new_mean, running_mean.to(mean.dtype)))
+    running_var.copy_(torch.where(ok, new_var, running_var.to(var.dtype)))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    if num_batches_skipped is not None:
+        num_batches_skipped.add_((~ok).to(num_batches_skipped.dtype))
+
+
+def affine_coefficients(
+    weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``scale = gamma * invstd`` and ``shift = beta - mean * scale`` per channel."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift
+
+
+def apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` in one pass, in the statistics dtype, cast back to x's."""
+    xs = x.to(scale.dtype)
+    y = torch.addcmul(channel_view(shift, x), xs, channel_view(scale, x))
+    return y.to(x.dtype)
+
+
+class _ReferenceBackend:
+    """The :class:`batchnorm._backends.Backend` made of torch ops; any device, any dtype."""
+
+    name = "reference"
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var = batch_stats(x)
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None and running_var is not None:
+            m = x.numel() // x.shape[1]
+            update_running_stats(
+                running_mean, running_var, mean, var, m, momentum,
+                num_batches_tracked, num_batches_skipped,
+            )
+        scale, shift = affine_coefficients(weight, bias, mean, invstd)
+        return apply_affine(x, scale, shift), mean, invstd
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dims = reduce_dims(x)
+        m = x.numel() // x.shape[1]
+        dys = dy.to(mean.dtype)
+        x_hat = (x.to(mean.dtype) - channel_view(mean, x)) * channel_view(invstd, x)
+        sum_dy = dys.sum(dim=dims)
+        sum_dy_xhat = (dys * x_hat).sum(dim=dims)
+        k = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        # dx = k * (dy - sum_dy/m - x_hat * sum_dy_xhat/m), written as two fused passes.
+        dx = torch.addcmul(
+            channel_view(-sum_dy / m, x), x_hat, channel_view(-sum_dy_xhat / m, x)
+        ).add_(dys).mul_(channel_view(k, x))
+        return dx.to(x.dtype), sum_dy_xhat, sum_dy
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        dtype = stats_dtype(x)
+        invstd = torch.rsqrt(running_var.to(dtype) + eps)
+        scale, shift = affine_coefficients(weight, bias, running_mean.to(dtype), invstd)
+        return apply_affine(x, scale, shift)
+
+
+BACKEND = _ReferenceBackend()
+
+
+def differentiable_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed-form backward as differentiable ops on ``x``, ``weight`` and ``dy``.
+
+    Used when autograd asks for a graph of the backward (``create_graph=True``), so
+    second derivatives (gradgradcheck, gradient penalties) are exact.
+    """
+    dims = reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    dtype = stats_dtype(x)
+    xs, dys = x.to(dtype), dy.to(dtype)
+    mean = xs.mean(dim=dims, keepdim=True)
+    centered = xs - mean
+    invstd = torch.rsqrt((centered * centered).mean(dim=dims, keepdim=True) + eps)
+    x_hat = centered * invstd
+    sum_dy = dys.sum(dim=dims, keepdim=True)
+    sum_dy_xhat = (dys * x_hat).sum(dim=dims, keepdim=True)
+    k = invstd if weight is None else channel_view(weight.to(dtype), x) * invstd
+    dx = k * (dys - sum_dy / m - x_hat * (sum_dy_xhat / m))
+    return dx.to(x.dtype), sum_dy_xhat.reshape(-1), sum_dy.reshape(-1)

@@ -1,0 +1,221 @@
+"""Stateless batch normalization with :func:`torch.nn.functional.batch_norm`'s signature.
+
+This module validates the input, decides between batch and running statistics, and
+hands the work to a backend (:mod:`batchnorm._backends`): the numba CPU kernels, the
+Triton CUDA kernels, or the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from batchnorm import _reference
+from batchnorm._autograd import BatchNormTrain
+from batchnorm._backends import BACKEND_NAMES, select_backend
+
+__all__ = ["batch_norm", "batch_stats"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+    check_finite: bool = False,
+) -> Tensor:
+    r"""Batch normalization over every dim but the channel dim 1.
+
+    In training (``training=True``), per channel over its m = N·L values:
+
+    .. math::
+        \mu = \frac1m\sum_i x_i,\quad
+        \sigma^2 = \frac1m\sum_i (x_i-\mu)^2,\quad
+        y_i = \gamma\,\frac{x_i-\mu}{\sqrt{\sigma^2+\epsilon}} + \beta
+
+    and, when ``running_mean``/``running_var`` are given, they are updated in place:
+    ``running = (1 - momentum) * running + momentum * batch`` (PyTorch's convention),
+    with the *unbiased* variance ``m/(m-1)·σ²``. ``momentum=None`` gives the cumulative
+    average ``1/(k+1)`` where k = ``num_batches_tracked`` (required then).
+    In inference (``training=False``) the running statistics normalize instead.
+
+    A training batch whose statistics are not finite (NaN or Inf in the input) never
+    touches the running statistics: the update is skipped on the device, without a
+    host synchronization, ``num_batches_skipped`` (if given) counts it, and
+    ``num_batches_tracked`` (if given) counts only the batches that were applied.
+    ``check_finite=True`` raises :class:`FloatingPointError` for such a batch instead
+    (this waits for the device).
+
+    Args:
+        input: (N, C, *) floating-point tensor; contiguous or channels_last.
+        running_mean, running_var: (C,) buffers, or ``None`` to use batch statistics
+            only (then ``training`` must be True).
+        weight, bias: γ and β, shape (C,), or ``None`` for 1 and 0.
+        training: use batch statistics (and update the running ones).
+        momentum: EMA factor in [0, 1], or ``None`` for the cumulative average.
+        eps: added to the variance before the square root; must be >= 0.
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` (CPU) or ``"triton"`` (CUDA).
+        num_batches_tracked, num_batches_skipped: 0-dim int64 counters, updated in place.
+        check_finite: raise instead of skipping a non-finite batch.
+
+    Returns:
+        A tensor of ``input``'s shape, dtype and memory format. float16/bfloat16 are
+        computed in float32.
+
+    Raises:
+        TypeError: for a non-tensor or integer/bool input or statistics.
+        ValueError: for a shape mismatch, one value per channel in training, missing
+            running statistics in inference, or a bad ``momentum``/``eps``/``backend``.
+        FloatingPointError: with ``check_finite=True`` and non-finite batch statistics.
+    """
+    _check_input(input)
+    num_channels = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        _check_vector(name, t, num_channels, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "batch_norm: running_mean and running_var must be given together, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    if momentum is not None and not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"batch_norm: momentum must be in [0, 1] or None, got {momentum}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"batch_norm: eps must be a finite number >= 0, got {eps}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"batch_norm: backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm: inference (training=False) normalizes with running_mean and "
+                "running_var, but they are None; pass them or use training=True"
+            )
+        return _inference(input, running_mean, running_var, weight, bias, eps, backend)
+
+    m = input.numel() // num_channels
+    if m == 1:
+        raise ValueError(
+            "batch_norm: expected more than 1 value per channel when training, got input "
+            f"of shape {tuple(input.shape)}: the variance of a single value is 0, so "
+            "batch statistics cannot normalize it (use eval mode for single examples)"
+        )
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            "batch_norm: momentum=None (cumulative average) needs num_batches_tracked"
+        )
+    if m == 0:
+        # An empty batch has no statistics: the output is empty and nothing is updated.
+        scale = torch.ones(num_channels, dtype=input.dtype, device=input.device)
+        shift = torch.zeros_like(scale)
+        if weight is not None:
+            scale = scale * weight
+        if bias is not None:
+            shift = shift + bias
+        return _reference.apply_affine(input, scale, shift)
+
+    chosen = select_backend(backend, input)
+    x = _dense(input)
+    y, mean, invstd = BatchNormTrain.apply(
+        x, weight, bias, running_mean, running_var, momentum, eps,
+        num_batches_tracked, num_batches_skipped, chosen,
+    )
+    if check_finite and not bool(torch.isfinite(mean).all() & (invstd > 0).all()):
+        raise FloatingPointError(
+            f"batch_norm: the training batch of shape {tuple(input.shape)} has non-finite "
+            "statistics (NaN or Inf in the input); the running statistics were left unchanged"
+        )
+    return y
+
+
+def batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``input`` (N, C, *), stable two-pass."""
+    _check_input(input)
+    return _reference.batch_stats(input)
+
+
+def _inference(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    backend: str,
+) -> Tensor:
+    """``y = x * scale + shift`` with the running statistics: a fixed affine map."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, running_mean, running_var)
+    )
+    if needs_grad:
+        # Differentiable composition: autograd derives every gradient (and higher ones).
+        dtype = _reference.stats_dtype(input)
+        invstd = torch.rsqrt(running_var.to(dtype) + eps)
+        scale, shift = _reference.affine_coefficients(
+            weight, bias, running_mean.to(dtype), invstd
+        )
+        return _reference.apply_affine(input, scale, shift)
+    chosen = select_backend(backend, input)
+    return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)
+
+
+def _check_input(input: object) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"batch_norm: input must be a floating-point tensor, got dtype {input.dtype}"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            "batch_norm: input must have at least 2 dims (N, C, *), got shape "
+            f"{tuple(input.shape)}"
+        )
+    if input.shape[1] == 0:
+        raise ValueError(
+            f"batch_norm: input has 0 channels (shape {tuple(input.shape)}); expected C >= 1"
+        )
+
+
+def _check_vector(name: str, t: Tensor | None, num_channels: int, input: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"batch_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"batch_norm: {name} must be floating point, got dtype {t.dtype}")
+    if t.shape != (num_channels,):
+        raise ValueError(
+            f"batch_norm: {name} must have shape ({num_channels},) to match the "
+            f"{num_channels} channels of input {tuple(input.shape)}, got {tuple(t.shape)}"
+        )
+    if t.device != input.device:
+        raise ValueError(
+            f"batch_norm: {name} is on {t.device} but input is on {input.device}"
+        )
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` if it is contiguous or channels_last, else a contiguous copy."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()

@@ -1,0 +1,194 @@
+"""The state every batch-norm layer shares: parameters, buffers, reset, repr, migration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import functional as F
+from batchnorm._backends import BACKEND_NAMES
+
+
+class _BatchNormBase(nn.Module):
+    """Owns γ/β, the running statistics and their counters; subclasses check dims.
+
+    Parameters and buffers carry the same names, shapes and dtypes as
+    :class:`torch.nn.BatchNorm2d`'s (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), so a state_dict loads into either.
+    A feature that is off registers ``None`` under its name, as in PyTorch.
+
+    One extra buffer, ``num_batches_skipped``, counts training batches whose
+    statistics were not finite and were therefore kept out of the running statistics.
+    It is not persistent: it stays out of the state_dict, which keeps checkpoints
+    interchangeable with PyTorch's.
+    """
+
+    _version = 2
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    backend: str
+    check_finite: bool
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str = "auto",
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if not (eps >= 0.0):
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if momentum is not None and not (0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.backend = backend
+        self.check_finite = check_finite
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+            self.register_buffer(
+                "num_batches_skipped",
+                torch.tensor(0, dtype=torch.long, device=device),
+                persistent=False,
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+            self.register_buffer("num_batches_skipped", None, persistent=False)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, counters 0."""
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None and self.num_batches_skipped is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+            self.num_batches_skipped.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, then γ = 1 and β = 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def _check_num_channels(self, input: Tensor) -> None:
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with {self.num_features} channels "
+                f"(dim 1, num_features), got {input.shape[1]} in input of shape "
+                f"{tuple(input.shape)}"
+            )
+
+    def _uses_batch_stats(self) -> bool:
+        """Batch statistics in training, and in eval when no running ones are kept."""
+        return self.training or self.running_mean is None
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
+            )
+        self._check_input_dim(input)
+        self._check_num_channels(input)
+        update = self.training and self.track_running_stats
+        return F.batch_norm(
+            input,
+            # Running statistics are passed only to be updated (training with
+            # tracking) or to normalize (eval with tracking).
+            self.running_mean if (update or not self.training) else None,
+            self.running_var if (update or not self.training) else None,
+            self.weight,
+            self.bias,
+            training=self._uses_batch_stats(),
+            momentum=self.momentum,
+            eps=self.eps,
+            backend=self.backend,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            num_batches_skipped=self.num_batches_skipped if update else None,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        if self.backend != "auto":
+            text += f", backend={self.backend!r}"
+        if self.check_finite:
+            text += ", check_finite=True"
+        return text
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Version 1 checkpoints (PyTorch < 0.4.1) have no num_batches_tracked: start at 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        # num_batches_skipped is not persistent; a state_dict that carries one (saved by a
+        # variant that made it persistent) is accepted rather than rejected.
+        skipped = state_dict.pop(prefix + "num_batches_skipped", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if skipped is not None and self.num_batches_skipped is not None:
+            with torch.no_grad():
+                self.num_batches_skipped.copy_(skipped)
