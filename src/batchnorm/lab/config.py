@@ -1,0 +1,177 @@
+"""Typed experiment configs and ``--key=value`` overrides checked against them.
+
+Every experiment's config is a dataclass whose defaults are the ``quick`` preset.
+A preset is a dict of field overrides; a command line adds more, as strings, which
+are converted to the field's declared type here. An unknown key lists the valid
+keys; a value that does not fit names the key, the expected type and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, Union
+
+PRESETS: tuple[str, ...] = ("tiny", "quick", "full")
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the experiment's config dataclass."""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Fields every experiment has.
+
+    Attributes:
+        data: the data spec (see :mod:`batchnorm.lab.data`), e.g. ``mnist``,
+            ``digits`` or ``fashion:/path/to/idx/files``.
+        seeds: how many seeds each configuration is trained with (0, 1, ...).
+    """
+
+    data: str = "mnist"
+    seeds: int = 2
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for values of the right type that make no sense."""
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds: expected an int >= 1, got {self.seeds}")
+
+
+def field_types(config_class: type) -> dict[str, Any]:
+    """The resolved type of each dataclass field, by name."""
+    hints = typing.get_type_hints(config_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
+
+
+def type_name(tp: Any) -> str:
+    """A short readable name for a field type, for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return f"comma-separated list of {type_name(args[0])}" if args else "tuple"
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(text: str, tp: Any) -> Any:
+    """Convert a command-line string to type ``tp``; raise ValueError if it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.strip().lower() in ("none", "null", ""):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(text, arg)
+            except ValueError:
+                pass
+        raise ValueError(text)
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if str(choice) == text:
+                return choice
+        raise ValueError(text)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ValueError(text)
+        return tuple(convert(p, args[0]) for p in parts)
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if tp is int:
+        return int(text)  # int("0.5") raises, as it should
+    if tp is float:
+        return float(text)
+    if tp is str:
+        return text
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def parse_override_args(args: list[str]) -> dict[str, str]:
+    """Turn ``["--lr=0.1", "--steps=500"]`` into ``{"lr": "0.1", "steps": "500"}``.
+
+    Dashes in keys become underscores, so ``--batch-size=32`` names ``batch_size``.
+    """
+    out: dict[str, str] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"expected an override of the form --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def valid_keys(config_class: type) -> list[str]:
+    """The override keys a config accepts, sorted."""
+    return sorted(f.name for f in dataclasses.fields(config_class))
+
+
+def apply_overrides(config: C, overrides: dict[str, Any], *, strict: bool = True) -> C:
+    """Return a copy of ``config`` with ``overrides`` applied.
+
+    Values may be strings (converted to the field's type) or already typed values
+    (checked by converting their string form, so presets and command lines follow
+    one path).
+
+    Args:
+        config: a dataclass instance.
+        overrides: field name to value.
+        strict: raise on keys the config does not have; otherwise skip them.
+
+    Raises:
+        ConfigError: an unknown key (with the list of valid keys) or a value that does
+            not convert to the field's type (with key, expected type and value).
+    """
+    types_by_name = field_types(type(config))
+    changes: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        if key not in types_by_name:
+            if strict:
+                raise ConfigError(
+                    f"unknown config key {key!r} for {type(config).__name__}; "
+                    f"valid keys: {', '.join(valid_keys(type(config)))}"
+                )
+            continue
+        tp = types_by_name[key]
+        text = _to_text(raw)
+        try:
+            changes[key] = convert(text, tp)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"--{key}: expected {type_name(tp)}, got {text!r}"
+            ) from None
+    new = dataclasses.replace(config, **changes)  # type: ignore[type-var]
+    check = getattr(new, "check", None)
+    if callable(check):
+        check()
+    return new
+
+
+def _to_text(value: Any) -> str:
+    """The command-line spelling of a preset value (tuples comma-separated)."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
