@@ -1,0 +1,102 @@
+"""Bad input gets a clear error naming the thing, what was expected and what came."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchnorm as bn
+
+F = bn.functional
+
+
+@pytest.mark.parametrize(
+    ("layer", "x", "match"),
+    [
+        (bn.BatchNorm1d(3), torch.randn(2, 3, 4, 5), r"BatchNorm1d: expected 2D .* or 3D .* got 4D"),
+        (bn.BatchNorm1d(3), torch.randn(3), r"BatchNorm1d: expected 2D .* got 1D"),
+        (bn.BatchNorm2d(3), torch.randn(2, 3, 4), r"BatchNorm2d: expected 4D .* got 3D"),
+        (bn.BatchNorm3d(3), torch.randn(2, 3, 4, 4), r"BatchNorm3d: expected 5D .* got 4D"),
+        (bn.BatchNorm2d(3), torch.randn(2, 4, 5, 5), r"expected input with 3 channels .* got 4"),
+        (bn.BatchNorm1d(3), torch.randn(2, 0), r"expected input with 3 channels .* got 0"),
+    ],
+)
+def test_wrong_dims_or_channels(layer: torch.nn.Module, x: torch.Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        layer(x)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_in_training(shape: tuple[int, ...]) -> None:
+    layer = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d}[len(shape)](3)
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*shape \(1, 3"):
+        layer(torch.randn(shape))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    layer.eval()
+    assert layer(torch.randn(shape)).shape == shape  # eval handles a single example
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_input(dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError, match=f"floating-point.*{dtype}"):
+        bn.BatchNorm1d(3)(torch.zeros(4, 3, dtype=dtype))
+
+
+def test_not_a_tensor() -> None:
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        bn.BatchNorm1d(3)([[1.0, 2.0, 3.0]])  # type: ignore[arg-type]
+
+
+def test_functional_vector_shapes() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\).*got \(4,\)"):
+        F.batch_norm(x, None, None, torch.ones(4), None, True)
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        F.batch_norm(x, torch.zeros(3), None, training=True)
+    with pytest.raises(ValueError, match="inference .* running_mean and running_var"):
+        F.batch_norm(x, None, None, training=False)
+    with pytest.raises(TypeError, match="running_mean must be floating point"):
+        F.batch_norm(x, torch.zeros(3, dtype=torch.long), torch.ones(3), training=True)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        F.batch_norm(x, None, None, training=True, momentum=1.5)
+    with pytest.raises(ValueError, match="eps must be"):
+        F.batch_norm(x, None, None, training=True, eps=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_features": 0}, "num_features must be a positive int"),
+        ({"num_features": 3.0}, "num_features must be a positive int"),
+        ({"num_features": 3, "momentum": -0.1}, "momentum must be in"),
+        ({"num_features": 3, "eps": -1e-5}, "eps must be >= 0"),
+        ({"num_features": 3, "backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_constructor_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        bn.BatchNorm2d(**kwargs)
+
+
+def test_nan_batch_in_module_counts_and_keeps_stats() -> None:
+    layer = bn.BatchNorm2d(3)
+    layer(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    x[2, 1, 0, 0] = float("nan")
+    layer(x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert int(layer.num_batches_skipped) == 1
+
+
+def test_check_finite_module_raises() -> None:
+    layer = bn.BatchNorm1d(3, check_finite=True)
+    x = torch.randn(4, 3)
+    x[0, 1] = float("inf")
+    with pytest.raises(FloatingPointError):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(3))
+    assert "check_finite=True" in repr(layer)

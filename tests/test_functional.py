@@ -1,0 +1,194 @@
+"""batchnorm.functional.batch_norm: torch.nn.functional's semantics, errors and safety."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import batchnorm as bn
+import reference
+from cases import assert_close
+
+F = bn.functional
+BACKENDS = ["reference", "numba"]
+
+
+def test_signature_matches_torch() -> None:
+    ours = inspect.signature(F.batch_norm).parameters
+    theirs = inspect.signature(torch.nn.functional.batch_norm).parameters
+    positional = [p for p in ours.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert [p.name for p in positional] == list(theirs)
+    for p in positional:
+        assert p.default == theirs[p.name].default
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_as_torch_functional(backend: str) -> None:
+    x = torch.randn(6, 4, 5) * 3 + 1
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-3, backend=backend)
+    y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, w, b, True, 0.3, 1e-3)
+    assert_close(y, y_t, 1e-5, 1e-5, "y")
+    assert_close(rm, rm_t, 1e-6, 1e-6, "running_mean")
+    assert_close(rv, rv_t, 1e-6, 1e-6, "running_var")
+    y = F.batch_norm(x, rm, rv, w, b, False, 0.3, 1e-3, backend=backend)
+    y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, w, b, False, 0.3, 1e-3)
+    assert_close(y, y_t, 1e-5, 1e-5, "y eval")
+
+
+def test_training_without_running_stats() -> None:
+    x = torch.randn(5, 3)
+    y = F.batch_norm(x, None, None, training=True)
+    assert_close(y, reference.forward(x, None, None, None, None, True, 0.1, 1e-5).y, 1e-5, 1e-5, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_batch_never_touches_running_stats(backend: str, bad: float) -> None:
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    tracked, skipped = torch.tensor(2), torch.tensor(0)
+    x = torch.randn(4, 3, 5)
+    x[1, 2, 3] = bad
+    y = F.batch_norm(x, rm, rv, training=True, backend=backend,
+                     num_batches_tracked=tracked, num_batches_skipped=skipped)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert int(tracked) == 2 and int(skipped) == 1
+    assert not torch.isfinite(y[:, 2]).all()  # the bad channel shows it; nothing is hidden
+    # A good batch afterwards is applied and counted.
+    F.batch_norm(torch.randn(4, 3, 5), rm, rv, training=True, backend=backend,
+                 num_batches_tracked=tracked, num_batches_skipped=skipped)
+    assert int(tracked) == 3 and int(skipped) == 1
+    assert not torch.equal(rm, rm0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_finite_raises_and_keeps_stats(backend: str) -> None:
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x = torch.randn(4, 3)
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        F.batch_norm(x, rm, rv, training=True, backend=backend, check_finite=True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_overflowing_variance_is_skipped() -> None:
+    """Finite inputs whose variance overflows float32 are not written into the buffers."""
+    rm, rv = torch.zeros(2), torch.ones(2)
+    x = torch.tensor([[3e38, 1.0], [-3e38, 2.0]])
+    skipped = torch.tensor(0)
+    F.batch_norm(x, rm, rv, training=True, num_batches_skipped=skipped)
+    assert torch.isfinite(rv).all() and int(skipped) == 1
+
+
+def test_cumulative_average_needs_counter() -> None:
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend: str) -> None:
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = torch.ones(3, requires_grad=True)
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    y = F.batch_norm(x, rm, rv, w, None, training=True, backend=backend)
+    assert y.shape == (0, 3, 4)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(3))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_large_offset_is_stable(backend: str, fmt: str) -> None:
+    """float32 input 1e4 + N(0, 1): variance within 1e-3 relative of float64."""
+    gen = torch.Generator().manual_seed(3)
+    x64 = 1e4 + torch.randn(32, 4, 16, 16, generator=gen, dtype=torch.float64)
+    x = x64.float()
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(4), torch.zeros(4)
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0, backend=backend)
+    expected = x.double().transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True)
+    rel = ((rv.double() - expected).abs() / expected).max().item()
+    assert rel < 1e-3, rel
+    # The output is normalized: unit variance per channel.
+    y = F.batch_norm(x, None, None, training=True, backend=backend)
+    assert_close(y.double().transpose(0, 1).reshape(4, -1).std(dim=1, unbiased=False),
+                 torch.ones(4), 1e-3, 0, "output std")
+
+
+def test_noncontiguous_input() -> None:
+    x = torch.randn(6, 5, 8).permute(0, 2, 1)  # (6, 8, 5), not contiguous
+    assert not x.is_contiguous()
+    y = F.batch_norm(x, None, None, training=True)
+    assert_close(y, reference.forward(x, None, None, None, None, True, 0.1, 1e-5).y, 1e-5, 1e-5, "y")
+
+
+def test_eval_with_grad_is_differentiable() -> None:
+    """In eval mode with grads, every input gets the fixed-affine-map gradient."""
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    torch.autograd.gradcheck(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False), (x, w, b))
+    torch.autograd.gradgradcheck(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4), (2, 3, 3, 2)])
+def test_gradcheck_training(backend: str, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, w, b, True, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_gradcheck_channels_last_numba() -> None:
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: F.batch_norm(x, None, None, w, None, True, backend="numba"), (x, w))
+
+
+def test_half_precision_statistics_in_float32() -> None:
+    """bfloat16 input: output bfloat16, running statistics stay float32."""
+    x = (torch.randn(8, 4, 3) * 2 + 100).bfloat16()
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    assert y.dtype == torch.bfloat16 and rm.dtype == torch.float32
+    expected_mean = x.double().mean(dim=(0, 2))
+    assert_close(rm, expected_mean, 1e-4, 1e-6, "running_mean")
+
+
+def test_float64_running_stats_stay_float64() -> None:
+    x = torch.randn(8, 3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    assert rm.dtype == torch.float64
+    assert_close(rm, x.mean(0), 1e-14, 1e-14, "running_mean")
+
+
+def test_backend_choice_errors() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.batch_norm(x, None, None, training=True, backend="cudnn")
+    with pytest.raises(ValueError, match="numba.*float32/float64"):
+        F.batch_norm(x.bfloat16(), None, None, training=True, backend="numba")
+
+
+def test_auto_backend_picks_numba_on_cpu_float32() -> None:
+    from batchnorm._backends import select_backend
+
+    assert select_backend("auto", torch.randn(2, 2)).name == "numba"
+    assert select_backend("auto", torch.randn(2, 2).half()).name == "reference"

@@ -1,0 +1,154 @@
+"""Module behaviour: state, state_dict compatibility with torch.nn, modes, repr."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import batchnorm as bn
+from cases import assert_close
+
+PAIRS = [(bn.BatchNorm1d, torch.nn.BatchNorm1d, (6, 4)),
+         (bn.BatchNorm2d, torch.nn.BatchNorm2d, (6, 4, 3, 3)),
+         (bn.BatchNorm3d, torch.nn.BatchNorm3d, (6, 4, 2, 3, 3))]
+CONFIGS = [
+    {},
+    {"affine": False},
+    {"track_running_stats": False},
+    {"momentum": None},
+    {"bias": False},
+    {"affine": False, "track_running_stats": False},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize(("ours_cls", "torch_cls", "shape"), PAIRS, ids=["1d", "2d", "3d"])
+def test_same_parameters_buffers_and_keys(ours_cls, torch_cls, shape, config) -> None:
+    ours, theirs = ours_cls(4, **config), torch_cls(4, **config)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    assert ours.extra_repr() == theirs.extra_repr()
+
+
+@pytest.mark.parametrize(("ours_cls", "torch_cls", "shape"), PAIRS, ids=["1d", "2d", "3d"])
+def test_state_dict_round_trips_both_ways(ours_cls, torch_cls, shape) -> None:
+    trained = torch_cls(4)
+    for _ in range(3):
+        trained(torch.randn(shape) * 2 + 1)
+    with torch.no_grad():
+        trained.weight.uniform_(0.5, 1.5)
+        trained.bias.normal_()
+    # torch -> ours, through a file as a checkpoint would go.
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    ours = ours_cls(4)
+    ours.load_state_dict(torch.load(buffer), strict=True)
+    trained.eval()
+    ours.eval()
+    x = torch.randn(shape)
+    assert_close(ours(x), trained(x), 1e-6, 1e-6, "eval output after load")
+    # ours (trained further) -> torch
+    ours.train()
+    ours(torch.randn(shape) + 3)
+    back = torch_cls(4)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_old_checkpoint_without_num_batches_tracked() -> None:
+    state = torch.nn.BatchNorm2d(3).state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+    layer = bn.BatchNorm2d(3)
+    layer.num_batches_tracked.fill_(5)
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_skipped_counter_stays_out_of_state_dict() -> None:
+    layer = bn.BatchNorm2d(3)
+    assert "num_batches_skipped" not in layer.state_dict()
+    assert "num_batches_skipped" in dict(layer.named_buffers())
+    # A state_dict that carries the counter is accepted and restores it.
+    state = layer.state_dict()
+    state["num_batches_skipped"] = torch.tensor(7)
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_skipped) == 7
+
+
+def test_reset() -> None:
+    layer = bn.BatchNorm1d(3)
+    with torch.no_grad():
+        layer.weight.fill_(2)
+        layer.bias.fill_(1)
+    layer(torch.randn(5, 3) + 4)
+    layer.reset_running_stats()
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.weight, torch.full((3,), 2.0))
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(3)) and torch.equal(layer.bias, torch.zeros(3))
+
+
+def test_eval_single_example_and_train_eval_switch() -> None:
+    layer = bn.BatchNorm2d(3)
+    for _ in range(5):
+        layer(torch.randn(8, 3, 4, 4) * 2 + 1)
+    layer.eval()
+    one = torch.randn(1, 3, 4, 4)
+    batch = torch.cat([one, torch.randn(7, 3, 4, 4)])
+    # In eval each example is normalized alone: batch composition does not matter.
+    assert_close(layer(one), layer(batch)[:1], 1e-6, 1e-6, "eval is per-example")
+    rm = layer.running_mean.clone()
+    layer(batch)
+    assert torch.equal(layer.running_mean, rm)
+
+
+def test_channels_last_in_channels_last_out() -> None:
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer = bn.BatchNorm2d(8)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.randn_like(y))
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    x3 = torch.randn(2, 8, 3, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    assert bn.BatchNorm3d(8)(x3).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_no_tracking_uses_batch_stats_in_eval() -> None:
+    ours, theirs = bn.BatchNorm1d(3, track_running_stats=False), torch.nn.BatchNorm1d(3, track_running_stats=False)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(6, 3) * 3
+    assert_close(ours(x), theirs(x), 1e-6, 1e-6, "eval with batch stats")
+
+
+def test_module_dtype_and_device_moves() -> None:
+    layer = bn.BatchNorm2d(3).double()
+    assert layer.running_mean.dtype == torch.float64 and layer.num_batches_tracked.dtype == torch.long
+    y = layer(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+def test_extra_repr_mentions_backend() -> None:
+    assert "backend='reference'" in repr(bn.BatchNorm1d(3, backend="reference"))
+
+
+def test_registry() -> None:
+    assert isinstance(bn.create_norm("batch", 8), bn.BatchNorm2d)
+    assert isinstance(bn.create_norm("batch", 8, dim=1), bn.BatchNorm1d)
+    assert isinstance(bn.create_norm(bn.BatchNorm3d, 8), bn.BatchNorm3d)
+    import functools
+
+    layer = bn.create_norm(functools.partial(bn.BatchNorm1d, momentum=0.3), 8)
+    assert layer.momentum == 0.3
+    with pytest.raises(ValueError, match="unknown norm 'nope'; registered: .*batch"):
+        bn.create_norm("nope", 8)
