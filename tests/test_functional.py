@@ -192,3 +192,47 @@ def test_auto_backend_picks_numba_on_cpu_float32() -> None:
 
     assert select_backend("auto", torch.randn(2, 2)).name == "numba"
     assert select_backend("auto", torch.randn(2, 2).half()).name == "reference"
+
+
+def _forked_child(queue) -> None:  # pragma: no cover - runs in the child
+    from batchnorm._backends import select_backend
+
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        y = bn.BatchNorm2d(3)(x)
+    queue.put((select_backend("auto", x).name, float(y.mean()), float(y.std())))
+
+
+def test_forked_child_after_parallel_kernels() -> None:
+    """A child forked after the parent ran the parallel kernels still normalizes."""
+    import multiprocessing as mp
+
+    bn.BatchNorm2d(3)(torch.randn(16, 3, 8, 8))  # start the parallel runtime in the parent
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_forked_child, args=(queue,))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    name, mean, std = queue.get(timeout=5)
+    assert abs(mean) < 1e-5 and abs(std - 1) < 1e-2
+    import numba
+
+    if numba.threading_layer() == "omp":
+        assert name == "reference"
+
+
+def test_threads_launch_concurrently() -> None:
+    """Several Python threads running the CPU kernels at once give correct results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [bn.BatchNorm2d(4) for _ in range(4)]
+    inputs = [torch.randn(8, 4, 16, 16) * (i + 1) for i in range(4)]
+
+    def run(i: int) -> float:
+        with torch.no_grad():
+            return float(layers[i](inputs[i]).std())
+
+    with ThreadPoolExecutor(4) as pool:
+        stds = list(pool.map(run, range(4)))
+    assert all(abs(s - 1) < 1e-2 for s in stds)

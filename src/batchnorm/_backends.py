@@ -83,6 +83,11 @@ def _numba_supports(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
+def _numba_usable(backend: Backend) -> bool:
+    usable = getattr(backend, "usable", None)
+    return usable is None or bool(usable())
+
+
 def _triton_supports(x: Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
@@ -133,7 +138,7 @@ def select_backend(name: str, x: Tensor) -> Backend:
                 return backend
         if _numba_supports(x):
             backend = _get("numba")
-            if backend is not None:
+            if backend is not None and _numba_usable(backend):
                 return backend
         return _get("reference")  # type: ignore[return-value]
     if name == "reference":
@@ -147,6 +152,12 @@ def select_backend(name: str, x: Tensor) -> Backend:
         backend = _get("numba")
         if backend is None:
             raise RuntimeError("backend='numba' was requested but numba is not installed")
+        if not _numba_usable(backend):
+            raise RuntimeError(
+                "backend='numba' cannot run in this forked child process: its parent already "
+                "started numba's OpenMP runtime, which does not survive fork(); use "
+                "backend='auto' (falls back to the reference) or the 'spawn' start method"
+            )
         return backend
     if name == "triton":
         if not (x.device.type == "cuda" or _triton_interpreting()):

@@ -24,6 +24,8 @@ input propagates and the finite check on the statistics stays meaningful.
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numba
 import numpy as np
@@ -34,6 +36,32 @@ from torch import Tensor
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _ROW_BLOCK = 256  # rows per cache-resident block in the channel-minor kernels
 _MIN_WORK_PER_THREAD = 1 << 15  # elements; below this, threads cost more than they give
+
+# numba's parallel runtime has two process-level hazards, both handled here rather than
+# left to users: the "workqueue" threading layer aborts when two Python threads launch
+# kernels at once (so launches are serialized by a lock), and GNU OpenMP ("omp" layer)
+# aborts a forked child that launches a kernel after its parent did (so a forked child
+# of such a parent reports the backend unusable and "auto" falls back to the reference).
+_LAUNCH_LOCK = threading.Lock()
+_FORK_UNSAFE = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_UNSAFE
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel ran in the parent: the child starts clean
+        return
+    _FORK_UNSAFE = layer == "omp"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def usable() -> bool:
+    """False in a forked child whose parent already started numba's OpenMP runtime."""
+    return not _FORK_UNSAFE
+
 
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
@@ -347,6 +375,10 @@ class _NumbaBackend:
 
     name = "numba"
 
+    @staticmethod
+    def usable() -> bool:
+        return usable()
+
     def forward_train(
         self,
         x: Tensor,
@@ -367,20 +399,21 @@ class _NumbaBackend:
         var = np.empty(C, dtype=np.float64)
         xa, ya = _as_array(x, layout, shape), _as_array(y, layout, shape)
         w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
-        if layout == "major":
-            coef = np.empty((C, 3), dtype=xa.dtype)
-            _cm_forward_train(xa, w, b, eps, ya, mean.numpy(), invstd.numpy(), var, coef)
-        else:
-            coef = np.empty((C, 2), dtype=xa.dtype)
-            chunks = _num_chunks(shape[0], C)
-            _cl_stats(xa, w, b, eps, mean.numpy(), invstd.numpy(), var, coef, chunks)
-            _cl_affine(xa, coef, ya, chunks)
-        if running_mean is not None and running_var is not None:
-            _update_running(
-                running_mean.detach().numpy(), running_var.detach().numpy(), mean.numpy(), var,
-                x.numel() // C, 0.0 if momentum is None else momentum, momentum is None,
-                _counter(num_batches_tracked), _counter(num_batches_skipped),
-            )
+        with _LAUNCH_LOCK:
+            if layout == "major":
+                coef = np.empty((C, 3), dtype=xa.dtype)
+                _cm_forward_train(xa, w, b, eps, ya, mean.numpy(), invstd.numpy(), var, coef)
+            else:
+                coef = np.empty((C, 2), dtype=xa.dtype)
+                chunks = _num_chunks(shape[0], C)
+                _cl_stats(xa, w, b, eps, mean.numpy(), invstd.numpy(), var, coef, chunks)
+                _cl_affine(xa, coef, ya, chunks)
+            if running_mean is not None and running_var is not None:
+                _update_running(
+                    running_mean.detach().numpy(), running_var.detach().numpy(), mean.numpy(),
+                    var, x.numel() // C, 0.0 if momentum is None else momentum, momentum is None,
+                    _counter(num_batches_tracked), _counter(num_batches_skipped),
+                )
         return y, mean, invstd
 
     def backward_train(
@@ -393,15 +426,18 @@ class _NumbaBackend:
         db = torch.empty(C, dtype=torch.float64)
         xa, dya, dxa = (_as_array(t, layout, shape) for t in (x, dy, dx))
         w = _vec(weight, 1.0, x)
-        if layout == "major":
-            coef = np.empty((C, 4), dtype=xa.dtype)
-            _cm_backward_train(dya, xa, w, mean.numpy(), invstd.numpy(), dxa, dw.numpy(), db.numpy(), coef)
-        else:
-            coef = np.empty((C, 3), dtype=xa.dtype)
-            _cl_backward_train(
-                dya, xa, w, mean.numpy(), invstd.numpy(), dxa, dw.numpy(), db.numpy(), coef,
-                _num_chunks(shape[0], C),
-            )
+        with _LAUNCH_LOCK:
+            if layout == "major":
+                coef = np.empty((C, 4), dtype=xa.dtype)
+                _cm_backward_train(
+                    dya, xa, w, mean.numpy(), invstd.numpy(), dxa, dw.numpy(), db.numpy(), coef
+                )
+            else:
+                coef = np.empty((C, 3), dtype=xa.dtype)
+                _cl_backward_train(
+                    dya, xa, w, mean.numpy(), invstd.numpy(), dxa, dw.numpy(), db.numpy(), coef,
+                    _num_chunks(shape[0], C),
+                )
         return dx, dw, db
 
     def forward_eval(
@@ -419,12 +455,13 @@ class _NumbaBackend:
         xa, ya = _as_array(x, layout, shape), _as_array(y, layout, shape)
         w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
         rm, rv = running_mean.detach().numpy(), running_var.detach().numpy()
-        if layout == "major":
-            _cm_forward_eval(xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype))
-        else:
-            coef = np.empty((C, 2), dtype=xa.dtype)
-            _cl_forward_eval_coef(w, b, rm, rv, eps, coef)
-            _cl_affine(xa, coef, ya, _num_chunks(shape[0], C))
+        with _LAUNCH_LOCK:
+            if layout == "major":
+                _cm_forward_eval(xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype))
+            else:
+                coef = np.empty((C, 2), dtype=xa.dtype)
+                _cl_forward_eval_coef(w, b, rm, rv, eps, coef)
+                _cl_affine(xa, coef, ya, _num_chunks(shape[0], C))
         return y
 
 
