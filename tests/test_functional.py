@@ -207,7 +207,8 @@ def test_forked_child_after_parallel_kernels() -> None:
     """A child forked after the parent ran the parallel kernels still normalizes."""
     import multiprocessing as mp
 
-    bn.BatchNorm2d(3)(torch.randn(16, 3, 8, 8))  # start the parallel runtime in the parent
+    # Large enough for the threaded kernels: starts the parallel runtime in the parent.
+    bn.BatchNorm2d(3)(torch.randn(16, 3, 64, 64))
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_forked_child, args=(queue,))

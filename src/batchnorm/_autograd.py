@@ -9,7 +9,7 @@ statistics from ``x`` with differentiable ops.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,30 +18,40 @@ from batchnorm import _reference
 from batchnorm._backends import Backend
 
 
+class TrainSpec(NamedTuple):
+    """Everything of a training call that is not differentiated: one argument to
+    ``Function.apply`` instead of seven keeps the per-call overhead down."""
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    momentum: float | None
+    eps: float
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+    backend: Backend
+
+
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: TrainSpec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backend's training forward: ``(y, mean, invstd)``, running stats updated."""
+    return spec.backend.forward_train(
+        x, weight, bias, spec.eps, spec.running_mean, spec.running_var, spec.momentum,
+        spec.num_batches_tracked, spec.num_batches_skipped,
+    )
+
+
 class BatchNormTrain(torch.autograd.Function):
     """y = BN(x) with batch statistics; updates the running statistics in forward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        momentum: float | None,
-        eps: float,
-        num_batches_tracked: Tensor | None,
-        num_batches_skipped: Tensor | None,
-        backend: Backend,
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: TrainSpec
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, invstd = backend.forward_train(
-            x, weight, bias, eps, running_mean, running_var, momentum,
-            num_batches_tracked, num_batches_skipped,
-        )
+        y, mean, invstd = forward_train(x, weight, bias, spec)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.backend = backend
-        ctx.eps = eps
+        ctx.backend = spec.backend
+        ctx.eps = spec.eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
@@ -63,14 +73,16 @@ class BatchNormTrain(torch.autograd.Function):
             dx if need_x else None,
             dweight.to(weight.dtype) if need_w else None,
             dbias.to(ctx.bias_dtype) if need_b else None,
-            None, None, None, None, None, None, None,
+            None,
         )
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     """The memory format ``x`` is stored in, so ``dy`` can be matched to it."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if x.dim() < 4 or x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format

@@ -38,6 +38,7 @@ num_batches_tracked, num_batches_skipped) -> (y, mean, invstd)``
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -124,7 +125,24 @@ def _get(name: str) -> Backend | None:
     return _loaded[name]
 
 
+# Choices already made, by (name, is_cpu, is_cuda, dtype): a dict lookup per call
+# instead of the device and import checks. Cleared in a forked child, where the numba
+# backend may become unusable.
+_chosen: dict[tuple[str, bool, bool, torch.dtype], Backend] = {}
+os.register_at_fork(after_in_child=_chosen.clear)
+
+
 def select_backend(name: str, x: Tensor) -> Backend:
+    """Return the backend ``name`` for input ``x`` (see :func:`_select`)."""
+    key = (name, x.is_cpu, x.is_cuda, x.dtype)
+    backend = _chosen.get(key)
+    if backend is None:
+        backend = _select(name, x)
+        _chosen[key] = backend
+    return backend
+
+
+def _select(name: str, x: Tensor) -> Backend:
     """Return the backend ``name`` for input ``x``.
 
     ``"auto"`` takes Triton for CUDA tensors when Triton is installed, the numba CPU
@@ -177,6 +195,4 @@ def select_backend(name: str, x: Tensor) -> Backend:
 
 
 def _triton_interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

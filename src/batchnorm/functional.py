@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import _reference
-from batchnorm._autograd import BatchNormTrain
+from batchnorm._autograd import BatchNormTrain, TrainSpec, forward_train
 from batchnorm._backends import BACKEND_NAMES, select_backend
 
 __all__ = ["batch_norm", "batch_stats"]
@@ -129,12 +129,19 @@ def batch_norm(
             shift = shift + bias
         return _reference.apply_affine(input, scale, shift)
 
-    chosen = select_backend(backend, input)
-    x = _dense(input)
-    y, mean, invstd = BatchNormTrain.apply(
-        x, weight, bias, running_mean, running_var, momentum, eps,
-        num_batches_tracked, num_batches_skipped, chosen,
+    spec = TrainSpec(
+        running_mean, running_var, momentum, eps, num_batches_tracked, num_batches_skipped,
+        select_backend(backend, input),
     )
+    x = _dense(input)
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        y, mean, invstd = BatchNormTrain.apply(x, weight, bias, spec)
+    else:
+        y, mean, invstd = forward_train(x, weight, bias, spec)
     if check_finite and not bool(torch.isfinite(mean).all() & (invstd > 0).all()):
         raise FloatingPointError(
             f"batch_norm: the training batch of shape {tuple(input.shape)} has non-finite "
@@ -204,7 +211,7 @@ def _check_vector(name: str, t: Tensor | None, num_channels: int, input: Tensor)
             f"batch_norm: {name} must have shape ({num_channels},) to match the "
             f"{num_channels} channels of input {tuple(input.shape)}, got {tuple(t.shape)}"
         )
-    if t.device != input.device:
+    if t.get_device() != input.get_device() or t.is_cuda != input.is_cuda:
         raise ValueError(
             f"batch_norm: {name} is on {t.device} but input is on {input.device}"
         )

@@ -26,6 +26,9 @@ from __future__ import annotations
 import math
 import os
 import threading
+import types
+from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
@@ -67,10 +70,32 @@ _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
 
 
+class _Kernel:
+    """A kernel compiled twice: threaded for large inputs, single-threaded for small ones.
+
+    Waking the thread pool costs microseconds on an idle machine and milliseconds on a
+    busy one, more than a small layer takes in total, so inputs below
+    ``2 * _MIN_WORK_PER_THREAD`` elements run on the calling thread.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        # A renamed copy, so the two compilations get separate on-disk cache entries.
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        self.serial = _jit(serial)
+        self.parallel = _pjit(fn)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, numel: int, *args: Any) -> None:
+        # The size test comes first: it is free, the thread-count query is not.
+        threaded = numel >= 2 * _MIN_WORK_PER_THREAD and numba.get_num_threads() > 1
+        (self.parallel if threaded else self.serial)(*args)
+
+
 # ----------------------------------------------------------------------------------------
 # channel-major (A, C, L)
 # ----------------------------------------------------------------------------------------
-@_pjit
+@_Kernel
 def _cm_forward_train(x, w, b, eps, y, mean_out, invstd_out, var_out, coef):  # pragma: no cover
     """x, y: (A, C, L); w, b: (C,); mean_out, invstd_out: (C,) stats dtype;
     var_out: (C,) float64 biased variance; coef: (C, 3) scratch of x's dtype."""
@@ -112,7 +137,7 @@ def _cm_forward_train(x, w, b, eps, y, mean_out, invstd_out, var_out, coef):  # 
                 y[a, c, i] = x[a, c, i] * kk + sh
 
 
-@_pjit
+@_Kernel
 def _cm_backward_train(dy, x, w, mean, invstd, dx, dw, db, coef):  # pragma: no cover
     """dy, x, dx: (A, C, L); w, mean, invstd: (C,); dw, db: (C,) float64 outputs;
     coef: (C, 4) scratch of x's dtype."""
@@ -148,7 +173,7 @@ def _cm_backward_train(dy, x, w, mean, invstd, dx, dw, db, coef):  # pragma: no 
                 dx[a, c, i] = dy[a, c, i] * kk + (x[a, c, i] - mu) * bx + cx
 
 
-@_pjit
+@_Kernel
 def _cm_forward_eval(x, w, b, rm, rv, eps, y, coef):  # pragma: no cover
     """y = x * scale + shift over (A, C, L); coef: (C, 2) scratch of x's dtype."""
     A, C, L = x.shape
@@ -171,11 +196,13 @@ def _cm_forward_eval(x, w, b, rm, rv, eps, y, coef):  # pragma: no cover
 # ----------------------------------------------------------------------------------------
 def _num_chunks(M: int, C: int) -> int:
     """How many row chunks (threads) a channel-minor kernel splits M rows into."""
+    if M * C < 2 * _MIN_WORK_PER_THREAD:
+        return 1
     chunks = min(numba.get_num_threads(), max(1, (M * C) // _MIN_WORK_PER_THREAD))
     return max(1, min(chunks, M))
 
 
-@_pjit
+@_Kernel
 def _cl_stats(x, w, b, eps, mean_out, invstd_out, var_out, coef, T):  # pragma: no cover
     """Statistics of x (M, C) and the affine coefficients coef (C, 2) of x's dtype;
     other outputs as in the channel-major kernel; T row chunks. The output pass is
@@ -237,7 +264,7 @@ def _cl_stats(x, w, b, eps, mean_out, invstd_out, var_out, coef, T):  # pragma: 
         coef[c, 1] = float(b[c]) - mu * k
 
 
-@_pjit
+@_Kernel
 def _cl_affine(x, coef, y, T):  # pragma: no cover
     """y[r, c] = x[r, c] * coef[c, 0] + coef[c, 1], rows split in T chunks."""
     M, C = x.shape
@@ -249,7 +276,7 @@ def _cl_affine(x, coef, y, T):  # pragma: no cover
                 y[r, c] = x[r, c] * k[c] + sh[c]
 
 
-@_pjit
+@_Kernel
 def _cl_backward_train(dy, x, w, mean, invstd, dx, dw, db, coef, T):  # pragma: no cover
     """dy, x, dx: (M, C); dw, db: (C,) float64; coef: (C, 3) scratch of x's dtype;
     T row chunks."""
@@ -312,18 +339,18 @@ def _cl_forward_eval_coef(w, b, rm, rv, eps, coef):  # pragma: no cover
 @_jit
 def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped):  # pragma: no cover
     """The guarded EMA / cumulative update; see batchnorm._backends. tracked, skipped:
-    int64 arrays of length 1 (counters)."""
+    0-dim int64 arrays (the counters)."""
     C = rm.shape[0]
     for c in range(C):
         if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
-            skipped[0] += 1
+            skipped[()] += 1
             return
-    f = 1.0 / (tracked[0] + 1.0) if cumulative else momentum
+    f = 1.0 / (tracked[()] + 1.0) if cumulative else momentum
     correction = m / (m - 1.0)
     for c in range(C):
         rm[c] = (1.0 - f) * float(rm[c]) + f * float(mean[c])
         rv[c] = (1.0 - f) * float(rv[c]) + f * var[c] * correction
-    tracked[0] += 1
+    tracked[()] += 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -342,6 +369,8 @@ def _is_channels_last(x: Tensor) -> bool:
 def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
     """("minor", (M, C)) or ("major", (A, C, L)): how ``x``'s memory is viewed."""
     C = x.shape[1]
+    if x.dim() == 2:
+        return "minor", (x.shape[0], C)
     if _is_channels_last(x):
         return "minor", (x.numel() // C, C)
     spatial = x.numel() // (x.shape[0] * C) if x.shape[0] else 0
@@ -352,22 +381,34 @@ def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
 
 def _as_array(t: Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     """A numpy view of ``t``'s memory in the layout's shape (no copy)."""
-    if layout == "minor" and _is_channels_last(t):
+    if layout == "minor" and t.dim() > 2:
         # channels_last memory is (N, *spatial, C): move C last to get a contiguous view.
         t = t.movedim(1, -1)
-    return t.detach().reshape(shape).numpy()
+    if t.dim() != len(shape):
+        t = t.reshape(shape)
+    return t.numpy(force=True)
 
 
-def _vec(t: Tensor | None, fill: float, like: Tensor) -> np.ndarray:
-    if t is None:
-        return np.full(like.shape[1], fill, dtype=np.float64)
-    return t.detach().numpy()
+_FILLS: dict[tuple[int, float], np.ndarray] = {}
+
+
+def _vec(t: Tensor | None, fill: float, num_channels: int) -> np.ndarray:
+    """``t`` as an array, or a constant vector (read-only, cached) when ``t`` is None."""
+    if t is not None:
+        return t.numpy(force=True)
+    key = (num_channels, fill)
+    if key not in _FILLS:
+        array = np.full(num_channels, fill, dtype=np.float64)
+        array.flags.writeable = False
+        _FILLS[key] = array
+    return _FILLS[key]
 
 
 def _counter(t: Tensor | None) -> np.ndarray:
+    """A 0-dim int64 counter tensor as an array, or a scratch counter when None."""
     if t is None:
-        return np.zeros(1, dtype=np.int64)
-    return t.detach().view(1).numpy()
+        return np.zeros((), dtype=np.int64)
+    return t.numpy(force=True)
 
 
 class _NumbaBackend:
@@ -392,52 +433,60 @@ class _NumbaBackend:
         num_batches_skipped: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         C = x.shape[1]
+        numel = x.numel()
         layout, shape = _layout(x)
         y = torch.empty_like(x)
-        mean = torch.empty(C, dtype=x.dtype)
-        invstd = torch.empty(C, dtype=x.dtype)
+        # mean and invstd share one allocation: rows 0 and 1.
+        stats = torch.empty(2, C, dtype=x.dtype)
+        stats_array = stats.numpy()
+        mean_array, invstd_array = stats_array[0], stats_array[1]
         var = np.empty(C, dtype=np.float64)
         xa, ya = _as_array(x, layout, shape), _as_array(y, layout, shape)
-        w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
+        w, b = _vec(weight, 1.0, C), _vec(bias, 0.0, C)
         with _LAUNCH_LOCK:
             if layout == "major":
                 coef = np.empty((C, 3), dtype=xa.dtype)
-                _cm_forward_train(xa, w, b, eps, ya, mean.numpy(), invstd.numpy(), var, coef)
+                _cm_forward_train(numel, xa, w, b, eps, ya, mean_array, invstd_array, var, coef)
             else:
                 coef = np.empty((C, 2), dtype=xa.dtype)
                 chunks = _num_chunks(shape[0], C)
-                _cl_stats(xa, w, b, eps, mean.numpy(), invstd.numpy(), var, coef, chunks)
-                _cl_affine(xa, coef, ya, chunks)
+                _cl_stats(numel, xa, w, b, eps, mean_array, invstd_array, var, coef, chunks)
+                _cl_affine(numel, xa, coef, ya, chunks)
             if running_mean is not None and running_var is not None:
                 _update_running(
-                    running_mean.detach().numpy(), running_var.detach().numpy(), mean.numpy(),
-                    var, x.numel() // C, 0.0 if momentum is None else momentum, momentum is None,
+                    running_mean.numpy(force=True), running_var.numpy(force=True), mean_array,
+                    var, numel // C, 0.0 if momentum is None else momentum, momentum is None,
                     _counter(num_batches_tracked), _counter(num_batches_skipped),
                 )
+        mean, invstd = stats[0], stats[1]
         return y, mean, invstd
 
     def backward_train(
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         C = x.shape[1]
+        numel = x.numel()
         layout, shape = _layout(x)
         dx = torch.empty_like(x)
-        dw = torch.empty(C, dtype=torch.float64)
-        db = torch.empty(C, dtype=torch.float64)
+        grads = torch.empty(2, C, dtype=torch.float64)  # rows: dweight, dbias
+        grads_array = grads.numpy()
         xa, dya, dxa = (_as_array(t, layout, shape) for t in (x, dy, dx))
-        w = _vec(weight, 1.0, x)
+        w = _vec(weight, 1.0, C)
+        mean_array, invstd_array = mean.numpy(force=True), invstd.numpy(force=True)
         with _LAUNCH_LOCK:
             if layout == "major":
                 coef = np.empty((C, 4), dtype=xa.dtype)
                 _cm_backward_train(
-                    dya, xa, w, mean.numpy(), invstd.numpy(), dxa, dw.numpy(), db.numpy(), coef
+                    numel, dya, xa, w, mean_array, invstd_array, dxa, grads_array[0],
+                    grads_array[1], coef,
                 )
             else:
                 coef = np.empty((C, 3), dtype=xa.dtype)
                 _cl_backward_train(
-                    dya, xa, w, mean.numpy(), invstd.numpy(), dxa, dw.numpy(), db.numpy(), coef,
-                    _num_chunks(shape[0], C),
+                    numel, dya, xa, w, mean_array, invstd_array, dxa, grads_array[0],
+                    grads_array[1], coef, _num_chunks(shape[0], C),
                 )
+        dw, db = grads[0], grads[1]
         return dx, dw, db
 
     def forward_eval(
@@ -450,18 +499,19 @@ class _NumbaBackend:
         eps: float,
     ) -> Tensor:
         C = x.shape[1]
+        numel = x.numel()
         layout, shape = _layout(x)
         y = torch.empty_like(x)
         xa, ya = _as_array(x, layout, shape), _as_array(y, layout, shape)
-        w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
-        rm, rv = running_mean.detach().numpy(), running_var.detach().numpy()
+        w, b = _vec(weight, 1.0, C), _vec(bias, 0.0, C)
+        rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)
         with _LAUNCH_LOCK:
             if layout == "major":
-                _cm_forward_eval(xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype))
+                _cm_forward_eval(numel, xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype))
             else:
                 coef = np.empty((C, 2), dtype=xa.dtype)
                 _cl_forward_eval_coef(w, b, rm, rv, eps, coef)
-                _cl_affine(xa, coef, ya, _num_chunks(shape[0], C))
+                _cl_affine(numel, xa, coef, ya, _num_chunks(shape[0], C))
         return y
 
 

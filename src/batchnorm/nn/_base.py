@@ -138,21 +138,27 @@ class _BatchNormBase(nn.Module):
             )
         self._check_input_dim(input)
         self._check_num_channels(input)
-        update = self.training and self.track_running_stats
+        # Read the registries once: nn.Module's attribute lookup costs more than the
+        # arithmetic of a small layer.
+        params, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        training = self.training
+        update = training and self.track_running_stats
+        # Running statistics are passed only to be updated (training with tracking) or
+        # to normalize (eval with tracking); eval without them uses batch statistics.
+        use_running = update or not training
         return F.batch_norm(
             input,
-            # Running statistics are passed only to be updated (training with
-            # tracking) or to normalize (eval with tracking).
-            self.running_mean if (update or not self.training) else None,
-            self.running_var if (update or not self.training) else None,
-            self.weight,
-            self.bias,
+            running_mean if use_running else None,
+            running_var if use_running else None,
+            params["weight"],
+            params["bias"],
             training=self._uses_batch_stats(),
             momentum=self.momentum,
             eps=self.eps,
             backend=self.backend,
-            num_batches_tracked=self.num_batches_tracked if update else None,
-            num_batches_skipped=self.num_batches_skipped if update else None,
+            num_batches_tracked=buffers["num_batches_tracked"] if update else None,
+            num_batches_skipped=buffers["num_batches_skipped"] if update else None,
             check_finite=self.check_finite,
         )
 
