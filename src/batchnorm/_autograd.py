@@ -29,6 +29,9 @@ class TrainSpec(NamedTuple):
     num_batches_tracked: Tensor | None
     num_batches_skipped: Tensor | None
     backend: Backend
+    # Receives (mean, invstd) from the autograd path, which returns only y: outputs
+    # of a Function cost more per call than tensors kept aside.
+    stats_out: list[Tensor] | None = None
 
 
 def forward_train(
@@ -47,19 +50,18 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: TrainSpec
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> Tensor:
         y, mean, invstd = forward_train(x, weight, bias, spec)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.backend = spec.backend
         ctx.eps = spec.eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(mean, invstd)
-        return y, mean, invstd
+        if spec.stats_out is not None:
+            spec.stats_out.extend((mean, invstd))
+        return y
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dinvstd: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
@@ -71,7 +73,7 @@ class BatchNormTrain(torch.autograd.Function):
             )
         return (
             dx if need_x else None,
-            dweight.to(weight.dtype) if need_w else None,
+            dweight.to(weight.dtype) if need_w else None,  # no-op when already that dtype
             dbias.to(ctx.bias_dtype) if need_b else None,
             None,
         )

@@ -131,7 +131,7 @@ def batch_norm(
 
     spec = TrainSpec(
         running_mean, running_var, momentum, eps, num_batches_tracked, num_batches_skipped,
-        select_backend(backend, input),
+        select_backend(backend, input), [] if check_finite else None,
     )
     x = _dense(input)
     if torch.is_grad_enabled() and (
@@ -139,15 +139,23 @@ def batch_norm(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        y, mean, invstd = BatchNormTrain.apply(x, weight, bias, spec)
+        y = BatchNormTrain.apply(x, weight, bias, spec)
+        if check_finite:
+            _raise_if_not_finite(input, *spec.stats_out)  # type: ignore[misc]
     else:
         y, mean, invstd = forward_train(x, weight, bias, spec)
-    if check_finite and not bool(torch.isfinite(mean).all() & (invstd > 0).all()):
+        if check_finite:
+            _raise_if_not_finite(input, mean, invstd)
+    return y
+
+
+def _raise_if_not_finite(input: Tensor, mean: Tensor, invstd: Tensor) -> None:
+    """check_finite mode: raise for non-finite statistics (waits for the device)."""
+    if not bool(torch.isfinite(mean).all() & (invstd > 0).all()):
         raise FloatingPointError(
             f"batch_norm: the training batch of shape {tuple(input.shape)} has non-finite "
             "statistics (NaN or Inf in the input); the running statistics were left unchanged"
         )
-    return y
 
 
 def batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,8 +174,12 @@ def _inference(
     backend: str,
 ) -> Tensor:
     """``y = x * scale + shift`` with the running statistics: a fixed affine map."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias, running_mean, running_var)
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad
+        or running_mean.requires_grad
+        or running_var.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     )
     if needs_grad:
         # Differentiable composition: autograd derives every gradient (and higher ones).

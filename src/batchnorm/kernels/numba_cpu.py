@@ -93,12 +93,37 @@ class _Kernel:
 
 
 # ----------------------------------------------------------------------------------------
+# running statistics
+# ----------------------------------------------------------------------------------------
+@_jit
+def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped):  # pragma: no cover
+    """The guarded EMA / cumulative update; see batchnorm._backends. tracked, skipped:
+    0-dim int64 arrays (the counters)."""
+    C = rm.shape[0]
+    for c in range(C):
+        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+            skipped[()] += 1
+            return
+    f = 1.0 / (tracked[()] + 1.0) if cumulative else momentum
+    correction = m / (m - 1.0)
+    for c in range(C):
+        rm[c] = (1.0 - f) * float(rm[c]) + f * float(mean[c])
+        rv[c] = (1.0 - f) * float(rv[c]) + f * var[c] * correction
+    tracked[()] += 1
+
+
+# ----------------------------------------------------------------------------------------
 # channel-major (A, C, L)
 # ----------------------------------------------------------------------------------------
 @_Kernel
-def _cm_forward_train(x, w, b, eps, y, mean_out, invstd_out, var_out, coef):  # pragma: no cover
+def _cm_forward_train(
+    x, w, b, eps, y, mean_out, invstd_out, var_out, coef,
+    rm, rv, momentum, cumulative, tracked, skipped, update,
+):  # pragma: no cover
     """x, y: (A, C, L); w, b: (C,); mean_out, invstd_out: (C,) stats dtype;
-    var_out: (C,) float64 biased variance; coef: (C, 3) scratch of x's dtype."""
+    var_out: (C,) float64 biased variance; coef: (C, 3) scratch of x's dtype.
+    With ``update``, the running statistics rm, rv and the counters follow
+    (see _update_running)."""
     A, C, L = x.shape
     m = A * L
     for c in numba.prange(C):
@@ -135,6 +160,8 @@ def _cm_forward_train(x, w, b, eps, y, mean_out, invstd_out, var_out, coef):  # 
         for a in range(A):
             for i in range(L):
                 y[a, c, i] = x[a, c, i] * kk + sh
+    if update:
+        _update_running(rm, rv, mean_out, var_out, m, momentum, cumulative, tracked, skipped)
 
 
 @_Kernel
@@ -203,10 +230,12 @@ def _num_chunks(M: int, C: int) -> int:
 
 
 @_Kernel
-def _cl_stats(x, w, b, eps, mean_out, invstd_out, var_out, coef, T):  # pragma: no cover
-    """Statistics of x (M, C) and the affine coefficients coef (C, 2) of x's dtype;
-    other outputs as in the channel-major kernel; T row chunks. The output pass is
-    _cl_affine."""
+def _cl_forward_train(
+    x, w, b, eps, y, mean_out, invstd_out, var_out, coef, T,
+    rm, rv, momentum, cumulative, tracked, skipped, update,
+):  # pragma: no cover
+    """x, y: (M, C) split in T row chunks; coef: (C, 2) scratch of x's dtype; the other
+    arguments as in the channel-major kernel."""
     M, C = x.shape
     part_mean = np.zeros((T, C))
     part_m2 = np.zeros((T, C))
@@ -262,18 +291,14 @@ def _cl_stats(x, w, b, eps, mean_out, invstd_out, var_out, coef, T):  # pragma: 
         k = float(w[c]) * r
         coef[c, 0] = k
         coef[c, 1] = float(b[c]) - mu * k
-
-
-@_Kernel
-def _cl_affine(x, coef, y, T):  # pragma: no cover
-    """y[r, c] = x[r, c] * coef[c, 0] + coef[c, 1], rows split in T chunks."""
-    M, C = x.shape
-    k = coef[:, 0].copy()
+    kk = coef[:, 0].copy()
     sh = coef[:, 1].copy()
     for t in numba.prange(T):
         for r in range(t * M // T, (t + 1) * M // T):
             for c in range(C):
-                y[r, c] = x[r, c] * k[c] + sh[c]
+                y[r, c] = x[r, c] * kk[c] + sh[c]
+    if update:
+        _update_running(rm, rv, mean_out, var_out, M, momentum, cumulative, tracked, skipped)
 
 
 @_Kernel
@@ -325,32 +350,20 @@ def _cl_backward_train(dy, x, w, mean, invstd, dx, dw, db, coef, T):  # pragma: 
                 dx[r, c] = dy[r, c] * kk[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
 
 
-@_jit
-def _cl_forward_eval_coef(w, b, rm, rv, eps, coef):  # pragma: no cover
-    for c in range(coef.shape[0]):
+@_Kernel
+def _cl_forward_eval(x, w, b, rm, rv, eps, y, coef, T):  # pragma: no cover
+    """y = x * scale + shift over (M, C) in T row chunks; coef: (C, 2) of x's dtype."""
+    M, C = x.shape
+    for c in range(C):
         k = float(w[c]) / math.sqrt(float(rv[c]) + eps)
         coef[c, 0] = k
         coef[c, 1] = float(b[c]) - float(rm[c]) * k
-
-
-# ----------------------------------------------------------------------------------------
-# running statistics
-# ----------------------------------------------------------------------------------------
-@_jit
-def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped):  # pragma: no cover
-    """The guarded EMA / cumulative update; see batchnorm._backends. tracked, skipped:
-    0-dim int64 arrays (the counters)."""
-    C = rm.shape[0]
-    for c in range(C):
-        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
-            skipped[()] += 1
-            return
-    f = 1.0 / (tracked[()] + 1.0) if cumulative else momentum
-    correction = m / (m - 1.0)
-    for c in range(C):
-        rm[c] = (1.0 - f) * float(rm[c]) + f * float(mean[c])
-        rv[c] = (1.0 - f) * float(rv[c]) + f * var[c] * correction
-    tracked[()] += 1
+    kk = coef[:, 0].copy()
+    sh = coef[:, 1].copy()
+    for t in numba.prange(T):
+        for r in range(t * M // T, (t + 1) * M // T):
+            for c in range(C):
+                y[r, c] = x[r, c] * kk[c] + sh[c]
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,6 +401,20 @@ def _as_array(t: Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
         t = t.reshape(shape)
     return t.numpy(force=True)
 
+
+def _empty_like(
+    x: Tensor, xa: np.ndarray, layout: str, shape: tuple[int, ...]
+) -> tuple[Tensor, np.ndarray]:
+    """An uninitialized tensor with ``x``'s shape, dtype and memory format, and its
+    array view in the layout's shape. (N, C) inputs take the cheaper numpy allocation."""
+    if x.dim() == 2:
+        array = np.empty_like(xa)
+        return torch.from_numpy(array), array
+    out = torch.empty_like(x)
+    return out, _as_array(out, layout, shape)
+
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 _FILLS: dict[tuple[int, float], np.ndarray] = {}
 
@@ -435,30 +462,34 @@ class _NumbaBackend:
         C = x.shape[1]
         numel = x.numel()
         layout, shape = _layout(x)
-        y = torch.empty_like(x)
-        # mean and invstd share one allocation: rows 0 and 1.
-        stats = torch.empty(2, C, dtype=x.dtype)
-        stats_array = stats.numpy()
-        mean_array, invstd_array = stats_array[0], stats_array[1]
+        xa = _as_array(x, layout, shape)
+        y, ya = _empty_like(x, xa, layout, shape)
+        # Separate tensors, not views of one: autograd saves views at extra cost.
+        mean_array, invstd_array = np.empty(C, dtype=xa.dtype), np.empty(C, dtype=xa.dtype)
+        mean, invstd = torch.from_numpy(mean_array), torch.from_numpy(invstd_array)
         var = np.empty(C, dtype=np.float64)
-        xa, ya = _as_array(x, layout, shape), _as_array(y, layout, shape)
         w, b = _vec(weight, 1.0, C), _vec(bias, 0.0, C)
+        update = running_mean is not None and running_var is not None
+        if update:
+            rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)  # type: ignore[union-attr]
+        else:
+            rm = rv = var  # never written: update is False
+        running = (
+            rm, rv, 0.0 if momentum is None else momentum, momentum is None,
+            _counter(num_batches_tracked), _counter(num_batches_skipped), update,
+        )
         with _LAUNCH_LOCK:
             if layout == "major":
                 coef = np.empty((C, 3), dtype=xa.dtype)
-                _cm_forward_train(numel, xa, w, b, eps, ya, mean_array, invstd_array, var, coef)
+                _cm_forward_train(
+                    numel, xa, w, b, eps, ya, mean_array, invstd_array, var, coef, *running
+                )
             else:
                 coef = np.empty((C, 2), dtype=xa.dtype)
-                chunks = _num_chunks(shape[0], C)
-                _cl_stats(numel, xa, w, b, eps, mean_array, invstd_array, var, coef, chunks)
-                _cl_affine(numel, xa, coef, ya, chunks)
-            if running_mean is not None and running_var is not None:
-                _update_running(
-                    running_mean.numpy(force=True), running_var.numpy(force=True), mean_array,
-                    var, numel // C, 0.0 if momentum is None else momentum, momentum is None,
-                    _counter(num_batches_tracked), _counter(num_batches_skipped),
+                _cl_forward_train(
+                    numel, xa, w, b, eps, ya, mean_array, invstd_array, var, coef,
+                    _num_chunks(shape[0], C), *running,
                 )
-        mean, invstd = stats[0], stats[1]
         return y, mean, invstd
 
     def backward_train(
@@ -467,10 +498,11 @@ class _NumbaBackend:
         C = x.shape[1]
         numel = x.numel()
         layout, shape = _layout(x)
-        dx = torch.empty_like(x)
-        grads = torch.empty(2, C, dtype=torch.float64)  # rows: dweight, dbias
-        grads_array = grads.numpy()
-        xa, dya, dxa = (_as_array(t, layout, shape) for t in (x, dy, dx))
+        xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
+        dx, dxa = _empty_like(x, xa, layout, shape)
+        # Rows: dweight, dbias, written straight in the parameters' dtype.
+        grads_array = np.empty((2, C), dtype=np.float64 if weight is None else _NP_DTYPES.get(weight.dtype, np.float64))
+        grads = torch.from_numpy(grads_array)
         w = _vec(weight, 1.0, C)
         mean_array, invstd_array = mean.numpy(force=True), invstd.numpy(force=True)
         with _LAUNCH_LOCK:
@@ -501,17 +533,18 @@ class _NumbaBackend:
         C = x.shape[1]
         numel = x.numel()
         layout, shape = _layout(x)
-        y = torch.empty_like(x)
-        xa, ya = _as_array(x, layout, shape), _as_array(y, layout, shape)
+        xa = _as_array(x, layout, shape)
+        y, ya = _empty_like(x, xa, layout, shape)
         w, b = _vec(weight, 1.0, C), _vec(bias, 0.0, C)
         rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)
         with _LAUNCH_LOCK:
             if layout == "major":
                 _cm_forward_eval(numel, xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype))
             else:
-                coef = np.empty((C, 2), dtype=xa.dtype)
-                _cl_forward_eval_coef(w, b, rm, rv, eps, coef)
-                _cl_affine(numel, xa, coef, ya, _num_chunks(shape[0], C))
+                _cl_forward_eval(
+                    numel, xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype),
+                    _num_chunks(shape[0], C),
+                )
         return y
 
 
