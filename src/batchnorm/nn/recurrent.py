@@ -1,0 +1,720 @@
+"""Recurrent batch normalization and the BN-LSTM (Cooijmans et al., 2016).
+
+Batch normalization inside a recurrence cannot share one set of population statistics
+across time: the distribution of a hidden pre-activation at step 1 (right after a zero
+initial state) is not that of step 50. "Recurrent Batch Normalization" therefore keeps
+*separate statistics per time step* and shares only γ and β.
+
+* :class:`RecurrentBatchNorm` — one BatchNorm1d per time step with shared γ/β, plus a
+  mask for padded rows.
+* :class:`BNLSTMCell` / :class:`BNLSTM` — the LSTM of the paper, with BN applied
+  separately to the input and recurrent projections and to the cell state before the
+  output tanh, γ initialized to 0.1.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import functional as F
+from batchnorm._backends import BACKEND_NAMES
+
+__all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
+
+
+class RecurrentBatchNorm(nn.Module):
+    r"""Batch normalization with separate running statistics per time step.
+
+    At time step t the (N, C) input of that step is normalized per channel,
+
+    .. math::
+        y = \gamma\,\frac{x - \mu_t}{\sqrt{\sigma^2_t + \epsilon}} + \beta
+
+    where in training μ_t, σ²_t are the statistics of the batch (biased variance) and
+    the running estimates of slot t are updated from them (PyTorch's EMA convention,
+    unbiased variance, ``momentum=None`` for the cumulative average); in eval mode the
+    running estimates of slot t normalize. γ and β are shared by all steps.
+
+    The layer is exactly ``max_timesteps`` :class:`~batchnorm.BatchNorm1d` layers with
+    one shared γ/β, where step t uses layer ``min(t, max_timesteps - 1)``.
+
+    **Steps past the last slot.** Steps ``t >= max_timesteps`` use the last slot, in
+    training and in eval: in training they are normalized with their batch statistics
+    and update the last slot's running estimates; in eval they are normalized with the
+    last slot's estimates. The paper reuses the statistics of T_max for later steps at
+    inference; updating that slot from the later steps during training means it
+    estimates the statistics it is actually used for (the pre-activations of an RNN
+    settle into a steady state after a few steps, so those steps share one
+    distribution). Each later step counts as one update of the last slot.
+
+    **Padding.** ``mask`` (N,) marks real rows (True / 1) and padded rows (False / 0).
+    Padded rows never enter the statistics: in training the batch statistics are those
+    of the real rows only and only they update the running estimates. The output of a
+    padded row is 0 (in training and in eval) and its input receives zero gradient, so
+    padded rows may hold anything, NaN included. A mask in training makes the host
+    wait for the device once (to count the real rows); without a mask nothing waits.
+    A step with no real row outputs zeros and updates nothing; a step with exactly one
+    real row cannot be normalized with batch statistics and raises, as
+    :class:`~batchnorm.BatchNorm1d` does for a batch of one.
+
+    float16/bfloat16 inputs are normalized with float32 statistics; a non-finite batch
+    is kept out of the running estimates (counted per slot in ``num_batches_skipped``)
+    or, with ``check_finite=True``, raises.
+
+    Args:
+        num_features: C, the number of channels.
+        max_timesteps: T, the number of statistics slots (time steps 0..T-1).
+        eps: added to the variance. Default: 1e-5.
+        momentum: EMA factor, or ``None`` for the cumulative average. Default: 0.1.
+        affine: learn γ (and β when ``bias``). Default: True.
+        track_running_stats: keep running estimates per step; if False, batch
+            statistics are used in eval mode too. Default: True.
+        bias: learn β (with ``affine``); the BN-LSTM turns it off where the LSTM's own
+            bias already shifts. Default: True.
+        weight_init: the initial γ (the BN-LSTM uses 0.1). Default: 1.0.
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
+        check_finite: raise on non-finite batch statistics instead of skipping.
+
+    Shape:
+        ``forward(x, t, mask=None)``: x (N, C) or (N, C, L), mask (N,); output as x.
+        ``forward_sequence(x, mask=None)``: x (T', N, C) or (T', N, C, L), mask (T', N).
+
+    Buffers:
+        ``running_mean``, ``running_var``: (max_timesteps, C);
+        ``num_batches_tracked``, ``num_batches_skipped``: (max_timesteps,) int64, the
+        latter not persistent.
+
+    Raises:
+        ValueError: a time index that is not a non-negative int or 0-dim integer
+            tensor, a mask of the wrong shape, dtype or values, wrong input dims or
+            channels, one real row in training.
+        TypeError: a non-tensor or integer input.
+
+    Examples::
+
+        >>> import torch, batchnorm as bn
+        >>> norm = bn.RecurrentBatchNorm(8, max_timesteps=20)
+        >>> norm(torch.randn(4, 8), t=0).shape
+        torch.Size([4, 8])
+        >>> norm.forward_sequence(torch.randn(30, 4, 8)).shape   # steps 20..29 share slot 19
+        torch.Size([30, 4, 8])
+    """
+
+    num_features: int
+    max_timesteps: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    weight_init: float
+    backend: str
+    check_finite: bool
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        max_timesteps: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        weight_init: float = 1.0,
+        backend: str = "auto",
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if (
+            isinstance(max_timesteps, bool)
+            or not isinstance(max_timesteps, int)
+            or max_timesteps < 1
+        ):
+            raise ValueError(f"{name}: max_timesteps must be a positive int, got {max_timesteps!r}")
+        if not (eps >= 0.0 and math.isfinite(eps)):
+            raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps}")
+        if momentum is not None and not (0.0 <= momentum <= 1.0):
+            raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"{name}: backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.max_timesteps = max_timesteps
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.weight_init = float(weight_init)
+        self.backend = backend
+        self.check_finite = check_finite
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            shape = (max_timesteps, num_features)
+            counter: dict[str, Any] = {"dtype": torch.long, "device": device}
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_var", torch.ones(shape, **factory))
+            self.register_buffer("num_batches_tracked", torch.zeros(max_timesteps, **counter))
+            self.register_buffer(
+                "num_batches_skipped", torch.zeros(max_timesteps, **counter), persistent=False
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+            self.register_buffer("num_batches_skipped", None, persistent=False)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Every slot: running mean 0, running variance 1, counters 0."""
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None and self.num_batches_skipped is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+            self.num_batches_skipped.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, then γ = ``weight_init`` and β = 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.constant_(self.weight, self.weight_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def slot(self, t: int | Tensor) -> int:
+        """The statistics slot of time step ``t``: ``min(t, max_timesteps - 1)``."""
+        return min(self._time_index(t), self.max_timesteps - 1)
+
+    def forward(self, x: Tensor, t: int | Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize the input ``x`` (N, C) or (N, C, L) of time step ``t``.
+
+        ``t`` is a Python int or a 0-dim integer tensor (read on the host); ``mask``
+        (N,) is bool or 0/1 floating point, True / 1 for real rows.
+        """
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"{name}: expected the input of one time step, 2D (N, C) or 3D (N, C, L), "
+                f"got {x.dim()}D input of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: expected input with {self.num_features} channels (dim 1, "
+                f"num_features), got {x.shape[1]} in input of shape {tuple(x.shape)}"
+            )
+        step = self._time_index(t)
+        real = None if mask is None else self._check_mask(mask, x)
+        s = min(step, self.max_timesteps - 1)
+
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        pass_running = update or not use_batch_stats
+
+        def normalize(rows: Tensor) -> Tensor:
+            # Views of one slot: the functional updates them (and the counters) in place.
+            return F.batch_norm(
+                rows,
+                self.running_mean[s] if pass_running and self.running_mean is not None else None,
+                self.running_var[s] if pass_running and self.running_var is not None else None,
+                self.weight,
+                self.bias,
+                training=use_batch_stats,
+                momentum=self.momentum,
+                eps=self.eps,
+                backend=self.backend,
+                num_batches_tracked=(
+                    self.num_batches_tracked[s]
+                    if update and self.num_batches_tracked is not None else None
+                ),
+                num_batches_skipped=(
+                    self.num_batches_skipped[s]
+                    if update and self.num_batches_skipped is not None else None
+                ),
+                check_finite=self.check_finite,
+            )
+
+        if real is None:
+            return normalize(x)
+        keep = real.reshape(-1, *([1] * (x.dim() - 1)))
+        if not use_batch_stats:
+            # Rows are independent under the running statistics: no gather, no host sync.
+            y = normalize(x)
+            return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        rows = real.nonzero().squeeze(1)  # the one host sync of a masked training step
+        count = rows.numel()
+        if count == x.shape[0]:
+            return normalize(x)
+        if count * (x.numel() // max(1, x.shape[0] * x.shape[1])) == 1:
+            raise ValueError(
+                f"{name}: time step t={step} has 1 real (unmasked) row of shape "
+                f"{tuple(x.shape[1:])} in training; batch statistics need more than 1 value "
+                "per channel (mask it as padding too, group sequences by length, or use eval "
+                "mode)"
+            )
+        y_real = normalize(x.index_select(0, rows))
+        out = torch.zeros(x.shape, dtype=y_real.dtype, device=x.device)
+        return out.index_copy(0, rows, y_real)
+
+    def forward_sequence(
+        self, x: Tensor, mask: Tensor | None = None, *, start: int = 0
+    ) -> Tensor:
+        """Normalize a whole sequence ``x`` (T', N, C[, L]) step by step from step ``start``.
+
+        ``mask`` is (T', N); row n of step i is real where ``mask[i, n]`` is True / 1.
+        """
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(
+                f"{name}.forward_sequence: expected a sequence (T, N, C) or (T, N, C, L), got "
+                f"{x.dim()}D input of shape {tuple(x.shape)}"
+            )
+        first = self._time_index(start)
+        expected = tuple(x.shape[:2])
+        if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != expected):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(
+                f"{name}.forward_sequence: mask must have shape (T, N) = {expected} "
+                f"to match input {tuple(x.shape)}, got {got}"
+            )
+        steps = [
+            self(x[i], first + i, None if mask is None else mask[i]) for i in range(x.shape[0])
+        ]
+        if not steps:
+            return x.new_empty(x.shape)
+        return torch.stack(steps)
+
+    def _time_index(self, t: object) -> int:
+        name = type(self).__name__
+        if isinstance(t, Tensor):
+            if t.dim() != 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(
+                    f"{name}: time index t must be an int or a 0-dim integer tensor, got a "
+                    f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
+                )
+            step = int(t.item())
+        elif isinstance(t, bool):
+            raise ValueError(f"{name}: time index t must be an int, got bool {t}")
+        else:
+            try:
+                step = operator.index(t)  # type: ignore[arg-type]
+            except TypeError:
+                raise ValueError(
+                    f"{name}: time index t must be an int or a 0-dim integer tensor, got "
+                    f"{type(t).__name__} {t!r}"
+                ) from None
+        if step < 0:
+            raise ValueError(f"{name}: time index t must be >= 0, got {step}")
+        return step
+
+    def _check_mask(self, mask: object, x: Tensor) -> Tensor:
+        """The mask as a bool (N,) tensor on x's device."""
+        name = type(self).__name__
+        if not isinstance(mask, Tensor):
+            raise ValueError(
+                f"{name}: mask must be a bool or floating-point tensor of shape "
+                f"({x.shape[0]},), got {type(mask).__name__}"
+            )
+        if tuple(mask.shape) != (x.shape[0],):
+            raise ValueError(
+                f"{name}: mask must have shape (N,) = ({x.shape[0]},) to match input "
+                f"{tuple(x.shape)}, got {tuple(mask.shape)}"
+            )
+        if mask.device != x.device:
+            raise ValueError(f"{name}: mask is on {mask.device} but input is on {x.device}")
+        if mask.dtype == torch.bool:
+            return mask
+        if not mask.is_floating_point():
+            raise ValueError(
+                f"{name}: mask must be bool or floating point (1 = real row, 0 = padded), "
+                f"got dtype {mask.dtype}"
+            )
+        real = mask != 0
+        if not self.training:
+            return real  # no host check in eval, which never waits for the device
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"{name}: a floating-point mask must hold only 0 (padded) and 1 (real), "
+                f"got values {mask.unique().tolist()[:8]}"
+            )
+        return real
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, max_timesteps={self.max_timesteps}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        if self.weight_init != 1.0:
+            text += f", weight_init={self.weight_init}"
+        if self.backend != "auto":
+            text += f", backend={self.backend!r}"
+        if self.check_finite:
+            text += ", check_finite=True"
+        return text
+
+
+class BNLSTMCell(nn.Module):
+    r"""One step of the batch-normalized LSTM of Cooijmans et al. (2016), eq. (6)-(8).
+
+    .. math::
+        (\tilde\imath, \tilde f, \tilde g, \tilde o) &=
+            \mathrm{BN}_t(W_h h_{t-1}; \gamma_h) + \mathrm{BN}_t(W_x x_t; \gamma_x) + b \\
+        c_t &= \sigma(\tilde f) \odot c_{t-1} + \sigma(\tilde\imath) \odot \tanh(\tilde g) \\
+        h_t &= \sigma(\tilde o) \odot \tanh(\mathrm{BN}_t(c_t; \gamma_c, \beta_c))
+
+    Each :math:`\mathrm{BN}_t` is a :class:`RecurrentBatchNorm` (statistics per time
+    step). The two projections are normalized *separately*, so the model controls the
+    relative contribution of input and recurrence through γ_x and γ_h; their β is
+    dropped (``bias=False``) because the LSTM's own bias ``b`` already shifts the
+    gates. Every γ starts at 0.1 (the paper: a γ of 1 saturates tanh/σ and makes the
+    gradients vanish), β_c at 0.
+
+    Parameters follow :class:`torch.nn.LSTMCell`'s layout and gate order (i, f, g, o):
+    ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), and one ``bias`` (4H,) in place of
+    ``bias_ih + bias_hh``. Weights start uniform in ±1/sqrt(H) as in torch; the bias
+    starts at 0 except the forget gate's, at 1 (keeps the memory open early on).
+
+    With a ``mask`` (N,), padded rows keep their state (h, c unchanged), stay out of
+    every batch statistic, and may hold any input (it is zeroed before use).
+
+    Args:
+        input_size: I.
+        hidden_size: H.
+        max_timesteps: statistics slots; later steps use the last (see
+            :class:`RecurrentBatchNorm`).
+        eps, momentum: of the three BN layers.
+        gamma_init: initial γ of the three BN layers. Default: 0.1.
+        backend: the BN layers' backend.
+
+    Shape:
+        ``forward(input, hx=None, *, t, mask=None)``: input (N, I); hx a pair (h, c)
+        of (N, H) or None for zeros; returns (h', c').
+    """
+
+    input_size: int
+    hidden_size: int
+    max_timesteps: int
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        max_timesteps: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        gamma_init: float = 0.1,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for what, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BNLSTMCell: {what} must be a positive int, got {value!r}")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.max_timesteps = max_timesteps
+        gates = 4 * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size, **factory))
+        self.bias = nn.Parameter(torch.empty(gates, **factory))
+        bn: dict[str, Any] = {
+            "eps": eps, "momentum": momentum, "weight_init": gamma_init, "backend": backend,
+            **factory,
+        }
+        self.bn_ih = RecurrentBatchNorm(gates, max_timesteps, bias=False, **bn)
+        self.bn_hh = RecurrentBatchNorm(gates, max_timesteps, bias=False, **bn)
+        self.bn_c = RecurrentBatchNorm(hidden_size, max_timesteps, **bn)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch's uniform ±1/sqrt(H) weights, bias 0 with forget gate 1, BN γ, β, stats."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        nn.init.uniform_(self.weight_ih, -bound, bound)
+        nn.init.uniform_(self.weight_hh, -bound, bound)
+        with torch.no_grad():
+            self.bias.zero_()
+            self.bias[self.hidden_size : 2 * self.hidden_size].fill_(1.0)
+        for norm in (self.bn_ih, self.bn_hh, self.bn_c):
+            norm.reset_parameters()
+
+    def forward(
+        self,
+        input: Tensor,
+        hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        t: int | Tensor,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"BNLSTMCell: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 2 or input.shape[1] != self.input_size:
+            raise ValueError(
+                f"BNLSTMCell: expected input of shape (N, input_size={self.input_size}), got "
+                f"{tuple(input.shape)}"
+            )
+        h, c = self._state(hx, input)
+        if mask is not None:
+            real = self.bn_c._check_mask(mask, input)
+            input = input.masked_fill(~real[:, None], 0)
+        return self._step(input @ self.weight_ih.t(), h, c, t, mask)
+
+    def _step(
+        self, x_proj: Tensor, h: Tensor, c: Tensor, t: int | Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """One step from the input projection W_x·x (N, 4H) and the state (h, c)."""
+        recurrent = h @ self.weight_hh.t()
+        gates = self.bn_ih(x_proj, t, mask) + self.bn_hh(recurrent, t, mask) + self.bias
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(self.bn_c(c_new, t, mask))
+        if mask is None:
+            return h_new, c_new
+        keep = (mask != 0)[:, None]
+        return torch.where(keep, h_new, h), torch.where(keep, c_new, c)
+
+    def _state(self, hx: tuple[Tensor, Tensor] | None, input: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (input.shape[0], self.hidden_size)
+        if hx is None:
+            zeros = torch.zeros(shape, dtype=input.dtype, device=input.device)
+            return zeros, zeros
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise ValueError(
+                f"BNLSTMCell: hx must be a pair (h, c) or None, got {type(hx).__name__}"
+            )
+        h, c = hx
+        for what, s in (("h", h), ("c", c)):
+            if not isinstance(s, Tensor) or tuple(s.shape) != shape:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(f"BNLSTMCell: {what} must have shape {shape}, got {got}")
+        return h, c
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, max_timesteps={self.max_timesteps}"
+        )
+
+
+class BNLSTM(nn.Module):
+    r"""A multi-layer batch-normalized LSTM with :class:`torch.nn.LSTM`'s interface.
+
+    Each layer is a :class:`BNLSTMCell` run over the sequence; the input projection
+    W_x·x of a layer is computed for all steps in one matrix product, then normalized
+    step by step with that step's statistics. Dropout (in training) applies to the
+    outputs of every layer but the last, as in torch.
+
+    Padded sequences: ``lengths`` (N,) or ``mask`` (T, N) — (N, T) with
+    ``batch_first`` — mark the real steps. A padded step leaves h and c unchanged and
+    never enters the batch statistics, so ``h_n``/``c_n`` are the states after each
+    sequence's last real step (as with a packed sequence in torch) and the output at
+    padded steps is 0. In training every step needs 0 or at least 2 real sequences
+    (batch statistics of one row do not exist; see :class:`RecurrentBatchNorm`).
+
+    Args:
+        input_size, hidden_size, num_layers: as in :class:`torch.nn.LSTM`.
+        batch_first: input and output (N, T, ·) instead of (T, N, ·). Default: False.
+        max_timesteps: statistics slots per BN layer (required); longer sequences
+            reuse the last slot.
+        dropout: between layers. Default: 0.
+        eps, momentum, gamma_init: of every BN layer (γ starts at 0.1).
+        backend: the BN layers' backend.
+
+    Shape:
+        ``forward(input, hx=None, *, lengths=None, mask=None)``: input (T, N, I)
+        (or (N, T, I)); hx a pair (h_0, c_0) of (num_layers, N, H) or None; returns
+        ``output, (h_n, c_n)`` with output (T, N, H) (or (N, T, H)).
+
+    Examples::
+
+        >>> import torch, batchnorm as bn
+        >>> lstm = bn.BNLSTM(10, 32, num_layers=2, max_timesteps=50)
+        >>> out, (h, c) = lstm(torch.randn(50, 8, 10))
+        >>> out.shape, h.shape
+        (torch.Size([50, 8, 32]), torch.Size([2, 8, 32]))
+    """
+
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    batch_first: bool
+    max_timesteps: int
+    dropout: float
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = False,
+        *,
+        max_timesteps: int,
+        dropout: float = 0.0,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        gamma_init: float = 0.1,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"BNLSTM: num_layers must be a positive int, got {num_layers!r}")
+        if not (0.0 <= dropout <= 1.0):
+            raise ValueError(f"BNLSTM: dropout must be in [0, 1], got {dropout}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.batch_first = batch_first
+        self.max_timesteps = max_timesteps
+        self.dropout = dropout
+        self.cells = nn.ModuleList(
+            BNLSTMCell(
+                input_size if layer == 0 else hidden_size, hidden_size, max_timesteps,
+                eps, momentum, gamma_init, device, dtype, backend=backend,
+            )
+            for layer in range(num_layers)
+        )
+
+    def forward(
+        self,
+        input: Tensor,
+        hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"BNLSTM: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 3 or input.shape[2] != self.input_size:
+            layout = "(N, T, input_size" if self.batch_first else "(T, N, input_size"
+            raise ValueError(
+                f"BNLSTM: expected input of shape {layout}={self.input_size}), got "
+                f"{tuple(input.shape)}"
+            )
+        x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
+        steps, batch = x.shape[0], x.shape[1]
+        real = self._step_mask(lengths, mask, steps, batch, x.device)  # (T, N) bool or None
+        h0, c0 = self._initial_state(hx, x)
+
+        h_n, c_n = [], []
+        layer_input = x
+        for layer, cell in enumerate(self.cells):
+            if layer > 0 and self.dropout > 0:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
+            if real is not None:
+                # Padded steps may hold anything (NaN included): zero them before the product.
+                layer_input = layer_input.masked_fill(~real[:, :, None], 0)
+            # One matrix product for the whole sequence; BN still goes step by step.
+            x_proj = layer_input @ cell.weight_ih.t()  # (T, N, 4H)
+            h, c = h0[layer], c0[layer]
+            outputs = []
+            for t in range(steps):
+                m = None if real is None else real[t]
+                h, c = cell._step(x_proj[t], h, c, t, m)
+                outputs.append(h if m is None else h.masked_fill(~m[:, None], 0))
+            layer_input = (
+                torch.stack(outputs) if outputs else x.new_zeros(0, batch, self.hidden_size)
+            )
+            h_n.append(h)
+            c_n.append(c)
+        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        return output, (torch.stack(h_n), torch.stack(c_n))
+
+    def _step_mask(
+        self,
+        lengths: Tensor | list[int] | None,
+        mask: Tensor | None,
+        steps: int,
+        batch: int,
+        device: torch.device,
+    ) -> Tensor | None:
+        if lengths is not None and mask is not None:
+            raise ValueError("BNLSTM: pass lengths or mask, not both")
+        if lengths is not None:
+            lens = torch.as_tensor(lengths)
+            if lens.shape != (batch,) or lens.is_floating_point() or lens.dtype == torch.bool:
+                raise ValueError(
+                    f"BNLSTM: lengths must be {batch} integers (one per sequence), got "
+                    f"{tuple(lens.shape)} of dtype {lens.dtype}"
+                )
+            if bool((lens < 0).any()) or bool((lens > steps).any()):
+                raise ValueError(
+                    f"BNLSTM: lengths must lie in [0, {steps}] (the sequence length), got "
+                    f"{lens.tolist()}"
+                )
+            return torch.arange(steps, device=device)[:, None] < lens.to(device)[None, :]
+        if mask is None:
+            return None
+        expected = (batch, steps) if self.batch_first else (steps, batch)
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            layout = "(N, T)" if self.batch_first else "(T, N)"
+            raise ValueError(f"BNLSTM: mask must have shape {layout} = {expected}, got {got}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(
+                f"BNLSTM: mask must be bool or floating point (1 = real step), got {mask.dtype}"
+            )
+        real = mask.transpose(0, 1) if self.batch_first else mask
+        return (real != 0).to(device)
+
+    def _initial_state(
+        self, hx: tuple[Tensor, Tensor] | None, x: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        shape = (self.num_layers, x.shape[1], self.hidden_size)
+        if hx is None:
+            zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            return zeros, zeros
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise ValueError(
+                f"BNLSTM: hx must be a pair (h_0, c_0) or None, got {type(hx).__name__}"
+            )
+        for what, s in zip(("h_0", "c_0"), hx, strict=True):
+            if not isinstance(s, Tensor) or tuple(s.shape) != shape:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(
+                    f"BNLSTM: {what} must have shape (num_layers, N, hidden_size) = {shape}, "
+                    f"got {got}"
+                )
+        return hx[0], hx[1]
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"max_timesteps={self.max_timesteps}"
+        )
+        if self.batch_first:
+            text += ", batch_first=True"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        return text
