@@ -80,13 +80,24 @@ def batch_norm(
     """
     _check_input(input)
     num_channels = input.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        _check_vector(name, t, num_channels, input)
+    device = input.get_device()
+    for t in (running_mean, running_var, weight, bias):
+        # The common case, checked in one expression; the named check explains a failure.
+        if t is not None and not (
+            isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dim() == 1
+            and t.shape[0] == num_channels
+            and t.get_device() == device
+            and t.is_cuda == input.is_cuda
+        ):
+            for name, vector in (
+                ("running_mean", running_mean),
+                ("running_var", running_var),
+                ("weight", weight),
+                ("bias", bias),
+            ):
+                _check_vector(name, vector, num_channels, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "batch_norm: running_mean and running_var must be given together, got "

@@ -500,25 +500,25 @@ class _NumbaBackend:
         layout, shape = _layout(x)
         xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
         dx, dxa = _empty_like(x, xa, layout, shape)
-        # Rows: dweight, dbias, written straight in the parameters' dtype.
-        grads_array = np.empty((2, C), dtype=np.float64 if weight is None else _NP_DTYPES.get(weight.dtype, np.float64))
-        grads = torch.from_numpy(grads_array)
+        # dweight and dbias are written straight in the parameters' dtype.
+        grad_dtype = np.float64 if weight is None else _NP_DTYPES.get(weight.dtype, np.float64)
+        dw_array, db_array = np.empty(C, dtype=grad_dtype), np.empty(C, dtype=grad_dtype)
         w = _vec(weight, 1.0, C)
         mean_array, invstd_array = mean.numpy(force=True), invstd.numpy(force=True)
         with _LAUNCH_LOCK:
             if layout == "major":
                 coef = np.empty((C, 4), dtype=xa.dtype)
                 _cm_backward_train(
-                    numel, dya, xa, w, mean_array, invstd_array, dxa, grads_array[0],
-                    grads_array[1], coef,
+                    numel, dya, xa, w, mean_array, invstd_array, dxa, dw_array, db_array,
+                    coef,
                 )
             else:
                 coef = np.empty((C, 3), dtype=xa.dtype)
                 _cl_backward_train(
-                    numel, dya, xa, w, mean_array, invstd_array, dxa, grads_array[0],
-                    grads_array[1], coef, _num_chunks(shape[0], C),
+                    numel, dya, xa, w, mean_array, invstd_array, dxa, dw_array, db_array,
+                    coef, _num_chunks(shape[0], C),
                 )
-        dw, db = grads[0], grads[1]
+        dw, db = torch.from_numpy(dw_array), torch.from_numpy(db_array)
         return dx, dw, db
 
     def forward_eval(

@@ -153,7 +153,7 @@ class _BatchNormBase(nn.Module):
             running_var if use_running else None,
             params["weight"],
             params["bias"],
-            training=self._uses_batch_stats(),
+            training=training or running_mean is None,  # as _uses_batch_stats()
             momentum=self.momentum,
             eps=self.eps,
             backend=self.backend,
