@@ -14,7 +14,12 @@ from typing import Any, Union
 
 from torch import nn
 
+from batchnorm.nn.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from batchnorm.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from batchnorm.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from batchnorm.nn.sync import SyncBatchNorm
 
 NormFactory = Callable[..., nn.Module]
 NormSpec = Union[str, type, "functools.partial[nn.Module]", NormFactory]
@@ -70,3 +75,46 @@ def create_norm(spec: NormSpec, num_features: int, *, dim: int = 2, **kwargs: An
 
 
 register_norm("batch", {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d})
+# SyncBatchNorm takes any (N, C, *) input, so one class serves every dimensionality.
+register_norm("sync", {1: SyncBatchNorm, 2: SyncBatchNorm, 3: SyncBatchNorm})
+register_norm("ghost", {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d})
+register_norm("renorm", {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d})
+register_norm("frozen", {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d})
+register_norm("batch_act", {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d})
+
+
+def layer_norm(
+    num_features: int, eps: float = 1e-5, affine: bool = True, device: Any = None,
+    dtype: Any = None,
+) -> nn.Module:
+    """Layer norm for (N, C, *) inputs: ``torch.nn.GroupNorm(1, C)``.
+
+    Each example is normalized over all its values (every channel and position) with a
+    per-channel γ and β. On (N, C) this is exactly ``torch.nn.LayerNorm(C)`` (layer
+    norm over the channel dim); on images it is layer norm over (C, H, W) with
+    per-channel affine, the form Wu & He (2018) compare with. One class serves every
+    rank: ``LayerNorm(C)`` normalizes the *last* dim, so it would need a channels-last
+    (N, L, C) layout for (N, C, L) inputs.
+    """
+    return nn.GroupNorm(1, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+
+
+def group_norm(
+    num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True,
+    device: Any = None, dtype: Any = None,
+) -> nn.Module:
+    """Group norm: ``torch.nn.GroupNorm(G, C)`` with G the largest divisor of C <= num_groups.
+
+    ``num_groups=32`` is Wu & He's default; it is clipped so the groups divide the
+    channels (C=100 -> 25 groups, C=48 -> 24). On (N, C) inputs a group of one channel
+    holds a single value and normalizes to 0: use fewer groups there.
+    """
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
+    groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
+    return nn.GroupNorm(groups, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+
+
+# torch's layer and group norm, for comparison with the batch-norm family.
+register_norm("layer", {1: layer_norm, 2: layer_norm, 3: layer_norm})
+register_norm("group", {1: group_norm, 2: group_norm, 3: group_norm})

@@ -1,0 +1,168 @@
+"""CPU benchmark of the batch-norm family against the core BatchNorm, and of fold().
+
+* Training forward+backward of GhostBatchNorm (virtual_batch_size = N/4), BatchRenorm
+  (r_max=3, d_max=5) and BatchNormAct (relu, with a residual) against the core
+  batchnorm.BatchNorm on the same shapes as bench_cpu.py (target: <= 1.5x).
+* Eval forward of small networks before and after fold() (target: folded <= 0.8x):
+  a ResNet-style one (3x3 convolutions) and a MobileNet-style one (depthwise-
+  separable convolutions, where batch norm is a larger share of the time).
+
+Timings alternate call by call in one process (see _harness.py). Prints a table and
+writes JSON/CSV (default: benchmarks/results/family.*).
+
+    python benchmarks/bench_family.py [--repeats 30] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from _harness import median_ms, print_table, time_interleaved, write_results
+from bench_cpu import FIG1_SHAPE, RESNET_SHAPES
+from torch import nn
+
+import batchnorm as bn
+
+COLUMNS = ["layer", "shape", "layout", "mode", "ms", "baseline_ms", "ratio"]
+
+
+def _layers(shape: tuple[int, ...]) -> dict[str, nn.Module]:
+    """The core layer (the baseline) and the family layers for ``shape``."""
+    C, n = shape[1], shape[0]
+    dim = 1 if len(shape) < 4 else 2
+    return {
+        "BatchNorm": bn.create_norm("batch", C, dim=dim),
+        "Ghost(N/4)": bn.create_norm("ghost", C, dim=dim, virtual_batch_size=max(1, n // 4)),
+        "Renorm": bn.create_norm("renorm", C, dim=dim, r_max=3.0, d_max=5.0),
+        "BNAct(relu,+res)": bn.create_norm("batch_act", C, dim=dim, activation="relu"),
+    }
+
+
+def _train_step(name: str, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                residual: torch.Tensor):
+    def step() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = layer(x, residual) if name.startswith("BNAct") else layer(x)
+        y.backward(dy)
+    return step
+
+
+def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[str, Any]]:
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape).mul_(2).add_(0.5).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    residual = torch.randn(shape).contiguous(memory_format=fmt)
+    layers = _layers(shape)
+    fns = {name: _train_step(name, layer, x, dy, residual) for name, layer in layers.items()}
+    times = time_interleaved(fns, repeats)
+    base = median_ms(times["BatchNorm"])
+    rows = []
+    for name in layers:
+        if name == "BatchNorm":
+            continue
+        t = median_ms(times[name])
+        rows.append({
+            "layer": name, "shape": "x".join(map(str, shape)), "layout": layout,
+            "dtype": "float32", "mode": "train fwd+bwd", "ms": t, "baseline_ms": base,
+            "ratio": t / base, "repeats": repeats,
+        })
+    return rows
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = bn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = bn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+def small_resnet(channels: int = 32, blocks: int = 3, classes: int = 10) -> nn.Module:
+    """A ResNet-style network for 32x32 images: a stem and ``blocks`` basic blocks."""
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False), bn.BatchNorm2d(channels), nn.ReLU(),
+        *[_BasicBlock(channels) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes),
+    )
+
+
+def small_mobilenet(channels: int = 64, blocks: int = 4, classes: int = 10) -> nn.Module:
+    """A depthwise-separable network (MobileNet-style): cheap convolutions, so batch
+    norm is a larger share of the time than in a 3x3-conv ResNet."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, channels, 3, padding=1, bias=False), bn.BatchNorm2d(channels), nn.ReLU()
+    ]
+    for _ in range(blocks):
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+            bn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 1, bias=False), bn.BatchNorm2d(channels), nn.ReLU(),
+        ]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)]
+    return nn.Sequential(*layers)
+
+
+def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-looking statistics
+        for m in model.modules():
+            if isinstance(m, bn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    folded, count = bn.fold(copy.deepcopy(model))
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        err = float((folded(x) - model(x)).abs().max() / model(x).abs().max())
+
+    def run(m: nn.Module):
+        def step() -> None:
+            with torch.no_grad():
+                m(x)
+        return step
+
+    times = time_interleaved({"unfolded": run(model), "folded": run(folded)}, repeats)
+    base, t = median_ms(times["unfolded"]), median_ms(times["folded"])
+    return [{
+        "layer": f"fold {name} ({count} BN)", "shape": f"{batch}x3x32x32", "layout": "NCHW",
+        "dtype": "float32", "mode": "eval fwd (model)", "ms": t, "baseline_ms": base,
+        "ratio": t / base, "repeats": repeats, "max_rel_error": err,
+    }]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="two shapes, 5 repeats")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shapes = [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick else [*RESNET_SHAPES, FIG1_SHAPE]
+    repeats = 5 if args.quick else args.repeats
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        layouts = ["NCHW", "channels_last"] if len(shape) == 4 else ["NC"]
+        for layout in layouts:
+            new = bench_shape(shape, layout, repeats)
+            rows += new
+            print_table(new, COLUMNS)
+    for name, model in (("resnet", small_resnet()), ("mobilenet", small_mobilenet())):
+        rows += bench_fold(name, model, batch=32, repeats=repeats)
+    print()
+    print_table(rows, COLUMNS)
+    json_path, csv_path = write_results(rows, args.out, "family")
+    print(f"\nwrote {json_path} and {csv_path}")
+
+
+if __name__ == "__main__":
+    main()

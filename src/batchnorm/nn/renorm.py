@@ -1,0 +1,329 @@
+"""Batch renormalization (Ioffe, 2017, "Batch Renormalization: Towards Reducing Minibatch
+Dependence in Batch-Normalized Models").
+
+In training, batch norm's output depends on the batch's statistics while inference uses
+the population's; with small or non-i.i.d. batches the two differ. Batch renorm corrects
+the training output towards the running statistics with two per-channel factors that
+are treated as constants by backprop, so training and inference compute the same
+function in expectation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import _reference
+from batchnorm._backends import Backend, select_backend
+from batchnorm._reference import channel_view, stats_dtype
+from batchnorm.nn._base import _BatchNormBase
+from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "renorm_schedule",
+    "set_renorm_limits",
+]
+
+
+def _check_limits(owner: str, r_max: float, d_max: float) -> None:
+    # "not (x >= bound)" also rejects NaN.
+    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not (r_max >= 1.0):
+        raise ValueError(f"{owner}: r_max must be a number >= 1 (1 = plain batch norm), got {r_max!r}")
+    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not (d_max >= 0.0):
+        raise ValueError(f"{owner}: d_max must be a number >= 0 (0 = plain batch norm), got {d_max!r}")
+
+
+class _RenormTrain(torch.autograd.Function):
+    """Training-mode batch renorm on a backend; r and d are constants for backprop.
+
+    Forward: the backend normalizes (``x̂``, no affine) and updates the running
+    statistics (guarded, as in batch norm); r and d come from the batch ``mean`` and
+    ``invstd`` it returns and the running statistics from before the update; one more
+    in-place pass gives ``y = x̂·(γr) + (γd + β)``.
+
+    Backward: with r and d constant, ``y = γ'·x̂ + β'`` with ``γ' = γr`` is batch norm,
+    so the backend's backward with weight γr gives dx, ``Σ dy·x̂`` and ``Σ dy``, and
+    ``dγ = r·Σ dy·x̂ + d·Σ dy``, ``dβ = Σ dy``: no pass beyond batch norm's. Under
+    ``create_graph`` the same formulas run on differentiable ops (double backward).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float | None,
+        eps: float,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+        r_max: float,
+        d_max: float,
+        backend: Backend,
+    ) -> Tensor:
+        dtype = stats_dtype(x)
+        old_mean = running_mean.to(dtype, copy=True)
+        sigma = torch.sqrt(running_var.to(dtype) + eps)
+        y, mean, invstd = backend.forward_train(
+            x, None, None, eps, running_mean, running_var, momentum,
+            num_batches_tracked, num_batches_skipped,
+        )
+        r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)  # sigma_B / sigma
+        d = ((mean - old_mean) / sigma).clamp(-d_max, d_max)
+        scale = r if weight is None else weight.detach().to(dtype) * r
+        shift = d if weight is None else weight.detach().to(dtype) * d
+        if bias is not None:
+            shift = shift + bias.detach().to(dtype)
+        if y.dtype == dtype:
+            y = torch.addcmul(channel_view(shift, x), y, channel_view(scale, x), out=y)
+        else:  # half precision: combine in float32, round once
+            y = torch.addcmul(channel_view(shift, x), y.to(dtype), channel_view(scale, x)).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        ctx.backend = backend
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        effective = r if weight is None else weight.to(r.dtype) * r
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable ops, so second derivatives are exact.
+            dx, sum_dy_xhat, sum_dy = _reference.differentiable_backward(dy, x, effective, ctx.eps)
+        else:
+            dx, sum_dy_xhat, sum_dy = ctx.backend.backward_train(
+                dy.contiguous(memory_format=_memory_format(x)), x, effective, mean, invstd
+            )
+        dweight = r * sum_dy_xhat.to(r.dtype) + d * sum_dy.to(r.dtype) if need_w else None
+        return (
+            dx if need_x else None,
+            None if dweight is None else dweight.to(weight.dtype),
+            sum_dy.to(ctx.bias_dtype) if need_b else None,
+            None, None, None, None, None, None, None, None, None,
+        )
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` if the backends take it as is (contiguous or channels_last), else a copy."""
+    if x.is_contiguous() or _memory_format(x) != torch.contiguous_format:
+        return x
+    return x.contiguous()
+
+
+class _BatchRenorm(_BatchNormBase):
+    """Batch renorm for any input rank; the public classes add the dim check."""
+
+    r_max: float
+    d_max: float
+
+    def __init__(
+        self,
+        num_features: int,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str = "auto",
+        check_finite: bool = False,
+    ) -> None:
+        _check_limits(type(self).__name__, r_max, d_max)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, backend=backend, check_finite=check_finite,
+        )
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+
+    def set_limits(self, r_max: float, d_max: float) -> None:
+        """Set the clipping limits (e.g. from :func:`renorm_schedule` every step)."""
+        _check_limits(type(self).__name__, r_max, d_max)
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
+            )
+        self._check_input_dim(input)
+        self._check_num_channels(input)
+        plain = (
+            not self.training
+            or not self.track_running_stats
+            # r = 1 and d = 0 for every batch: batch renorm is batch norm.
+            or (self.r_max == 1.0 and self.d_max == 0.0)
+            or input.numel() == 0
+        )
+        if plain:
+            return super().forward(input)
+        return self._renorm_forward(input)
+
+    def _renorm_forward(self, input: Tensor) -> Tensor:
+        assert self.running_mean is not None and self.running_var is not None
+        if not input.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__}: input must be a floating-point tensor, got dtype "
+                f"{input.dtype}"
+            )
+        if input.numel() // input.shape[1] == 1:
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel when "
+                f"training, got input of shape {tuple(input.shape)}"
+            )
+        x = _dense(input)
+        skipped = self.num_batches_skipped
+        # check_finite waits for the device anyway: read the skip counter around the step.
+        skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
+        y = _RenormTrain.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
+            self.eps, self.num_batches_tracked, skipped, self.r_max, self.d_max,
+            select_backend(self.backend, x),
+        )
+        if self.check_finite and skipped is not None and int(skipped) > skipped_before:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} has "
+                "non-finite statistics (NaN or Inf in the input); the running statistics "
+                "were left unchanged"
+            )
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
+
+
+_DOC_COMMON = r"""
+
+    In training, with the batch statistics μ_B, σ_B = sqrt(σ²_B + ε) (biased variance)
+    and the running ones μ, σ = sqrt(running_var + ε) from before this step:
+
+    .. math::
+        r = \mathrm{clip}\!\left(\frac{\sigma_B}{\sigma}, \frac1{r_{max}}, r_{max}\right),\quad
+        d = \mathrm{clip}\!\left(\frac{\mu_B-\mu}{\sigma}, -d_{max}, d_{max}\right),\quad
+        y = \gamma\left(\frac{x-\mu_B}{\sigma_B}\,r + d\right) + \beta
+
+    where r and d are constants for backprop (stop-gradient). Without clipping,
+    ``y = γ·(x − μ)/σ + β``: the inference function. The running statistics are
+    updated as batch norm updates them, and eval mode is batch norm with them.
+    ``r_max = 1, d_max = 0`` (and training without running statistics) is plain batch
+    norm, through the same code path. The paper starts with ``r_max = 1, d_max = 0``
+    and relaxes them; see :func:`renorm_schedule` and :func:`set_renorm_limits`.
+
+    The limits are plain attributes, not state: the state_dict is BatchNormXd's, so
+    checkpoints load into and from :class:`torch.nn.BatchNorm2d`.
+
+    Args:
+        num_features: C, the number of channels.
+        r_max: upper clip of r (lower clip 1/r_max); >= 1. Default: 3.0.
+        d_max: clip of |d|; >= 0. Default: 5.0.
+        eps, momentum, affine, track_running_stats, bias, backend, check_finite: as in
+            :class:`batchnorm.BatchNorm2d`.
+
+    Raises:
+        ValueError: ``r_max < 1`` or ``d_max < 0`` (or NaN); wrong dims or channels.
+"""
+
+
+class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
+    __doc__ = (
+        "Batch renormalization over a 2D (N, C) or 3D (N, C, L) input." + _DOC_COMMON + """
+    Examples::
+
+        >>> import torch, batchnorm as bn
+        >>> layer = bn.BatchRenorm1d(100, r_max=2.0, d_max=1.0)
+        >>> layer(torch.randn(8, 100)).shape
+        torch.Size([8, 100])
+    """
+    )
+
+
+class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
+    __doc__ = (
+        "Batch renormalization over a 4D (N, C, H, W) input." + _DOC_COMMON + """
+    Shape:
+        Input (N, C, H, W), contiguous or channels_last; output the same.
+    """
+    )
+
+
+class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
+    __doc__ = "Batch renormalization over a 5D (N, C, D, H, W) input." + _DOC_COMMON
+
+
+def renorm_schedule(
+    step: int,
+    warmup_steps: int = 5000,
+    r_ramp_steps: int = 35000,
+    d_ramp_steps: int = 20000,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+) -> tuple[float, float]:
+    """The clipping limits ``(r_max, d_max)`` at training step ``step``.
+
+    Ioffe (2017), section 4: plain batch norm (``r_max = 1, d_max = 0``) for the first
+    5000 steps, then the limits are relaxed to reach ``r_max = 3`` at 40k steps and
+    ``d_max = 5`` at 25k steps. Here the relaxation is linear: for ``t = step −
+    warmup_steps > 0``,
+
+        r_max(t) = 1 + (r_max − 1)·min(1, t / r_ramp_steps)
+        d_max(t) = d_max·min(1, t / d_ramp_steps)
+
+    The defaults reproduce the paper's numbers; scale the steps to your run length.
+    A ramp of 0 steps jumps to the final value right after the warmup.
+
+    Raises:
+        ValueError: a negative step count, ``r_max < 1`` or ``d_max < 0``.
+    """
+    for name, value in (("step", step), ("warmup_steps", warmup_steps),
+                        ("r_ramp_steps", r_ramp_steps), ("d_ramp_steps", d_ramp_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"renorm_schedule: {name} must be an int >= 0, got {value!r}")
+    _check_limits("renorm_schedule", r_max, d_max)
+    t = step - warmup_steps
+    if t <= 0:
+        return 1.0, 0.0
+    r_frac = 1.0 if r_ramp_steps == 0 else min(1.0, t / r_ramp_steps)
+    d_frac = 1.0 if d_ramp_steps == 0 else min(1.0, t / d_ramp_steps)
+    return 1.0 + (float(r_max) - 1.0) * r_frac, float(d_max) * d_frac
+
+
+def set_renorm_limits(model: nn.Module, r_max: float, d_max: float) -> int:
+    """Set ``r_max`` and ``d_max`` of every batch-renorm layer in ``model``.
+
+    Typical use, once per step: ``set_renorm_limits(model, *renorm_schedule(step))``.
+
+    Returns:
+        The number of layers changed.
+
+    Raises:
+        ValueError: ``r_max < 1`` or ``d_max < 0`` (nothing is changed then).
+    """
+    _check_limits("set_renorm_limits", r_max, d_max)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _BatchRenorm):
+            module.set_limits(r_max, d_max)
+            count += 1
+    return count

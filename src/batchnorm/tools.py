@@ -1,0 +1,681 @@
+"""Model rewriting around batch norm: convert, fold, recalibrate, freeze, drop biases.
+
+Every function walks an arbitrary :class:`torch.nn.Module` tree and treats torch's
+batch-norm layers (``torch.nn.modules.batchnorm._BatchNorm`` subclasses, SyncBatchNorm
+included) and this package's alike. Layers are replaced in place in their parents; a
+function returns the model (a new object only when the root itself was replaced).
+Replaced layers are new modules: build optimizers after rewriting, and re-register
+any hooks that were on the old layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.nn._base import _BatchNormBase
+from batchnorm.nn.act import _BatchNormAct
+from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    _FrozenBatchNorm,
+)
+from batchnorm.nn.ghost import _GhostBatchNorm
+from batchnorm.nn.registry import get_norm_layer, norm_names
+from batchnorm.nn.renorm import _BatchRenorm
+from batchnorm.nn.sync import SyncBatchNorm
+
+__all__ = [
+    "Recalibrated",
+    "Rewritten",
+    "convert",
+    "drop_redundant_bias",
+    "fold",
+    "freeze",
+    "recalibrate",
+    "unfreeze",
+]
+
+
+class Rewritten(NamedTuple):
+    """What :func:`fold` and :func:`drop_redundant_bias` return: ``model, count = ...``."""
+
+    model: nn.Module
+    count: int
+
+
+class Recalibrated(NamedTuple):
+    """What :func:`recalibrate` returns: the model, layers recalibrated, batches used."""
+
+    model: nn.Module
+    layers: int
+    batches: int
+
+
+# ----------------------------------------------------------------------------------------
+# which modules are batch norm, and of which dimensionality
+# ----------------------------------------------------------------------------------------
+_BY_DIM: dict[int, tuple[type, ...]] = {
+    1: (nn.BatchNorm1d, nn.LazyBatchNorm1d, BatchNorm1d, FrozenBatchNorm1d),
+    2: (nn.BatchNorm2d, nn.LazyBatchNorm2d, BatchNorm2d, FrozenBatchNorm2d),
+    3: (nn.BatchNorm3d, nn.LazyBatchNorm3d, BatchNorm3d, FrozenBatchNorm3d),
+}
+_TORCH: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_FROZEN: dict[int, type[_FrozenBatchNorm]] = {
+    1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d,
+}
+# Kinds that convert() can build from a batch-norm layer's state; "sync" only when registered.
+_KINDS = ("batchnorm", "torch", "ghost", "renorm", "frozen", "batch_act", "sync")
+_ALIASES = {"batch": "batchnorm"}
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    """A per-channel batch-norm layer: torch's, ours, or frozen, with (C,) statistics.
+
+    Layers with other statistics (per time step, ...) are not plain batch norm and are
+    left alone.
+    """
+    if not isinstance(module, (_BatchNorm, _BatchNormBase, _FrozenBatchNorm)):
+        return False
+    running_mean = getattr(module, "running_mean", None)
+    if isinstance(running_mean, Tensor) and not isinstance(
+        running_mean, nn.parameter.UninitializedBuffer
+    ):
+        return tuple(running_mean.shape) == (module.num_features,)
+    return True
+
+
+def _layer_dim(module: nn.Module) -> int | None:
+    """1, 2 or 3 for a layer tied to an input rank; None for rank-agnostic ones (SyncBN)."""
+    for dim, classes in _BY_DIM.items():
+        if isinstance(module, classes):
+            return dim
+    return None
+
+
+def _check_initialized(module: nn.Module, name: str) -> None:
+    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if nn.parameter.is_lazy(t):
+            raise ValueError(
+                f"{name or 'model'} ({type(module).__name__}) is a lazy layer that has not "
+                "seen an input yet; run one forward pass before rewriting the model"
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# convert, freeze, unfreeze
+# ----------------------------------------------------------------------------------------
+def _valid_kinds() -> list[str]:
+    registered = set(norm_names())
+    return [k for k in _KINDS if k in ("batchnorm", "torch", "frozen") or k in registered]
+
+
+def _target_class(kind: str, dim: int) -> Callable[..., nn.Module]:
+    if kind == "torch":
+        return _TORCH[dim]
+    if kind == "frozen":
+        return _FROZEN[dim]
+    return get_norm_layer("batch" if kind == "batchnorm" else kind, dim)
+
+
+def _family_kwargs(old: nn.Module, cls: Any) -> dict[str, Any]:
+    """Settings a layer carries over to a layer of the same family (ghost to ghost, ...)."""
+    if not isinstance(cls, type):
+        return {}
+    if isinstance(old, _GhostBatchNorm) and issubclass(cls, _GhostBatchNorm):
+        return {"virtual_batch_size": old.virtual_batch_size}
+    if isinstance(old, _BatchRenorm) and issubclass(cls, _BatchRenorm):
+        return {"r_max": old.r_max, "d_max": old.d_max}
+    if isinstance(old, _BatchNormAct) and issubclass(cls, _BatchNormAct):
+        return {"activation": old.activation, "negative_slope": old.negative_slope}
+    group = getattr(old, "process_group", None)
+    if group is not None and issubclass(cls, (nn.SyncBatchNorm, SyncBatchNorm)):
+        return {"process_group": group}
+    return {}
+
+
+def _factory_of(old: nn.Module) -> dict[str, Any]:
+    """Device and dtype of a layer's floating-point state."""
+    for t in [*old.parameters(recurse=False), *old.buffers(recurse=False)]:
+        if t is not None and t.is_floating_point():
+            return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def _build(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: str) -> nn.Module:
+    """A new layer of ``kind`` with ``old``'s configuration, state and mode."""
+    _check_initialized(old, name)
+    where = name or "the model's root"
+    cls = _target_class(kind, dim)
+    target_has_act = isinstance(cls, type) and issubclass(cls, _BatchNormAct)
+    if isinstance(old, _BatchNormAct) and old.activation != "identity" and not target_has_act:
+        raise ValueError(
+            f"convert: {where} is {type(old).__name__} with activation={old.activation!r}; "
+            f"a {kind!r} layer has no activation, so converting it would change the model "
+            "(convert to 'batch_act', or build the model with a separate activation)"
+        )
+    factory = _factory_of(old)
+    frozen_source = isinstance(old, _FrozenBatchNorm)
+    if kind == "frozen":
+        if not frozen_source and getattr(old, "running_mean", None) is None:
+            raise ValueError(
+                f"convert: {where} ({type(old).__name__}) keeps no running statistics "
+                "(track_running_stats=False), so it has no fixed form to freeze"
+            )
+        new: nn.Module = cls(old.num_features, eps=old.eps, **factory)
+    else:
+        config: dict[str, Any] = {"eps": old.eps}
+        if not frozen_source:
+            config.update(momentum=old.momentum, affine=old.affine,
+                          track_running_stats=old.track_running_stats)
+            if old.affine and getattr(old, "bias", None) is None:
+                config["bias"] = False
+            if isinstance(old, _BatchNormBase) and isinstance(cls, type) and issubclass(
+                cls, _BatchNormBase
+            ):
+                config.update(backend=old.backend, check_finite=old.check_finite)
+        if kind == "batch_act":
+            # A plain BN becomes BN + identity: the model computes the same function.
+            config["activation"] = "identity"
+        config.update(_family_kwargs(old, cls))
+        config.update(kwargs)
+        new = cls(old.num_features, **config, **factory)
+    _copy_state(old, new)
+    new.train(old.training)
+    return new
+
+
+def _copy_state(old: nn.Module, new: nn.Module) -> None:
+    with torch.no_grad():
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                    "num_batches_skipped"):
+            src, dst = getattr(old, key, None), getattr(new, key, None)
+            if isinstance(src, Tensor) and isinstance(dst, Tensor):
+                dst.copy_(src)
+                if isinstance(dst, nn.Parameter) and isinstance(src, nn.Parameter):
+                    dst.requires_grad_(src.requires_grad)
+
+
+def _replace(
+    model: nn.Module,
+    select: Callable[[nn.Module], bool],
+    build: Callable[[nn.Module, str], nn.Module],
+) -> tuple[nn.Module, int]:
+    """Replace every selected module (root included) by ``build(old, qualified_name)``.
+
+    A module shared by several parents is built once and stays shared.
+    """
+    built: dict[int, nn.Module] = {}
+
+    def replacement(module: nn.Module, name: str) -> nn.Module:
+        if id(module) not in built:
+            built[id(module)] = build(module, name)
+        return built[id(module)]
+
+    if select(model):
+        return replacement(model, ""), 1
+    visited: set[int] = set()
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        # _modules, not named_children(): the latter yields a shared child only once.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            name = f"{prefix}{child_name}"
+            if select(child):
+                parent.add_module(child_name, replacement(child, name))
+            else:
+                walk(child, name + ".")
+
+    walk(model, "")
+    return model, len(built)
+
+
+def convert(model: nn.Module, to: str, *, default_dim: int = 2, **kwargs: Any) -> nn.Module:
+    """Replace every batch-norm layer of ``model`` with one of kind ``to``.
+
+    Kinds: ``"batchnorm"`` (this package's BatchNormXd), ``"torch"``
+    (torch.nn.BatchNormXd), ``"ghost"``, ``"renorm"``, ``"frozen"``, ``"batch_act"``
+    and ``"sync"`` (when registered). Each new layer gets the old one's configuration
+    (eps, momentum, affine, bias, track_running_stats; backend and check_finite
+    between this package's layers; virtual_batch_size, r_max/d_max, activation within
+    a family), its parameters, buffers and counters, ``requires_grad`` flags,
+    train/eval mode, device and dtype. ``kwargs`` go to the new layers' constructors
+    and override what is carried over (``convert(m, "ghost", virtual_batch_size=16)``).
+
+    * ``"batch_act"`` from a plain layer uses ``activation="identity"`` unless told
+      otherwise, so the model computes the same function.
+    * A BatchNormAct layer with an activation cannot become a kind without one
+      (that would drop the activation): ValueError.
+    * ``"frozen"`` needs running statistics; a frozen source gives layers with
+      ``momentum=0.1``, affine, tracking statistics, ``num_batches_tracked = 0``.
+    * Rank-agnostic layers (SyncBatchNorm) become the ``default_dim`` form.
+
+    Converting torch -> ours -> torch gives back identical state: the state_dict keys
+    are the same. Returns the model (the new layer when the root itself is a batch
+    norm); children are replaced in place.
+
+    Raises:
+        ValueError: unknown kind (the message lists the valid ones), bad
+            ``default_dim``, a layer that cannot be converted (see above).
+    """
+    kind = _ALIASES.get(to, to) if isinstance(to, str) else to
+    valid = _valid_kinds()
+    if kind not in valid:
+        raise ValueError(f"convert: unknown kind {to!r}; valid kinds: {', '.join(valid)}")
+    if default_dim not in (1, 2, 3):
+        raise ValueError(f"convert: default_dim must be 1, 2 or 3, got {default_dim!r}")
+
+    def build(old: nn.Module, name: str) -> nn.Module:
+        dim = _layer_dim(old) or default_dim
+        return _build(old, kind, dim, kwargs, name)
+
+    new_model, _ = _replace(model, _is_batch_norm, build)
+    return new_model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every batch-norm layer with a :class:`FrozenBatchNorm2d` (1d/3d by rank).
+
+    For fine-tuning: the statistics and the affine parameters stop changing and stop
+    being parameters. Same as ``convert(model, "frozen")``.
+    """
+    return convert(model, "frozen")
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Replace every frozen layer with this package's trainable :class:`BatchNorm2d` (1d/3d).
+
+    The new layers get the frozen weight, bias and statistics, ``momentum=0.1`` and
+    ``num_batches_tracked = 0``, and the frozen layer's train/eval mode.
+    """
+
+    def build(old: nn.Module, name: str) -> nn.Module:
+        return _build(old, "batchnorm", _layer_dim(old) or 2, {}, name)
+
+    new_model, _ = _replace(model, lambda m: isinstance(m, _FrozenBatchNorm), build)
+    return new_model
+
+
+# ----------------------------------------------------------------------------------------
+# finding "producer -> batch norm" pairs
+# ----------------------------------------------------------------------------------------
+_PRODUCERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+
+def _is_producer(module: nn.Module) -> bool:
+    # Exact types: a subclass may change forward (weight standardization, LoRA, ...),
+    # and then scaling its weight would not scale its output.
+    return type(module) in _PRODUCERS
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, but batch-norm layers and producers are never traced into."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_batch_norm(m) or _is_producer(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _traced_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
+    """(producer, bn) qualified names where the bn's only input is the producer's output
+    and nothing else reads that output, from the module's fx graph.
+
+    A module whose forward cannot be traced (data-dependent control flow, ...) is
+    searched through its children instead; for an nn.Sequential the order of the
+    children is the data flow, so consecutive children pair up directly.
+    """
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception:  # noqa: BLE001 - fx raises many kinds of errors for untraceable code
+        pairs: list[tuple[str, str]] = []
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (n1, a), (n2, b) in itertools.pairwise(children):
+                if _is_producer(a) and _is_batch_norm(b):
+                    pairs.append((prefix + n1, prefix + n2))
+        for name, child in module.named_children():
+            pairs += _traced_pairs(child, f"{prefix}{name}.")
+        return pairs
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    submodules = dict(module.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _is_batch_norm(submodules[node.target]):
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            continue  # e.g. BatchNormAct called with a residual
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
+            continue
+        if not _is_producer(submodules[src.target]) or len(src.users) != 1:
+            continue
+        if calls[src.target] != 1 or calls[node.target] != 1:
+            continue  # a module applied twice would be changed for both uses
+        pairs.append((prefix + str(src.target), prefix + str(node.target)))
+    return pairs
+
+
+def _feeding_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """Every producer -> batch-norm pair of the model, each module used exactly once."""
+    occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    found: list[tuple[str, nn.Module, str, nn.Module]] = []
+    seen: set[str] = set()
+    for producer_name, bn_name in _traced_pairs(model, ""):
+        if bn_name in seen:
+            continue
+        seen.add(bn_name)
+        producer = model.get_submodule(producer_name)
+        layer = model.get_submodule(bn_name)
+        if occurrences[id(producer)] != 1 or occurrences[id(layer)] != 1:
+            continue
+        if _out_channels(producer) != layer.num_features:
+            continue
+        found.append((producer_name, producer, bn_name, layer))
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent.add_module(child, module)
+
+
+# ----------------------------------------------------------------------------------------
+# fold
+# ----------------------------------------------------------------------------------------
+def _eval_affine(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The float64 ``(scale, shift)`` of a layer's eval-mode map, or None if it has none."""
+    if layer.running_mean is None or layer.running_var is None:
+        return None  # normalizes with batch statistics even in eval mode
+    c = layer.num_features
+    device = layer.running_mean.device
+    weight = getattr(layer, "weight", None)
+    bias = getattr(layer, "bias", None)
+    w = torch.ones(c, dtype=torch.float64, device=device) if weight is None else weight.double()
+    b = torch.zeros(c, dtype=torch.float64, device=device) if bias is None else bias.double()
+    scale = w / torch.sqrt(layer.running_var.double() + layer.eps)
+    return scale, b - layer.running_mean.double() * scale
+
+
+def _scale_output_channels(producer: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    """weight <- weight·scale per output channel, bias <- bias·scale + shift."""
+    weight = producer.weight
+    w = weight.detach().double()
+    k = w.dim() - 2
+    if isinstance(producer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        # weight is (in, out/groups, *kernel): output channel g·(out/groups) + j is
+        # column j of group g's block of rows.
+        groups = producer.groups
+        blocks = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        folded = blocks * scale.reshape(groups, 1, w.shape[1], *([1] * k))
+        folded = folded.reshape(w.shape)
+    else:
+        # Conv (out, in/groups, *kernel) and Linear (out, in): output channels are rows.
+        folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    old_bias = producer.bias
+    b = torch.zeros_like(scale) if old_bias is None else old_bias.detach().double()
+    new_bias = b * scale + shift
+    with torch.no_grad():
+        weight.copy_(folded.to(weight.dtype))
+        if old_bias is None:
+            producer.bias = nn.Parameter(
+                new_bias.to(weight.dtype), requires_grad=weight.requires_grad
+            )
+        else:
+            old_bias.copy_(new_bias.to(old_bias.dtype))
+
+
+def fold(model: nn.Module) -> Rewritten:
+    """Merge each eval-mode batch norm into the Conv/ConvTranspose/Linear that feeds it.
+
+    In eval mode a batch-norm layer is a fixed affine map per channel,
+    ``y = x·s + t`` with ``s = γ/sqrt(running_var + ε)`` and ``t = β − running_mean·s``,
+    so the producer can absorb it:
+
+        W' = W·s (per output channel),   b' = (b − μ)·s + β = b·s + t
+
+    (a bias is created when the producer has none). The batch norm is replaced by
+    ``nn.Identity`` — or by its activation for a BatchNormAct layer. The arithmetic is
+    float64, rounded once to the weight's dtype.
+
+    Pairs are found in the model's torch.fx graph (Conv1d/2d/3d, ConvTranspose1d/2d/3d
+    and Linear — exact types — whose output has the batch norm as its only user), and,
+    for parts that fx cannot trace, between consecutive children of nn.Sequential.
+    Layers used more than once, layers without running statistics and batch norms
+    called with a residual are left alone. A Linear is assumed to produce (N, features)
+    activations, whose dim 1 is the batch norm's channel dim.
+
+    The model is changed in place (``fold(copy.deepcopy(model))`` keeps the original).
+
+    Returns:
+        ``Rewritten(model, count)``: the model and the number of layers folded.
+
+    Raises:
+        ValueError: the model, or a module in it, is in training mode.
+    """
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        shown = ", ".join(training[:5]) + (", ..." if len(training) > 5 else "")
+        raise ValueError(
+            f"fold: the model must be in eval mode (folding uses the running statistics), "
+            f"but {len(training)} module(s) are in training mode: {shown}; call model.eval()"
+        )
+    for name, m in model.named_modules():
+        _check_initialized(m, name)
+    count = 0
+    for _, producer, bn_name, layer in _feeding_pairs(model):
+        affine = _eval_affine(layer)
+        if affine is None:
+            continue
+        _scale_output_channels(producer, *affine)
+        rest = layer.activation_module() if isinstance(layer, _BatchNormAct) else nn.Identity()
+        _set_submodule(model, bn_name, rest.train(False))
+        count += 1
+    return Rewritten(model, count)
+
+
+# ----------------------------------------------------------------------------------------
+# drop_redundant_bias
+# ----------------------------------------------------------------------------------------
+def drop_redundant_bias(model: nn.Module) -> Rewritten:
+    """Remove the bias of each Conv/ConvTranspose/Linear that directly feeds a batch norm.
+
+    With batch statistics the mean subtraction cancels a per-channel bias exactly
+    (Ioffe & Szegedy 2015, section 3.2), so the bias is a wasted parameter. The running
+    mean estimated the mean of the biased output, so it is shifted by the bias
+    (``running_mean -= bias``): eval-mode outputs stay the same, and the estimate stays
+    consistent with the unbiased outputs training will now produce. Batch renorm's d
+    and ghost batch norm's chunks are unchanged by the shift too. The pairs are those
+    :func:`fold` finds; the model can be in either mode and is changed in place.
+
+    Returns:
+        ``Rewritten(model, count)``: the number of biases removed.
+    """
+    for name, m in model.named_modules():
+        _check_initialized(m, name)
+    count = 0
+    for _, producer, _, layer in _feeding_pairs(model):
+        bias = producer.bias
+        if bias is None:
+            continue
+        with torch.no_grad():
+            if layer.running_mean is not None:
+                layer.running_mean.sub_(bias.detach().to(layer.running_mean.dtype))
+        producer.bias = None
+        count += 1
+    return Rewritten(model, count)
+
+
+# ----------------------------------------------------------------------------------------
+# recalibrate
+# ----------------------------------------------------------------------------------------
+class _Accumulator:
+    """Count, mean and M2 = Σ(x − mean)² per channel, merged batch by batch in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        c = x.shape[1]
+        n = x.numel() // c if c else 0
+        if n == 0:
+            return
+        xs = x.detach().double()
+        dims = [0, *range(2, x.dim())]
+        mean = xs.mean(dim=dims)
+        m2 = (xs - mean.reshape(1, c, *([1] * (x.dim() - 2)))).square().sum(dim=dims)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        # Chan, Golub & LeVeque's pairwise merge: exact, no E[x²] − E[x]² cancellation.
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+
+def _inputs(batches: Iterable[Any], num_batches: int | None) -> Iterator[Tensor]:
+    for i, batch in enumerate(batches):
+        if num_batches is not None and i >= num_batches:
+            return
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"recalibrate: batch {i} must be a tensor or an (input, target) tuple, got "
+                f"{type(batch).__name__}" + (f" of {type(x).__name__}" if x is not batch else "")
+            )
+        yield x
+
+
+def recalibrate(
+    model: nn.Module, batches: Iterable[Any], num_batches: int | None = None
+) -> Recalibrated:
+    """Recompute every batch norm's running statistics as population statistics ("precise BN").
+
+    The running averages of training mix statistics from many past versions of the
+    weights. Here each batch-norm layer's running mean and variance are replaced by the
+    exact statistics of its inputs over ``batches``: with n_b values per channel in
+    batch b (mean μ_b, sum of squared deviations M2_b), merged pairwise in float64,
+
+        n = Σ n_b,   running_mean = μ = Σ n_b μ_b / n,
+        running_var = (Σ M2_b + Σ n_b (μ_b − μ)²) / (n − 1)      (unbiased)
+
+    i.e. within- plus between-batch variance — the statistics of the concatenated data,
+    not an average of per-batch ones.
+
+    The pass: forward pre-hooks record each layer's input under ``torch.no_grad``; the
+    batch-norm layers run in training mode, so every layer normalizes with its batch's
+    statistics and the layers downstream see inputs normalized that way (as fvcore's
+    precise BN does; with reasonably large batches these approach the population-
+    normalized inputs). Every other module runs in eval mode: dropout is off, so the
+    statistics match what the layers see at inference. Momentum is set to 0 during the
+    pass so no layer's running statistics drift; the parameters are never touched.
+
+    Afterwards every module's train/eval mode, every momentum and the counters
+    (``num_batches_tracked``) are as before; on an exception the running statistics
+    are restored too. Layers that saw fewer than 2 values per channel keep their
+    statistics; frozen layers and layers without running statistics are skipped.
+
+    Args:
+        model: any module tree.
+        batches: an iterable of input tensors or of (input, target, ...) tuples/lists;
+            inputs are moved to the model's device.
+        num_batches: use at most this many batches (default: all).
+
+    Returns:
+        ``Recalibrated(model, layers, batches)``: layers updated and batches used.
+
+    Raises:
+        ValueError: ``num_batches`` < 1, or no batches at all.
+        TypeError: a batch that is neither a tensor nor a tuple/list starting with one.
+    """
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
+        raise ValueError(f"recalibrate: num_batches must be a positive int or None, got {num_batches!r}")
+    layers = [
+        m for m in model.modules()
+        if _is_batch_norm(m) and not isinstance(m, _FrozenBatchNorm)
+        and m.running_mean is not None and m.running_var is not None
+    ]
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [
+        (m, m.momentum, m.running_mean.clone(), m.running_var.clone(),
+         None if m.num_batches_tracked is None else m.num_batches_tracked.clone(),
+         getattr(m, "num_batches_skipped", None))
+        for m in layers
+    ]
+    skipped = [None if s is None else s.clone() for *_, s in saved]
+    accumulators = {id(m): _Accumulator() for m in layers}
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor):
+            accumulators[id(module)].add(args[0])
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    # Inputs go to the device of the model's first parameter (or buffer), if any.
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    device = None if first is None else first.device
+    used = 0
+    ok = False
+    try:
+        model.eval()
+        for m in layers:
+            m.train()
+            m.momentum = 0.0
+        with torch.no_grad():
+            for x in _inputs(batches, num_batches):
+                model(x if device is None else x.to(device))
+                used += 1
+        if used == 0:
+            raise ValueError("recalibrate: got no batches; pass at least one")
+        ok = True
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for (m, momentum, rm, rv, tracked, skipped_buf), skipped_val in zip(saved, skipped):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+                if skipped_buf is not None and skipped_val is not None:
+                    skipped_buf.copy_(skipped_val)
+                if not ok:
+                    m.running_mean.copy_(rm)
+                    m.running_var.copy_(rv)
+    updated = 0
+    with torch.no_grad():
+        for m, (_, _, rm, rv, *_) in zip(layers, saved):
+            acc = accumulators[id(m)]
+            if acc.count < 2 or acc.mean is None or acc.m2 is None:
+                m.running_mean.copy_(rm)
+                m.running_var.copy_(rv)
+                continue
+            m.running_mean.copy_(acc.mean.to(m.running_mean.dtype))
+            m.running_var.copy_((acc.m2 / (acc.count - 1)).to(m.running_var.dtype))
+            updated += 1
+    return Recalibrated(model, updated, used)

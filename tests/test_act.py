@@ -1,0 +1,124 @@
+"""BatchNormAct: act(BN(x) + residual) equals the composed layers; checkpoints stay BN's."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from cases import TOLERANCES, assert_close
+
+import batchnorm as bn
+
+ACTS = {
+    "relu": torch.relu,
+    "leaky_relu": lambda y: TF.leaky_relu(y, 0.2),
+    "silu": TF.silu,
+    "identity": lambda y: y,
+}
+
+
+def _pair(C, activation, dtype=torch.float32, **kwargs):
+    fused = bn.BatchNormAct2d(C, activation, negative_slope=0.2, dtype=dtype, **kwargs)
+    plain = bn.BatchNorm2d(C, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.normal_()
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_equals_composed_layers(activation, with_residual, training) -> None:
+    fused, plain = _pair(5, activation, torch.float64)
+    fused.train(training)
+    plain.train(training)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1
+    r = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64)
+    dy = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ra, rb = r.clone().requires_grad_(), r.clone().requires_grad_()
+    ya = fused(xa, ra if with_residual else None)
+    z = plain(xb)
+    yb = ACTS[activation](z + rb if with_residual else z)
+    ya.backward(dy)
+    yb.backward(dy)
+    assert_close(ya, yb, 1e-12, 1e-10, "output")
+    assert_close(xa.grad, xb.grad, 1e-12, 1e-10, "dx")
+    assert_close(fused.weight.grad, plain.weight.grad, 1e-10, 1e-10, "dweight")
+    assert_close(fused.bias.grad, plain.bias.grad, 1e-10, 1e-10, "dbias")
+    if with_residual:
+        assert_close(ra.grad, rb.grad, 1e-12, 1e-10, "dresidual")
+    assert torch.equal(fused.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "silu"])
+def test_gradcheck(activation) -> None:
+    layer = bn.BatchNormAct1d(3, activation, negative_slope=0.1, dtype=torch.float64, momentum=0.0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x, r))
+    assert torch.autograd.gradgradcheck(layer, (x, r))
+
+
+def test_channels_last_and_bfloat16() -> None:
+    layer = bn.BatchNormAct2d(6, "relu")
+    x = torch.randn(4, 6, 5, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(4, 6, 5, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_()
+    y = layer(xg, r)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert layer.running_mean.dtype == torch.float32 and xg.grad.dtype == torch.bfloat16
+    plain = bn.BatchNorm2d(6)
+    expected = torch.relu(plain(x).float() + r.float())
+    tol = TOLERANCES[torch.bfloat16]
+    assert_close(y, expected, tol.atol, tol.rtol, "bf16 output")
+    assert_close(layer.running_var, plain.running_var, 1e-6, 1e-6, "running_var")
+    # A contiguous residual does not change the output's memory format.
+    y2 = layer(x, r.contiguous())
+    assert y2.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_state_dict_is_torch_batch_norm() -> None:
+    theirs = torch.nn.BatchNorm2d(4)
+    theirs(torch.randn(6, 4, 3, 3) + 2)
+    buffer = io.BytesIO()
+    torch.save(theirs.state_dict(), buffer)
+    buffer.seek(0)
+    layer = bn.BatchNormAct2d(4, "silu")
+    assert list(layer.state_dict()) == list(theirs.state_dict())
+    layer.load_state_dict(torch.load(buffer), strict=True)
+    torch.nn.BatchNorm2d(4).load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(2, 4, 3, 3)
+    assert_close(layer.eval()(x), TF.silu(theirs.eval()(x)), 1e-6, 1e-6, "eval output after load")
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match=r"activation must be one of .*'relu'.*got 'gelu'"):
+        bn.BatchNormAct2d(4, "gelu")
+    with pytest.raises(TypeError, match="negative_slope must be a number"):
+        bn.BatchNormAct2d(4, "leaky_relu", negative_slope="0.1")
+    layer = bn.BatchNormAct2d(4)
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"residual must have the input's shape \(2, 4, 3, 3\)"):
+        layer(x, torch.randn(2, 4, 3, 2))
+    with pytest.raises(TypeError, match="residual must match the input's dtype"):
+        layer(x, torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        layer(x, 1.0)
+    with pytest.raises(ValueError, match="expected 4D"):
+        layer(torch.randn(2, 4))
+
+
+def test_registry_repr_and_activation_module() -> None:
+    layer = bn.create_norm("batch_act", 8, dim=1, activation="leaky_relu", negative_slope=0.3)
+    assert isinstance(layer, bn.BatchNormAct1d) and isinstance(layer, bn.BatchNorm1d)
+    assert "activation='leaky_relu', negative_slope=0.3" in repr(layer)
+    assert isinstance(layer.activation_module(), torch.nn.LeakyReLU)
+    assert layer.activation_module().negative_slope == 0.3
+    assert isinstance(bn.BatchNormAct2d(3, "identity").activation_module(), torch.nn.Identity)

@@ -1,0 +1,382 @@
+"""Model tools: convert, fold, recalibrate, freeze/unfreeze, drop_redundant_bias."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import assert_close
+from torch import nn
+
+import batchnorm as bn
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial γ, β and running statistics in every batch-norm layer."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, bn.BatchNorm1d, bn.BatchNorm2d,
+                              bn.BatchNorm3d, bn.FrozenBatchNorm2d)):
+                C = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(C, generator=gen) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(C, generator=gen))
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(C, generator=gen))
+                    m.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
+    return model
+
+
+def _close_relative(actual, expected, what, rtol=1e-5):
+    scale = float(expected.detach().abs().max())
+    assert_close(actual, expected, rtol * scale, rtol, what)
+
+
+# ----------------------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------------------
+def _torch_model() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5, momentum=None, affine=False)),
+        nn.Flatten(), nn.Linear(5 * 4 * 4, 6), nn.BatchNorm1d(6, eps=1e-3),
+    )
+    model.add_module("vol", nn.BatchNorm3d(2, track_running_stats=False))
+    _randomize(model)
+    model[1].num_batches_tracked.fill_(7)
+    model[3].eval()  # mixed modes must survive
+    model[6].weight.requires_grad_(False)
+    return model
+
+
+def test_convert_round_trip_torch_ours_torch() -> None:
+    model = _torch_model()
+    original = copy.deepcopy(model)
+    ours = bn.convert(model, "batchnorm")
+    assert ours is model
+    assert type(ours[1]) is bn.BatchNorm2d and type(ours[3][1]) is bn.BatchNorm2d
+    assert type(ours[6]) is bn.BatchNorm1d and type(ours.vol) is bn.BatchNorm3d
+    assert ours[3][1].momentum is None and not ours[3][1].affine and ours[6].eps == 1e-3
+    assert [m.training for m in ours.modules()] == [m.training for m in original.modules()]
+    assert not ours[6].weight.requires_grad
+    back = bn.convert(copy.deepcopy(ours), "torch")
+    assert type(back[1]) is nn.BatchNorm2d and type(back.vol) is nn.BatchNorm3d
+    assert list(back.state_dict()) == list(original.state_dict())
+    for key, value in original.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert [m.training for m in back.modules()] == [m.training for m in original.modules()]
+    x = torch.randn(2, 3, 6, 6)
+    original.eval(), ours.eval(), back.eval()
+    original.vol = ours.vol = back.vol = nn.Identity()
+    assert_close(ours(x), original(x), 1e-6, 1e-5, "ours vs torch")
+    assert torch.equal(back(x), original(x))
+
+
+def test_convert_root_kwargs_dtype_and_sharing() -> None:
+    root = nn.BatchNorm2d(3, dtype=torch.float64)
+    ghost = bn.convert(root, "ghost", virtual_batch_size=2)
+    assert type(ghost) is bn.GhostBatchNorm2d and ghost.virtual_batch_size == 2
+    assert ghost.weight.dtype == torch.float64
+    renorm = bn.convert(bn.BatchRenorm1d(3, r_max=2.0, d_max=0.5), "renorm")
+    assert (renorm.r_max, renorm.d_max) == (2.0, 0.5)  # carried within the family
+    shared = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Linear(4, 4), shared)
+    bn.convert(model, "renorm", r_max=1.5)
+    assert model[1] is model[3] and isinstance(model[1], bn.BatchRenorm1d) and model[1].r_max == 1.5
+
+
+def test_convert_to_batch_act_keeps_the_function() -> None:
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    bn.convert(model, "batch_act")
+    assert isinstance(model[1], bn.BatchNormAct2d) and model[1].activation == "identity"
+    assert_close(model(x), expected, 1e-6, 1e-5, "output")
+    relu = nn.Sequential(bn.BatchNormAct2d(4, "relu"))
+    with pytest.raises(ValueError, match=r"0 is BatchNormAct2d with activation='relu'.*'torch'"):
+        bn.convert(relu, "torch")
+
+
+def test_convert_sync_and_rank_agnostic_layers() -> None:
+    model = nn.Sequential(nn.SyncBatchNorm(4), nn.BatchNorm1d(4))
+    bn.convert(model, "sync")
+    assert all(isinstance(m, bn.SyncBatchNorm) for m in model)
+    bn.convert(model, "batchnorm", default_dim=1)
+    assert type(model[0]) is bn.BatchNorm1d and type(model[1]) is bn.BatchNorm1d
+    assert type(bn.convert(nn.SyncBatchNorm(4), "torch")) is nn.BatchNorm2d
+
+
+def test_convert_errors() -> None:
+    with pytest.raises(ValueError, match=r"unknown kind 'gohst'; valid kinds: batchnorm, torch, ghost"):
+        bn.convert(nn.BatchNorm2d(3), "gohst")
+    with pytest.raises(ValueError, match="keeps no running statistics"):
+        bn.convert(nn.BatchNorm2d(3, track_running_stats=False), "frozen")
+    with pytest.raises(ValueError, match="default_dim"):
+        bn.convert(nn.BatchNorm2d(3), "torch", default_dim=4)
+    with pytest.raises(ValueError, match="lazy layer"):
+        bn.convert(nn.Sequential(nn.LazyBatchNorm2d()), "batchnorm")
+
+
+# ----------------------------------------------------------------------------------------
+# freeze / unfreeze
+# ----------------------------------------------------------------------------------------
+def test_freeze_and_unfreeze() -> None:
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(36, 5), bn.BatchNorm1d(5))).eval()
+    x = torch.randn(3, 3, 5, 5)
+    expected = model(x)
+    bn.freeze(model)
+    assert type(model[1]) is bn.FrozenBatchNorm2d and type(model[5]) is bn.FrozenBatchNorm1d
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "4.weight", "4.bias"]
+    model.train()
+    assert_close(model(x), expected, 1e-6, 1e-5, "frozen model in training mode")
+    bn.unfreeze(model)
+    assert type(model[1]) is bn.BatchNorm2d and model[1].momentum == 0.1 and model[1].training
+    model.eval()
+    assert_close(model(x), expected, 1e-6, 1e-5, "unfrozen model in eval mode")
+
+
+# ----------------------------------------------------------------------------------------
+# fold
+# ----------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    """A ResNet basic block with a projection shortcut: fx-traceable, not a Sequential."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = bn.BatchNormAct2d(cout, "relu")
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = bn.BatchNorm2d(cout)
+        self.short = nn.Conv2d(cin, cout, 1, bias=False)
+        self.short_bn = nn.BatchNorm2d(cout)
+        self.out = bn.BatchNormAct2d(cout, "relu")
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.out(y, self.short_bn(self.short(x)))  # called with a residual: not folded
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = _Block(8, 16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+                                  nn.BatchNorm1d(10))
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_fold_fx_model_with_residual() -> None:
+    model = _randomize(_Net()).eval()
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)
+    folded, count = bn.fold(model)
+    assert folded is model and count == 5  # stem, bn1 (-> ReLU), bn2, short_bn, head
+    assert isinstance(model.stem[1], nn.Identity) and isinstance(model.block.bn1, nn.ReLU)
+    assert isinstance(model.block.out, bn.BatchNormAct2d)  # it takes a residual
+    assert model.block.conv1.bias is not None  # created
+    _close_relative(model(x), expected, "folded output")
+    assert bn.fold(model).count == 0  # nothing left
+
+
+@pytest.mark.parametrize(("conv", "norm", "shape"), [
+    (nn.Conv1d(4, 6, 3, groups=2), nn.BatchNorm1d(6), (2, 4, 9)),
+    (nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6), (2, 4, 7, 7)),
+    (nn.Conv3d(2, 3, 2), bn.BatchNorm3d(3), (2, 2, 4, 4, 4)),
+    (nn.ConvTranspose1d(4, 6, 3, groups=2), nn.BatchNorm1d(6), (2, 4, 5)),
+    (nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2), bn.BatchNorm2d(4), (2, 6, 4, 4)),
+    (nn.ConvTranspose2d(3, 5, 2, bias=False), nn.BatchNorm2d(5), (2, 3, 4, 4)),
+    (nn.ConvTranspose3d(4, 6, 2, groups=2), nn.BatchNorm3d(6), (1, 4, 3, 3, 3)),
+    (nn.Linear(7, 5), nn.BatchNorm1d(5), (6, 7)),
+    (nn.Linear(7, 5, bias=False), bn.BatchNorm1d(5, affine=False), (6, 7)),
+], ids=["conv1d_groups", "conv2d_no_bias", "conv3d", "convT1d_groups", "convT2d_groups",
+        "convT2d_no_bias", "convT3d_groups", "linear", "linear_no_bias_not_affine"])
+def test_fold_each_producer(conv, norm, shape) -> None:
+    model = _randomize(nn.Sequential(conv, norm)).eval()
+    x = torch.randn(shape)
+    expected = model(x)
+    _, count = bn.fold(model)
+    assert count == 1 and isinstance(model[1], nn.Identity)
+    _close_relative(model(x), expected, f"folded {type(conv).__name__}")
+
+
+def test_fold_untraceable_model_falls_back_to_sequentials() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: fx cannot trace this
+                return self.body(x)
+            return self.body(-x)
+
+    model = _randomize(Branchy()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    assert bn.fold(model).count == 1
+    _close_relative(model(x), expected, "folded output")
+
+
+def test_fold_leaves_unsafe_pairs_alone() -> None:
+    class TwoUsers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv output is read twice
+
+    model = _randomize(TwoUsers()).eval()
+    assert bn.fold(model).count == 0
+    no_stats = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    assert bn.fold(no_stats).count == 0
+    shared = nn.Conv2d(3, 3, 1)
+    reused = nn.Sequential(shared, nn.BatchNorm2d(3), shared, nn.BatchNorm2d(3)).eval()
+    assert bn.fold(reused).count == 0
+
+
+def test_fold_frozen_ghost_renorm_layers() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn.FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                          bn.GhostBatchNorm2d(4, virtual_batch_size=2), nn.Conv2d(4, 4, 1),
+                          bn.BatchRenorm2d(4))
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+    _randomize(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    assert bn.fold(model).count == 3
+    _close_relative(model(x), expected, "folded output")
+
+
+def test_fold_in_training_mode_is_an_error() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"must be in eval mode .* 3 module\(s\) are in training mode"):
+        bn.fold(model)
+    model.eval()
+    model[1].train()
+    with pytest.raises(ValueError, match="training mode: 1"):
+        bn.fold(model)
+
+
+# ----------------------------------------------------------------------------------------
+# drop_redundant_bias
+# ----------------------------------------------------------------------------------------
+def test_drop_redundant_bias() -> None:
+    model = _randomize(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False),
+        bn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 5), bn.BatchRenorm1d(5), nn.Linear(5, 2),
+    ))
+    with torch.no_grad():
+        model[0].bias.normal_(0, 3)
+    x = torch.randn(8, 3, 5, 5)
+    original = copy.deepcopy(model)
+    expected_train = copy.deepcopy(original).train()(x)
+    expected_eval = model.eval()(x)
+    rm0 = model[1].running_mean.clone()
+    bias0 = model[0].bias.detach().clone()
+    _, count = bn.drop_redundant_bias(model)
+    assert count == 2 and model[0].bias is None and model[6].bias is None
+    assert model[8].bias is not None  # feeds no batch norm
+    assert_close(model[1].running_mean, rm0 - bias0, 1e-6, 1e-6, "running_mean shifted by the bias")
+    _close_relative(model(x), expected_eval, "eval output without the biases")
+    # In training the mean subtraction cancels the bias (renorm's d is unchanged too).
+    trained = copy.deepcopy(original).train()
+    assert bn.drop_redundant_bias(trained).count == 2
+    _close_relative(trained(x), expected_train, "training output without the biases", rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# recalibrate
+# ----------------------------------------------------------------------------------------
+def _batches(gen, sizes, C, dtype=torch.float64):
+    return [torch.randn(n, C, generator=gen, dtype=dtype) * (1 + i) + 3 * i for i, n in enumerate(sizes)]
+
+
+def test_recalibrate_gives_statistics_of_the_concatenated_data() -> None:
+    gen = torch.Generator().manual_seed(0)
+    layer = bn.BatchNorm1d(4, dtype=torch.float64)
+    batches = _batches(gen, [5, 9, 2, 7], 4)
+    model = nn.Sequential(layer).eval()
+    _, layers, used = bn.recalibrate(model, [(b, torch.zeros(len(b))) for b in batches])
+    assert (layers, used) == (1, 4)
+    data = torch.cat(batches)
+    assert_close(layer.running_mean, data.mean(0), 1e-6, 1e-6, "running_mean")
+    assert_close(layer.running_var, data.var(0, unbiased=True), 1e-6, 1e-6, "running_var")
+    assert not layer.training and int(layer.num_batches_tracked) == 0
+    # num_batches uses the first ones only; a generator works.
+    bn.recalibrate(model, (b for b in batches), num_batches=2)
+    assert_close(layer.running_var, torch.cat(batches[:2]).var(0), 1e-6, 1e-6, "first two batches")
+
+
+def test_recalibrate_downstream_layers_see_batch_normalized_inputs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(bn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model = _randomize(model).double()
+    model.train()
+    model[3].eval()
+    modes = [m.training for m in model.modules()]
+    model[0].momentum = None
+    params = [p.detach().clone() for p in model.parameters()]
+    model[3].num_batches_tracked.fill_(5)
+    batches = _batches(gen, [6, 10, 4], 4)
+    bn.recalibrate(model, batches)
+    # Expected for layer 3: its inputs when layer 0 normalizes with batch statistics and
+    # dropout is off.
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    hidden = []
+    for x in batches:
+        h = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5) * w + b
+        hidden.append(model[2](h).detach())
+    data = torch.cat(hidden)
+    assert_close(model[3].running_mean, data.mean(0), 1e-6, 1e-6, "downstream running_mean")
+    assert_close(model[3].running_var, data.var(0), 1e-6, 1e-6, "downstream running_var")
+    assert [m.training for m in model.modules()] == modes
+    assert model[0].momentum is None and model[3].momentum == 0.1
+    assert int(model[3].num_batches_tracked) == 5
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+
+
+def test_recalibrate_torch_layers_and_errors() -> None:
+    gen = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.BatchNorm1d(4).double(), bn.FrozenBatchNorm1d(4, dtype=torch.float64))
+    batches = _batches(gen, [3, 8], 4)
+    assert bn.recalibrate(model, batches).layers == 1  # the frozen layer is skipped
+    assert_close(model[0].running_var, torch.cat(batches).var(0), 1e-6, 1e-6, "torch layer")
+    before = model[0].running_mean.clone()
+    with pytest.raises(ValueError, match="got no batches"):
+        bn.recalibrate(model, [])
+    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+        bn.recalibrate(model, batches, num_batches=0)
+    with pytest.raises(TypeError, match="batch 1 must be a tensor"):
+        bn.recalibrate(model, [batches[0], "oops"])
+    assert torch.equal(model[0].running_mean, before)  # restored after the failed pass
+
+
+# ----------------------------------------------------------------------------------------
+# torch's layer and group norm in the registry
+# ----------------------------------------------------------------------------------------
+def test_layer_and_group_norm_in_the_registry() -> None:
+    x = torch.randn(6, 10)
+    layer = bn.create_norm("layer", 10, dim=1)
+    reference_ln = nn.LayerNorm(10)
+    assert_close(layer(x), reference_ln(x), 1e-6, 1e-5, "layer norm on (N, C)")
+    image = torch.randn(2, 8, 3, 3)
+    assert_close(bn.create_norm("layer", 8)(image), nn.functional.layer_norm(image, (8, 3, 3)),
+                 1e-6, 1e-5, "layer norm on images")
+    assert bn.create_norm("group", 100, dim=1).num_groups == 25  # largest divisor <= 32
+    assert bn.create_norm("group", 64).num_groups == 32
+    assert bn.create_norm("group", 48, num_groups=16).num_groups == 16
+    assert bn.create_norm("group", 7).num_groups == 7
+    with pytest.raises(ValueError, match="num_groups must be a positive int"):
+        bn.create_norm("group", 8, num_groups=0)
+
