@@ -88,3 +88,79 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+class ActSpec(NamedTuple):
+    """The non-differentiated arguments of the fused ``act(BN(x) + residual)``."""
+
+    train: TrainSpec
+    activation: str
+    negative_slope: float
+    has_residual: bool
+
+
+def _act_backward_reads_output(activation: str, negative_slope: float) -> bool:
+    """relu and leaky ReLU with a slope >= 0 recover their mask from the output's sign."""
+    return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
+
+
+class BatchNormActTrain(torch.autograd.Function):
+    """``out = act(BN(x) + residual)`` through the Triton fused kernels (training).
+
+    Saves ``out`` instead of a mask for relu/leaky ReLU; silu rebuilds its input from
+    ``x``, the statistics, ``bias`` and ``residual``. First derivatives only.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        spec: ActSpec,
+    ) -> Tensor:
+        from batchnorm.kernels import triton_host
+
+        t = spec.train
+        out, mean, invstd = triton_host.act_forward_train(
+            x, weight, bias, t.eps, t.running_mean, t.running_var, t.momentum,
+            t.num_batches_tracked, t.num_batches_skipped, residual=residual,
+            activation=spec.activation, negative_slope=spec.negative_slope,
+        )
+        from_out = _act_backward_reads_output(spec.activation, spec.negative_slope)
+        keep_inputs = not from_out and spec.activation != "identity"
+        ctx.save_for_backward(
+            x, weight, bias if keep_inputs else None, residual if keep_inputs else None,
+            mean, invstd, out if from_out else None,
+        )
+        ctx.spec = spec
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else None,
+            bias.dtype if bias is not None else None,
+        )
+        if t.stats_out is not None:
+            t.stats_out.extend((mean, invstd))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        from batchnorm.kernels import triton_host
+
+        x, weight, bias, residual, mean, invstd, out = ctx.saved_tensors
+        spec: ActSpec = ctx.spec
+        dx, dweight, dbias, dresidual = triton_host.act_backward_train(
+            dout.contiguous(memory_format=_memory_format(x)), out, x, weight, bias, mean,
+            invstd, residual=residual, activation=spec.activation,
+            negative_slope=spec.negative_slope, has_residual=spec.has_residual,
+        )
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        w_dtype, b_dtype = ctx.param_dtypes
+        return (
+            dx if need_x else None,
+            dweight.to(w_dtype) if need_w else None,
+            dbias.to(b_dtype) if need_b else None,
+            dresidual if need_r else None,
+            None,
+        )

@@ -13,10 +13,19 @@ import torch
 from torch import Tensor
 
 from batchnorm import _reference
-from batchnorm._autograd import BatchNormTrain, TrainSpec, forward_train
-from batchnorm._backends import BACKEND_NAMES, select_backend
+from batchnorm._autograd import (
+    ActSpec,
+    BatchNormActTrain,
+    BatchNormTrain,
+    TrainSpec,
+    _memory_format,
+    forward_train,
+)
+from batchnorm._backends import BACKEND_NAMES, Backend, select_backend
 
-__all__ = ["batch_norm", "batch_stats"]
+__all__ = ["ACTIVATIONS", "batch_norm", "batch_norm_act", "batch_stats"]
+
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "identity")
 
 
 def batch_norm(
@@ -78,39 +87,7 @@ def batch_norm(
             running statistics in inference, or a bad ``momentum``/``eps``/``backend``.
         FloatingPointError: with ``check_finite=True`` and non-finite batch statistics.
     """
-    _check_input(input)
-    num_channels = input.shape[1]
-    device = input.get_device()
-    for t in (running_mean, running_var, weight, bias):
-        # The common case, checked in one expression; the named check explains a failure.
-        if t is not None and not (
-            isinstance(t, Tensor)
-            and t.is_floating_point()
-            and t.dim() == 1
-            and t.shape[0] == num_channels
-            and t.get_device() == device
-            and t.is_cuda == input.is_cuda
-        ):
-            for name, vector in (
-                ("running_mean", running_mean),
-                ("running_var", running_var),
-                ("weight", weight),
-                ("bias", bias),
-            ):
-                _check_vector(name, vector, num_channels, input)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "batch_norm: running_mean and running_var must be given together, got "
-            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
-            f"running_var={'None' if running_var is None else 'a tensor'}"
-        )
-    if momentum is not None and not (0.0 <= momentum <= 1.0):
-        raise ValueError(f"batch_norm: momentum must be in [0, 1] or None, got {momentum}")
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"batch_norm: eps must be a finite number >= 0, got {eps}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"batch_norm: backend must be one of {BACKEND_NAMES}, got {backend!r}")
-
+    _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -119,6 +96,7 @@ def batch_norm(
             )
         return _inference(input, running_mean, running_var, weight, bias, eps, backend)
 
+    num_channels = input.shape[1]
     m = input.numel() // num_channels
     if m == 1:
         raise ValueError(
@@ -158,6 +136,183 @@ def batch_norm(
         if check_finite:
             _raise_if_not_finite(input, mean, invstd)
     return y
+
+
+def _validate(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    backend: str,
+) -> None:
+    """The argument checks shared by every functional entry point."""
+    _check_input(input)
+    num_channels = input.shape[1]
+    device = input.get_device()
+    for t in (running_mean, running_var, weight, bias):
+        # The common case, checked in one expression; the named check explains a failure.
+        if t is not None and not (
+            isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dim() == 1
+            and t.shape[0] == num_channels
+            and t.get_device() == device
+            and t.is_cuda == input.is_cuda
+        ):
+            for name, vector in (
+                ("running_mean", running_mean),
+                ("running_var", running_var),
+                ("weight", weight),
+                ("bias", bias),
+            ):
+                _check_vector(name, vector, num_channels, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "batch_norm: running_mean and running_var must be given together, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    if momentum is not None and not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"batch_norm: momentum must be in [0, 1] or None, got {momentum}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"batch_norm: eps must be a finite number >= 0, got {eps}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"batch_norm: backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    backend: str = "auto",
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+    check_finite: bool = False,
+) -> Tensor:
+    """``act(batch_norm(input, ...) + residual)``: batch norm, residual add, activation.
+
+    The batch-norm arguments are :func:`batch_norm`'s. ``residual`` (input's shape,
+    dtype and device) is added before ``activation`` (one of :data:`ACTIVATIONS`;
+    ``negative_slope`` for leaky ReLU). On the Triton backend the three run as one
+    fused kernel in each direction, and ReLU's backward reads its mask off the saved
+    output; elsewhere they are composed, with the add and the activation in place on
+    the fresh batch-norm output.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"batch_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(
+                f"batch_norm_act: residual must be a torch.Tensor or None, got {type(residual).__name__}"
+            )
+        if isinstance(input, Tensor):
+            if residual.shape != input.shape:
+                raise ValueError(
+                    f"batch_norm_act: residual must have the input's shape "
+                    f"{tuple(input.shape)}, got {tuple(residual.shape)}"
+                )
+            if residual.dtype != input.dtype or residual.device != input.device:
+                raise TypeError(
+                    f"batch_norm_act: residual must match the input's dtype and device "
+                    f"({input.dtype} on {input.device}), got {residual.dtype} on {residual.device}"
+                )
+    _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
+    batch_stats_used = training or running_mean is None
+    m = input.numel() // input.shape[1]
+    chosen = select_backend(backend, input)
+    if chosen.name == "triton" and (m > 1 or not batch_stats_used):
+        return _fused_act(
+            input, running_mean, running_var, weight, bias, batch_stats_used, momentum, eps,
+            residual, activation, negative_slope, chosen, num_batches_tracked,
+            num_batches_skipped, check_finite,
+        )
+    y = batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        backend=backend, num_batches_tracked=num_batches_tracked,
+        num_batches_skipped=num_batches_skipped, check_finite=check_finite,
+    )
+    # In place on the fresh output: batch norm's backward needs x, not y, and relu's
+    # and leaky ReLU's (slope >= 0) backward need only their output.
+    if residual is not None:
+        y = y.add_(residual)
+    if activation == "relu":
+        return torch.relu_(y)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, negative_slope, inplace=negative_slope >= 0)
+    if activation == "silu":
+        return torch.nn.functional.silu(y)  # its backward needs its input: not in place
+    return y
+
+
+def _fused_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    batch_stats_used: bool,
+    momentum: float | None,
+    eps: float,
+    residual: Tensor | None,
+    activation: str,
+    negative_slope: float,
+    chosen: Backend,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    check_finite: bool,
+) -> Tensor:
+    """The Triton path of :func:`batch_norm_act`."""
+    from batchnorm.kernels import triton_host
+
+    x = _dense(input)
+    res = None if residual is None else residual.contiguous(memory_format=_memory_format(x))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, res)
+    )
+    if not batch_stats_used:
+        assert running_mean is not None and running_var is not None
+        if needs_grad:  # eval with gradients: the composed, differentiable form
+            return batch_norm_act(
+                input, running_mean, running_var, weight, bias, False, momentum, eps,
+                residual=residual, activation=activation, negative_slope=negative_slope,
+                backend="reference",
+            )
+        return triton_host.act_forward_eval(
+            x, weight, bias, running_mean, running_var, eps, residual=res,
+            activation=activation, negative_slope=negative_slope,
+        )
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("batch_norm_act: momentum=None (cumulative average) needs num_batches_tracked")
+    train = TrainSpec(
+        running_mean, running_var, momentum, eps, num_batches_tracked, num_batches_skipped,
+        chosen, [],
+    )
+    spec = ActSpec(train, activation, negative_slope, res is not None)
+    if needs_grad:
+        out = BatchNormActTrain.apply(x, weight, bias, res, spec)
+    else:
+        out, mean, invstd = triton_host.act_forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped, residual=res, activation=activation,
+            negative_slope=negative_slope,
+        )
+        train.stats_out.extend((mean, invstd))  # type: ignore[union-attr]
+    if check_finite:
+        _raise_if_not_finite(input, *train.stats_out)  # type: ignore[misc]
+    return out
 
 
 def _raise_if_not_finite(input: Tensor, mean: Tensor, invstd: Tensor) -> None:

@@ -2,8 +2,9 @@
 
 ``act(BN(x) + residual)`` is the tail of almost every convolutional block. As one layer
 it can become one kernel: on a GPU the normalized value never goes back to memory
-before the activation. :meth:`_BatchNormAct._forward_fused` is the single place where
-such a kernel plugs in; today it composes torch ops.
+before the activation. :meth:`_BatchNormAct._forward_fused` hands the op to
+:func:`batchnorm.functional.batch_norm_act`: the Triton fused kernels on CUDA, composed
+torch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from batchnorm import functional as F
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "identity")
+ACTIVATIONS = F.ACTIVATIONS
 
 
 # The layer *subclasses* BatchNormXd instead of wrapping one (``self.bn = ...``): the
@@ -66,47 +67,36 @@ class _BatchNormAct(_BatchNormBase):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; ``residual`` has ``input``'s shape, dtype, device."""
-        if residual is not None:
-            if not isinstance(residual, Tensor):
-                raise TypeError(
-                    f"{type(self).__name__}: residual must be a torch.Tensor or None, got "
-                    f"{type(residual).__name__}"
-                )
-            if isinstance(input, Tensor):
-                if residual.shape != input.shape:
-                    raise ValueError(
-                        f"{type(self).__name__}: residual must have the input's shape "
-                        f"{tuple(input.shape)}, got {tuple(residual.shape)}"
-                    )
-                if residual.dtype != input.dtype or residual.device != input.device:
-                    raise TypeError(
-                        f"{type(self).__name__}: residual must match the input's dtype and "
-                        f"device ({input.dtype} on {input.device}), got {residual.dtype} on "
-                        f"{residual.device}"
-                    )
         return self._forward_fused(input, residual)
 
     def _forward_fused(self, input: Tensor, residual: Tensor | None) -> Tensor:
-        """The fused op: ``act(BN(input) + residual)``, in train or eval mode.
-
-        This is the seam for fused kernels (``batchnorm.kernels.triton_host``'s
-        ``act_forward_train`` and friends): a CUDA tensor will dispatch there. Now it
-        composes torch ops. The residual add and the activation run in place on the
-        fresh batch-norm output: no extra buffer, the memory format of the output
-        stays the input's, and autograd allows it because batch norm's backward needs
-        ``x``, not its output (ReLU's and leaky ReLU's backward use their output).
-        """
-        y = super().forward(input)
-        if residual is not None:
-            y = y.add_(residual)
-        if self.activation == "relu":
-            return torch.relu_(y)
-        if self.activation == "leaky_relu":
-            # In place only for a slope >= 0: the backward then reads the sign off the output.
-            return TF.leaky_relu(y, self.negative_slope, inplace=self.negative_slope >= 0)
-        if self.activation == "silu":
-            return TF.silu(y)  # its backward needs the input: not in place
-        return y
+        """The fused op, in train or eval mode, through :func:`batchnorm.functional.batch_norm_act`:
+        one Triton kernel per direction on CUDA, composed torch ops elsewhere."""
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
+            )
+        self._check_input_dim(input)
+        self._check_num_channels(input)
+        update = self.training and self.track_running_stats
+        use_running = update or not self.training
+        return F.batch_norm_act(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            training=self._uses_batch_stats(),
+            momentum=self.momentum,
+            eps=self.eps,
+            residual=residual,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            backend=self.backend,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            num_batches_skipped=self.num_batches_skipped if update else None,
+            check_finite=self.check_finite,
+        )
 
     def activation_module(self) -> nn.Module:
         """The activation as a standalone module (what remains when the BN is folded away)."""
