@@ -31,10 +31,15 @@ class LabConfig:
         data: the data spec (see :mod:`batchnorm.lab.data`), e.g. ``mnist``,
             ``digits`` or ``fashion:/path/to/idx/files``.
         seeds: how many seeds each configuration is trained with (0, 1, ...).
+        norm_backend: the library's compute path for BN layers, passed to
+            :func:`batchnorm.create_norm`. ``reference`` (differentiable torch ops) is
+            the fastest for the lab's small CPU MLPs as measured; ``auto`` lets the
+            library choose.
     """
 
     data: str = "mnist"
     seeds: int = 2
+    norm_backend: str = "reference"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values of the right type that make no sense."""

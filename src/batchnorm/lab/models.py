@@ -1,0 +1,174 @@
+"""The networks the lab trains, built with the project's norm registry.
+
+Norm layers come from :func:`batchnorm.create_norm`, the same entry point a user
+would call, so the lab measures the library itself. The name ``"none"`` is handled
+here (an :class:`torch.nn.Identity`) because "no normalization" is the baseline of
+every experiment, not a layer of the library.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+import batchnorm
+
+Activation = Literal["sigmoid", "relu", "tanh"]
+Placement = Literal["before", "after"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def make_norm(name: str, num_features: int, backend: str | None = None) -> nn.Module:
+    """A norm layer for (N, C) inputs: ``"none"`` or any name the registry knows.
+
+    ``backend`` (e.g. ``"reference"``) is passed to the layer when given.
+    """
+    if name == "none":
+        return nn.Identity()
+    kwargs = {} if backend is None else {"backend": backend}
+    return batchnorm.create_norm(name, num_features, dim=1, **kwargs)
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """What to build: a fully connected classifier.
+
+    Attributes:
+        in_features: length of a flattened example.
+        hidden: width of each hidden layer.
+        num_classes: outputs (logits).
+        norm: registry name of the norm layer in each hidden block, or ``"none"``.
+        activation: ``sigmoid``, ``relu`` or ``tanh``.
+        placement: the norm ``before`` the activation (the paper's choice,
+            Linear → BN → act) or ``after`` it (Linear → act → BN).
+        init_std: every Linear weight drawn from N(0, init_std²) with zero biases;
+            ``None`` keeps PyTorch's default (uniform ±1/sqrt(fan_in)).
+        drop_bias: leave out the bias of a Linear layer that feeds a norm layer
+            directly; BN subtracts the mean, so that bias does nothing
+            (Ioffe & Szegedy 2015, section 3.2).
+        norm_backend: the library's compute path for the norm layers (``auto``,
+            ``reference``, ``numba``, ...), or None for the layer's default.
+    """
+
+    in_features: int
+    hidden: tuple[int, ...]
+    num_classes: int
+    norm: str = "none"
+    activation: Activation = "sigmoid"
+    placement: Placement = "before"
+    init_std: float | None = None
+    drop_bias: bool = True
+    norm_backend: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready fields."""
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class Block(nn.Module):
+    """One hidden layer: Linear, norm and activation in the order ``placement`` says.
+
+    The three parts stay named attributes so probes can hook the input of ``act``
+    (what a sigmoid sees) or of ``norm`` (what enters BN).
+    """
+
+    def __init__(self, linear: nn.Linear, norm: nn.Module, act: nn.Module, placement: Placement):
+        super().__init__()
+        self.linear = linear
+        self.norm = norm
+        self.act = act
+        self.placement = placement
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.linear(x)
+        if self.placement == "before":
+            return self.act(self.norm(x))
+        return self.norm(self.act(x))
+
+
+class MLP(nn.Module):
+    """A stack of :class:`Block` and a final Linear layer producing logits."""
+
+    def __init__(self, spec: MLPSpec):
+        super().__init__()
+        if spec.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {spec.activation!r}")
+        if spec.placement not in ("before", "after"):
+            raise ValueError(f"placement must be 'before' or 'after', got {spec.placement!r}")
+        self.spec = spec
+        blocks = []
+        width = spec.in_features
+        normalized = spec.norm != "none"
+        for out in spec.hidden:
+            # The bias is redundant only when the Linear output goes straight into BN.
+            bias = not (normalized and spec.placement == "before" and spec.drop_bias)
+            blocks.append(
+                Block(
+                    nn.Linear(width, out, bias=bias),
+                    make_norm(spec.norm, out, spec.norm_backend),
+                    _ACTIVATIONS[spec.activation](),
+                    spec.placement,
+                )
+            )
+            width = out
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, spec.num_classes)
+        if spec.init_std is not None:
+            self._init_gaussian(spec.init_std)
+
+    def _init_gaussian(self, std: float) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def describe(self) -> dict[str, object]:
+        """Layers, parameter count and which Linear layers have a bias, for results files."""
+        layers: list[str] = []
+        for block in self.blocks:
+            lin = block.linear
+            parts = [f"Linear({lin.in_features}->{lin.out_features}, bias={lin.bias is not None})"]
+            norm = "" if isinstance(block.norm, nn.Identity) else type(block.norm).__name__
+            act = type(block.act).__name__
+            parts += [p for p in ((norm, act) if block.placement == "before" else (act, norm)) if p]
+            layers.append(" -> ".join(parts))
+        layers.append(f"Linear({self.head.in_features}->{self.head.out_features}, bias=True)")
+        return {
+            "spec": self.spec.to_dict(),
+            "layers": layers,
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "linear_bias": [b.linear.bias is not None for b in self.blocks],
+            "norm_class": next(
+                (f"{type(b.norm).__module__}.{type(b.norm).__name__}" for b in self.blocks
+                 if not isinstance(b.norm, nn.Identity)),
+                None,
+            ),
+        }
+
+
+def build(spec: MLPSpec, seed: int) -> MLP:
+    """Build ``spec`` with weights drawn from ``seed``, independent of global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MLP(spec)
+
+
+def log_space(low: float, high: float, num: int) -> tuple[float, ...]:
+    """``num`` values evenly spaced in log scale from ``low`` to ``high`` inclusive."""
+    if num == 1:
+        return (low,)
+    a, b = math.log10(low), math.log10(high)
+    return tuple(float(10 ** (a + (b - a) * i / (num - 1))) for i in range(num))

@@ -1,0 +1,120 @@
+"""Numbers from saved runs: curves, final accuracies, steps to a target, seed spread.
+
+Everything here reads the JSON form of a run (a dict, as written to ``result.json``),
+so analyses and plots work on a results directory alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Run = dict[str, Any]
+
+#: How many of the last test evaluations "final accuracy" averages (damps eval noise).
+FINAL_WINDOW = 3
+
+
+def test_rows(run: Run) -> list[dict[str, Any]]:
+    """The run's test-set rows, in step order."""
+    return [r for r in run["rows"] if r["split"] == "test"]
+
+
+def curve(run: Run, key: str = "accuracy", split: str = "test") -> tuple[list[int], list[float]]:
+    """Steps and values of ``key`` in ``split`` rows (rows without a finite value skipped)."""
+    steps, values = [], []
+    for r in run["rows"]:
+        v = r.get(key)
+        if r["split"] == split and isinstance(v, (int, float)) and math.isfinite(v):
+            steps.append(int(r["step"]))
+            values.append(float(v))
+    return steps, values
+
+
+def diverged(run: Run) -> bool:
+    return run["outcome"] == "diverged"
+
+
+def final_accuracy(run: Run, chance: float) -> float:
+    """Mean test accuracy over the last :data:`FINAL_WINDOW` evaluations.
+
+    A diverged run scores ``chance``: its weights are no longer numbers, so it
+    predicts nothing.
+    """
+    if diverged(run):
+        return chance
+    _, acc = curve(run)
+    tail = acc[-FINAL_WINDOW:]
+    return sum(tail) / len(tail) if tail else chance
+
+
+def best_accuracy(run: Run) -> float:
+    """The highest test accuracy the run reached at any evaluation (0 if none)."""
+    _, acc = curve(run)
+    return max(acc, default=0.0)
+
+
+def steps_to_reach(run: Run, target: float) -> int | None:
+    """The first evaluated step whose test accuracy is at least ``target``, else None."""
+    for step, acc in zip(*curve(run)):
+        if acc >= target:
+            return step
+    return None
+
+
+def by_label(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by label, in first-seen order, each group sorted by seed."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run["label"], []).append(run)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in groups.items()}
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def std(values: Sequence[float]) -> float:
+    """Sample standard deviation (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample std, min and max."""
+    return {"mean": mean(values), "std": std(values),
+            "min": min(values, default=math.nan), "max": max(values, default=math.nan)}
+
+
+def separated(high: Sequence[float], low: Sequence[float]) -> bool:
+    """The lab's seed-spread rule: every seed of ``high`` beats every seed of ``low``.
+
+    The ranges over seeds do not overlap, so the difference is larger than the
+    variation between seeds.
+    """
+    return bool(high) and bool(low) and min(high) > max(low)
+
+
+def mean_curve(runs: Sequence[Run], key: str = "accuracy", split: str = "test") -> tuple[
+    list[int], list[float], list[float], list[float]
+]:
+    """Steps, mean, min and max over runs at the steps every run evaluated."""
+    curves = [dict(zip(*curve(r, key, split))) for r in runs]
+    if not curves:
+        return [], [], [], []
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    vals = [[c[s] for c in curves] for s in common]
+    return common, [mean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def fmt_range(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
+    """``"0.912 (0.905..0.918)"``: mean and the range over seeds."""
+    if not values:
+        return "n/a"
+    v = [x * scale for x in values]
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{mean(v):.{digits}f} ({min(v):.{digits}f}..{max(v):.{digits}f})"
