@@ -36,7 +36,7 @@ def _version() -> str:
             from importlib.metadata import version as dist_version
 
             version = dist_version("batchnorm")
-        except Exception:
+        except Exception:  # noqa: BLE001 - no metadata (running from a source tree)
             version = "unknown"
     return f"batchnorm {version}"
 
@@ -119,8 +119,9 @@ def _list() -> int:
         print(f"  keys (quick defaults): {keys}")
         for preset in ("tiny", "full"):
             changes = exp.make_config(preset)
-            diff = {k: getattr(changes, k) for k in types if getattr(changes, k) != getattr(config, k)}
-            print(f"  {preset}: " + (", ".join(f"{k}={_show(v)}" for k, v in diff.items()) or "same"))
+            diff = [f"{k}={_show(getattr(changes, k))}" for k in types
+                    if getattr(changes, k) != getattr(config, k)]
+            print(f"  {preset}: " + (", ".join(diff) or "same"))
         print()
     return 0
 

@@ -32,14 +32,13 @@ class LabConfig:
             ``digits`` or ``fashion:/path/to/idx/files``.
         seeds: how many seeds each configuration is trained with (0, 1, ...).
         norm_backend: the library's compute path for BN layers, passed to
-            :func:`batchnorm.create_norm`. ``reference`` (differentiable torch ops) is
-            the fastest for the lab's small CPU MLPs as measured; ``auto`` lets the
-            library choose.
+            :func:`batchnorm.create_norm`: ``auto`` (the library's choice, as a user
+            gets it), ``reference``, ``numba``, ...
     """
 
     data: str = "mnist"
     seeds: int = 2
-    norm_backend: str = "reference"
+    norm_backend: str = "auto"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values of the right type that make no sense."""
@@ -179,4 +178,6 @@ def _to_text(value: Any) -> str:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }

@@ -416,13 +416,15 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: cannot read: {exc}") from None
     try:
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as exc:  # a broken pickle raises many kinds of errors
+    except Exception as exc:  # noqa: BLE001 - a broken pickle raises many kinds of errors
         raise DataError(
             f"{path}: not a readable CIFAR-10 batch (truncated or not a pickle): "
             f"{type(exc).__name__}: {exc}"
         ) from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a dict with 'data' and 'labels', found {type(obj).__name__}")
+        raise DataError(
+            f"{path}: expected a dict with 'data' and 'labels', found {type(obj).__name__}"
+        )
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
     missing = [k for k in ("data", "labels") if k not in batch]
     if missing:
@@ -473,7 +475,9 @@ def _fingerprint(kind: str, root: Path) -> str:
     return h.hexdigest()[:12]
 
 
-_CACHE_KEYS: frozenset[str] = frozenset({"x_train", "y_train", "x_test", "y_test", "scale", "shape"})
+_CACHE_KEYS: frozenset[str] = frozenset(
+    {"x_train", "y_train", "x_test", "y_test", "scale", "shape"}
+)
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:

@@ -99,7 +99,9 @@ class MLP(nn.Module):
     def __init__(self, spec: MLPSpec):
         super().__init__()
         if spec.activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {spec.activation!r}")
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {spec.activation!r}"
+            )
         if spec.placement not in ("before", "after"):
             raise ValueError(f"placement must be 'before' or 'after', got {spec.placement!r}")
         self.spec = spec

@@ -54,7 +54,7 @@ def band(
                             color=color, alpha=0.2, linewidth=0)
     for run in runs:
         if stats.diverged(run):
-            s, v = stats.curve(run, key, split)
+            _, v = stats.curve(run, key, split)
             ax.plot([run["diverged_step"]], [(v[-1] if v else 0.0) * scale], "x", color=color,
                     markersize=8)
 

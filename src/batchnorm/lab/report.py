@@ -17,7 +17,7 @@ from typing import Any
 
 from batchnorm.lab import plots, results, stats
 from batchnorm.lab.experiments import REGISTRY
-from batchnorm.lab.experiments.base import SPREAD_RULE, Analysis
+from batchnorm.lab.experiments.base import SPREAD_RULE, VERDICTS, Analysis
 
 REPORT_FILE = "report.html"
 
@@ -82,15 +82,16 @@ def _section(record: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     anchor = f"exp-{_e(name)}"
     exp = REGISTRY.get(name)
     if exp is None:
-        return (f'<section id="{anchor}"><h2>{_e(name)}</h2><p class="error">No experiment '
-                f"called {_e(name)} is registered in this version; its results are not shown."
-                "</p></section>", [])
+        missing = (f'<section id="{anchor}"><h2>{_e(name)}</h2><p class="error">No experiment '
+                   f"called {_e(name)} is registered in this version; its results are not shown."
+                   "</p></section>")
+        return missing, []
     parts = [f'<section id="{anchor}"><h2>{_e(exp.title)} <code>{_e(name)}</code></h2>',
              f"<p>{_e(exp.description)}</p>"]
     verdict_rows: list[dict[str, Any]] = []
     try:
         analysis = exp.analyze(record)
-    except Exception:  # a damaged or partial record should not take the whole report down
+    except Exception:  # noqa: BLE001 - a damaged record must not take the whole report down
         analysis = Analysis()
         parts.append(f'<p class="error">analysis failed:\n{_e(traceback.format_exc())}</p>')
         print(f"warning: {name}: analysis failed", file=sys.stderr)
@@ -105,7 +106,7 @@ def _section(record: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     parts.append(f"<p><b>Criterion.</b> {_e(exp.criterion)}</p>")
     try:
         figures = exp.figures(record)
-    except Exception:
+    except Exception:  # noqa: BLE001 - as above, for plotting
         figures = []
         parts.append(f'<p class="error">plotting failed:\n{_e(traceback.format_exc())}</p>')
         print(f"warning: {name}: plotting failed", file=sys.stderr)
@@ -116,8 +117,8 @@ def _section(record: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                      "</figcaption></figure>")
     if analysis.measures:
         parts.append("<h3>Numbers</h3>")
-        parts.append(_table(list(analysis.measures.items()), ("measure", "value (mean (min..max) "
-                                                             "over seeds)")))
+        header = ("measure", "value: mean (min..max) over seeds")
+        parts.append(_table(list(analysis.measures.items()), header))
     parts.append(_runs_table(record))
     parts.append("<details><summary>Config</summary>"
                  + _table([(k, v) for k, v in record["config"].items()]) + "</details>")
@@ -153,9 +154,9 @@ def _runs_table(record: dict[str, Any]) -> str:
 
 def _page(results_dir: Path, records: list[dict[str, Any]], rows: list[dict[str, Any]],
           sections: list[str]) -> str:
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("supported", "mixed", "not supported")}
-    score = ["<table><tr><th>claim</th><th>as tested</th><th>experiment</th><th>measured</th>"
-             "<th>verdict</th></tr>"]
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+    score = [("<table><tr><th>claim</th><th>as tested</th><th>experiment</th><th>measured</th>"
+              "<th>verdict</th></tr>")]
     for r in sorted(rows, key=lambda r: r["claim"]):
         score.append(f"<tr><td>{r['claim']}</td><td>{_e(r['statement'])}</td>"
                      f'<td><a href="#{r["anchor"]}">{_e(r["experiment"])}</a></td>'

@@ -47,10 +47,7 @@ def _cost(spec: RunSpec) -> int:
 
 
 def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    # numba (one of the library's CPU backends) reads this when first imported; keep its
-    # thread pool as small as torch's, or parallel runs oversubscribe the cores.
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)  # NUMBA_NUM_THREADS came with the parent's environment
 
 
 def _run_in_worker(spec: RunSpec) -> RunResult:
@@ -76,10 +73,14 @@ class Runner:
             raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
         self.jobs = jobs
         self.threads = threads
+        # numba (one of the library's CPU backends) sizes its thread pool from this
+        # when first imported; match torch's, or parallel runs oversubscribe the cores.
+        # A value the user set wins.
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
         self.progress = sys.stdout.isatty() if progress is None else progress
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Runner:  # noqa: PYI034 - Runner is final
         return self
 
     def __exit__(

@@ -131,7 +131,9 @@ def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
         return torch.optim.RMSprop(params, lr=spec.lr)
     if spec.optimizer == "adam":
         return torch.optim.Adam(params, lr=spec.lr)
-    raise ValueError(f"unknown optimizer {spec.optimizer!r}; expected sgd, momentum, rmsprop or adam")
+    raise ValueError(
+        f"unknown optimizer {spec.optimizer!r}; expected sgd, momentum, rmsprop or adam"
+    )
 
 
 @torch.no_grad()

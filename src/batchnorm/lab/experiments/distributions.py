@@ -10,7 +10,7 @@ are left untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -171,7 +171,7 @@ class Distributions(Experiment):
         "average."
     )
     Config = DistributionsConfig
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"hidden": (32, 32, 32), "steps": 40, "eval_every": 20, "probe_examples": 200,
                  "sample_size": 500},
         "full": {"steps": 20000, "eval_every": 1000},
@@ -289,10 +289,11 @@ class Distributions(Experiment):
             ax.legend(fontsize=7)
         axes[0].set_ylabel("density")
         layer = record["config"]["layer"]
-        return [(f"Hidden layer {layer}, seed {record['runs'][0]['seed']}: values of all units on "
-                 f"{record['config']['probe_examples']} test examples, at initialization (black "
-                 "line) and after training (filled); values beyond the plotted range are "
-                 "counted in the edge bins.", fig)]
+        caption = (f"Hidden layer {layer}, seed {record['runs'][0]['seed']}: values of all units "
+                   f"on {record['config']['probe_examples']} test examples, at initialization "
+                   "(black line) and after training (filled); values beyond the plotted range are "
+                   "counted in the edge bins.")
+        return [(caption, fig)]
 
 
 def _robust_range(values: list[float]) -> tuple[float, float]:

@@ -8,7 +8,7 @@ use the same small Gaussian initialization, batch size and learning rate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -79,6 +79,12 @@ class SigmoidInputProbe(Probe):
         }
 
 
+def _never(steps: list[float]) -> str:
+    """A note on seeds that never reached the target (steps recorded as infinity)."""
+    missing = sum(s == float("inf") for s in steps)
+    return f" ({missing} seed(s) never)" if missing else ""
+
+
 def median_drift(run: dict[str, Any], unit: int | None = None) -> float:
     """How far the median of a sigmoid's input moves over training (max - min).
 
@@ -111,7 +117,7 @@ class Fig1(Experiment):
         "as BN on average and the seed ranges do not overlap."
     )
     Config = Fig1Config
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"hidden": (32, 32, 32), "steps": 60, "eval_every": 20, "probe_examples": 200},
         "full": {"steps": 50000, "eval_every": 500},
     }
@@ -170,8 +176,7 @@ class Fig1(Experiment):
                 [stats.final_accuracy(r, chance) for r in bn], 2, 100),
             "target = baseline final accuracy (%)": stats.fmt_range(targets, 2, 100),
             "baseline steps to target": stats.fmt_range(base_steps, 0),
-            "BN steps to target": stats.fmt_range(reached, 0)
-            + ("" if len(reached) == len(bn_steps) else f" ({len(bn_steps) - len(reached)} seed(s) never)"),
+            "BN steps to target": stats.fmt_range(reached, 0) + _never(bn_steps),
             "speed-up (baseline steps / BN steps)": stats.fmt_range(ratios, 2),
             "baseline drift of median sigmoid input (layer median)": stats.fmt_range(base_drift, 3),
             "BN drift of median sigmoid input (layer median)": stats.fmt_range(bn_drift, 3),
@@ -242,8 +247,9 @@ class Fig1(Experiment):
         hi = max(a.get_ylim()[1] for a in axes)
         for a in axes:
             a.set_ylim(lo, hi)  # one scale, so the two panels compare directly
-        out.append((
+        caption = (
             f"(b, c) 15th, 50th and 85th percentiles of the input to sigmoid {unit} of the last "
             f"hidden layer over {record['config']['probe_examples']} test examples "
-            "(same y scale).", fig2))
+            "(same y scale).")
+        out.append((caption, fig2))
         return out

@@ -9,7 +9,7 @@ hidden layer's output is renormalized, so only the last layer still sees the sca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from batchnorm.lab import plots, stats
 from batchnorm.lab.config import ConfigError, LabConfig
@@ -78,7 +78,7 @@ class InitScale(Experiment):
         "baseline seed's."
     )
     Config = InitConfig
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"hidden": (16,) * 6, "steps": 30, "eval_every": 10, "num_scales": 12},
         "full": {"steps": 5000, "eval_every": 250},
     }
@@ -168,12 +168,14 @@ class InitScale(Experiment):
         plots.percent_axis(ax)
         ax.set_ylabel("final test accuracy (%)")
         ax.legend()
-        return [(f"Final test accuracy against the init scale ({len(record['config']['hidden'])} "
-                 f"hidden layers, {record['config']['activation']}); dots: seeds, x: diverged.",
-                 fig)]
+        caption = (f"Final test accuracy against the init scale ({len(record['config']['hidden'])} "
+                   f"hidden layers, {record['config']['activation']}); dots: seeds, x: diverged.")
+        return [(caption, fig)]
 
 
-def _accuracy_table(runs: list[dict[str, Any]], chance: float) -> dict[str, dict[int, dict[float, float]]]:
+def _accuracy_table(
+    runs: list[dict[str, Any]], chance: float
+) -> dict[str, dict[int, dict[float, float]]]:
     """label -> seed -> scale -> final accuracy."""
     table: dict[str, dict[int, dict[float, float]]] = {}
     for r in runs:

@@ -10,7 +10,7 @@ and without BN (claim 11: deep sigmoid networks train with BN and not without).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from batchnorm.lab import plots, stats
 from batchnorm.lab.config import ConfigError, LabConfig
@@ -99,7 +99,7 @@ class Speedup(Experiment):
         "favour the baseline."
     )
     Config = SpeedupConfig
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"hidden": (32, 32), "steps": 40, "eval_every": 20, "lr_grid": (0.03, 0.1),
                  "deep_hidden": (16,) * 6},
         "full": {"steps": 20000, "eval_every": 250},
@@ -160,8 +160,7 @@ class Speedup(Experiment):
         measures: dict[str, Any] = {
             "tuned baseline learning rate": f"{best_lr:g}",
             "sweep (lr: mean peak test accuracy %)": ", ".join(
-                f"{lr:g}: {100 * stats.mean([stats.best_accuracy(r) if not stats.diverged(r) else chance for r in g]):.1f}"
-                for lr, g in _by_lr(sweep).items()),
+                f"{lr:g}: {100 * score:.1f}" for lr, score in _sweep_scores(sweep, chance).items()),
             "target = tuned baseline's best test accuracy (%)": stats.fmt_range(
                 list(targets.values()), 2, 100),
             "tuned baseline steps to target": stats.fmt_range(base_steps, 0),
@@ -185,16 +184,18 @@ class Speedup(Experiment):
             ratios_by[label], steps_by[label], well_by[label] = ratios, steps, well
             n_div = sum(stats.diverged(r) for r in group)
             reached = [s for s in steps if s != float("inf")]
+            never = len(steps) - len(reached)
             measures[f"{label}: steps to target"] = (
                 stats.fmt_range(reached, 0) if reached else "never"
-            ) + (f", {len(steps) - len(reached)} seed(s) never" if 0 < len(reached) < len(steps) else "")
+            ) + (f", {never} seed(s) never" if reached and never else "")
             measures[f"{label}: speed-up"] = stats.fmt_range(ratios, 2)
             measures[f"{label}: final test accuracy (%)"] = stats.fmt_range(
                 [stats.final_accuracy(r, chance) for r in group], 2, 100) + (
                 f", {n_div} diverged" if n_div else "")
 
         verdicts = []
-        bn_labels = [_label("batch", m) for m in cfg["bn_multipliers"] if _label("batch", m) in ratios_by]
+        bn_labels = [_label("batch", m) for m in cfg["bn_multipliers"]]
+        bn_labels = [k for k in bn_labels if k in ratios_by]
         if bn_labels:
             fastest = max(bn_labels, key=lambda k: stats.mean(ratios_by[k]))
             r = stats.mean(ratios_by[fastest])
@@ -277,13 +278,15 @@ class Speedup(Experiment):
         for lr, p in zip(lrs, peak):
             ax.plot([lr] * len(p), [100 * v for v in p], ".", color=plots.BASELINE_COLOR, alpha=0.5)
         ax.axvline(best_lr, color=plots.BN_COLOR, linestyle=":", label=f"chosen {best_lr:g}")
+        if len(lrs) == 1:  # a one-point sweep has no extent of its own
+            ax.set_xlim(lrs[0] / 3, lrs[0] * 3)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("peak test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-        out.append(("The baseline's learning-rate sweep: peak test accuracy per seed (dots) "
-                    "and mean (line).", fig))
+        caption = "The baseline's learning-rate sweep: peak test accuracy, seeds (dots) and mean."
+        out.append((caption, fig))
 
         fig, (ax,) = plots.figure(width=6.5, height=4.0)
         base = [r for r in runs if r["params"]["part"] == "sweep" and r["params"]["lr"] == best_lr]
@@ -300,8 +303,8 @@ class Speedup(Experiment):
         plots.percent_axis(ax)
         ax.set_ylim(max(0.0, 100 * chance - 5), 100)
         ax.legend(fontsize=8)
-        out.append(("Test accuracy at multiples of the tuned rate (x: diverged). Band: min..max "
-                    "over seeds.", fig))
+        caption = "Test accuracy at multiples of the tuned rate; band: min..max; x: diverged."
+        out.append((caption, fig))
 
         deep = stats.by_label(r for r in runs if r["params"]["part"] == "deep")
         if deep:
@@ -312,9 +315,10 @@ class Speedup(Experiment):
             ax.set_xlabel("training step")
             plots.percent_axis(ax)
             ax.legend()
-            out.append((f"Deep {record['config']['deep_activation']} MLP "
-                        f"({len(record['config']['deep_hidden'])} hidden layers), "
-                        f"lr {record['notes']['deep_lr']:g}.", fig))
+            caption = (f"Deep {record['config']['deep_activation']} MLP "
+                       f"({len(record['config']['deep_hidden'])} hidden layers), "
+                       f"lr {record['notes']['deep_lr']:g}.")
+            out.append((caption, fig))
         return out
 
 
@@ -325,10 +329,15 @@ def _by_lr(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
     return dict(sorted(groups.items()))
 
 
-def _best_lr(sweep: list[dict[str, Any]], chance: float) -> float:
-    """The rate with the highest mean (over seeds) peak test accuracy; ties: the smaller."""
-    scores = {
+def _sweep_scores(sweep: list[dict[str, Any]], chance: float) -> dict[float, float]:
+    """Each rate's mean (over seeds) peak test accuracy; a diverged run scores chance."""
+    return {
         lr: stats.mean([chance if stats.diverged(r) else stats.best_accuracy(r) for r in group])
         for lr, group in _by_lr(sweep).items()
     }
+
+
+def _best_lr(sweep: list[dict[str, Any]], chance: float) -> float:
+    """The rate with the best sweep score; ties go to the smaller rate."""
+    scores = _sweep_scores(sweep, chance)
     return max(scores, key=lambda lr: (scores[lr], -lr))

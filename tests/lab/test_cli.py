@@ -1,0 +1,83 @@
+"""The command line, through subprocesses as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from batchnorm.lab.cli import main
+from batchnorm.lab.experiments import REGISTRY
+
+
+def lab(python: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([python, "-m", "batchnorm.lab", *args], capture_output=True, text=True,
+                          check=False, env=env, timeout=300)
+
+
+def test_list(python: str, lab_env: dict[str, str]) -> None:
+    out = lab(python, lab_env, "list")
+    assert out.returncode == 0, out.stderr
+    for name in REGISTRY:
+        assert f"\n{name}\n" in "\n" + out.stdout
+
+
+def test_tiny_run_then_report(
+    python: str, lab_env: dict[str, str], tmp_path: Path, tiny_results: Path
+) -> None:
+    results = tmp_path / "res"
+    # Overrides equal to the tiny preset's values, so the numbers must match the
+    # in-process run of the session fixture: same config and seed, same numbers,
+    # whether runs go to 2 worker processes or not.
+    out = lab(python, lab_env, "run", "distributions", "--preset", "tiny", "--out", str(results),
+              "--jobs", "2", "--seeds", "2", "--eval_every=20")
+    assert out.returncode == 0, out.stderr
+    assert f"report: {(results / 'report.html').resolve()}" in out.stdout
+    assert "claim 2:" in out.stdout
+    record = json.loads((results / "distributions" / "result.json").read_text())
+    assert record["overrides"]["eval_every"] == "20" and record["environment"]["jobs"] == 2
+    here = json.loads((tiny_results / "distributions" / "result.json").read_text())
+    assert [r["rows"] for r in record["runs"]] == [r["rows"] for r in here["runs"]]
+    report = lab(python, lab_env, "report", str(results), "-o", str(tmp_path / "r.html"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "fig1", "--lr=fast"], "--lr: expected float, got 'fast'"),
+        (["run", "fig1", "--learning_rate=1"], "unknown config key 'learning_rate'"),
+        (["run", "fig1", "--steps", "5"], "expected an override of the form --key=value"),
+        (["run", "nope"], "unknown experiment 'nope'"),
+        (["run", "fig1", "--data", "imagenet"], "unknown data set 'imagenet'"),
+        (["run", "fig1", "--data", "mnist:/does/not/exist"], "directory not found"),
+        (["report", "/does/not/exist"], "results directory not found"),
+    ],
+)
+def test_errors_exit_2_with_a_message(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process: the same main() the console script calls, without a subprocess each.
+    code = main(["lab", *args, "--out", str(tmp_path)] if args[0] == "run" else ["lab", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("batchnorm ")
+
+
+def test_heavy_dependencies_are_lazy(python: str, lab_env: dict[str, str]) -> None:
+    code = ("import sys, batchnorm, batchnorm.lab.cli, batchnorm.lab.experiments; "
+            "heavy = [m for m in ('matplotlib', 'mlxtend', 'mnist1d', 'sklearn') "
+            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False,
+                         env=lab_env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,109 @@
+"""Config overrides: typed conversion, unknown keys, bad values, presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from batchnorm.lab.config import (
+    ConfigError,
+    LabConfig,
+    apply_overrides,
+    parse_override_args,
+)
+from batchnorm.lab.experiments import REGISTRY, get
+from batchnorm.lab.suite import configure, resolve
+
+
+@dataclass(frozen=True)
+class Example(LabConfig):
+    lr: float = 0.1
+    steps: int = 100
+    hidden: tuple[int, ...] = (10, 10)
+    scales: tuple[float, ...] = (1.0,)
+    init_std: float | None = None
+    activation: Literal["sigmoid", "relu"] = "sigmoid"
+    flag: bool = False
+    name: str = "x"
+
+
+def test_converts_every_field_type() -> None:
+    cfg = apply_overrides(Example(), {
+        "lr": "0.5", "steps": "7", "hidden": "3,4,5", "scales": "1e-3, 2",
+        "init_std": "0.01", "activation": "relu", "flag": "true", "name": "y", "seeds": "3",
+    })
+    assert cfg == Example(lr=0.5, steps=7, hidden=(3, 4, 5), scales=(1e-3, 2.0), init_std=0.01,
+                          activation="relu", flag=True, name="y", seeds=3)
+    assert apply_overrides(cfg, {"init_std": "none"}).init_std is None
+
+
+def test_typed_values_follow_the_same_path() -> None:
+    assert apply_overrides(Example(), {"hidden": (8, 8), "lr": 1}).hidden == (8, 8)
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Example(), {"learning_rate": "0.1"})
+    msg = str(err.value)
+    assert "'learning_rate'" in msg
+    for key in ("lr", "steps", "hidden", "seeds", "data"):
+        assert key in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("lr", "fast", "float"),
+        ("steps", "1.5", "int"),
+        ("hidden", "a,b", "comma-separated list of int"),
+        ("activation", "gelu", "'sigmoid', 'relu'"),
+        ("flag", "maybe", "bool"),
+        ("init_std", "small", "float or None"),
+    ],
+)
+def test_bad_value_names_key_type_and_value(key: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Example(), {key: value})
+    msg = str(err.value)
+    assert f"--{key}" in msg and expected in msg and repr(value) in msg
+
+
+def test_check_rejects_nonsense() -> None:
+    with pytest.raises(ConfigError, match="seeds"):
+        apply_overrides(Example(), {"seeds": "0"})
+    with pytest.raises(ConfigError, match=">= 6 layers"):
+        get("init").make_config("quick", {"hidden": "10,10"})
+
+
+def test_parse_override_args() -> None:
+    assert parse_override_args(["--lr=0.1", "--batch-size=32", "--data=x:/a=b"]) == {
+        "lr": "0.1", "batch_size": "32", "data": "x:/a=b"}
+    with pytest.raises(ConfigError, match="--key=value"):
+        parse_override_args(["--lr", "0.1"])
+
+
+def test_presets_order_and_paper_requirements() -> None:
+    for exp in REGISTRY.values():
+        quick, full, tiny = (exp.make_config(p) for p in ("quick", "full", "tiny"))
+        assert quick.seeds >= 2 and full.seeds >= 3 and tiny.seeds >= 2
+        assert quick.data == "mnist" and tiny.data == "digits"
+        # overrides beat the preset
+        assert exp.make_config("tiny", {"seeds": "1"}).seeds == 1
+    assert get("fig1").make_config("full").steps == 50000
+    init = get("init").make_config("quick")
+    assert init.num_scales >= 12 and init.scale_min == 1e-4 and init.scale_max == 1.0
+    assert len(init.hidden) >= 6
+    assert len(get("speedup").make_config("quick").deep_hidden) >= 6
+
+
+def test_suite_configure_applies_keys_where_they_exist() -> None:
+    exps = resolve(["fig1", "init"])
+    fig1, init = configure(exps, "quick", {"unit": "3", "num_scales": "13", "seeds": "2"})
+    assert fig1.unit == 3 and init.num_scales == 13
+    with pytest.raises(ConfigError, match="valid keys"):
+        configure(exps, "quick", {"nope": "1"})
+    with pytest.raises(KeyError, match="known"):
+        resolve(["nope"])
+    assert [e.name for e in resolve(["all", "fig1"])] == list(REGISTRY)

@@ -1,0 +1,97 @@
+"""The report: valid HTML, images embedded, a verdict for every claim, built from the
+results directory alone."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from batchnorm.lab import report
+from batchnorm.lab.experiments import REGISTRY
+from batchnorm.lab.experiments.base import VERDICTS
+
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+class Page(HTMLParser):
+    """Collects images, scorecard rows and checks that tags nest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.images: list[str] = []
+        self.verdict_cells: list[str] = []
+        self.ids: list[str] = []
+        self.links: list[str] = []
+        self._in_verdict = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src") or "")
+        if tag == "a" and a.get("href", "").startswith("#"):
+            self.links.append(a["href"][1:])
+        if a.get("id"):
+            self.ids.append(a["id"])
+        if tag == "td" and "verdict" in (a.get("class") or ""):
+            self._in_verdict = True
+            self.verdict_cells.append("")
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1:]}>"
+        self.stack.pop()
+        if tag == "td":
+            self._in_verdict = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_verdict:
+            self.verdict_cells[-1] += data
+
+
+def parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    assert page.stack == [], f"unclosed tags: {page.stack}"
+    return page
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tiny_results: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The results copied elsewhere (nothing but the saved files) and the report rebuilt."""
+    copy = tmp_path_factory.mktemp("copy") / "results"
+    shutil.copytree(tiny_results, copy)
+    (copy / report.REPORT_FILE).unlink(missing_ok=True)
+    return report.build(copy)
+
+
+def test_report_is_valid_html_with_embedded_pngs(rebuilt: Path) -> None:
+    page = parse(rebuilt)
+    assert page.images, "no images"
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert set(page.links) <= set(page.ids)
+
+
+def test_every_claim_has_a_verdict(rebuilt: Path) -> None:
+    page = parse(rebuilt)
+    assert page.verdict_cells and all(v.strip() in VERDICTS for v in page.verdict_cells)
+    text = rebuilt.read_text()
+    assert "Scorecard" in text and "The verdict rule" in text
+    for exp in REGISTRY.values():
+        assert f'id="exp-{exp.name}"' in text
+        assert "Criterion." in text
+
+
+def test_report_output_option_and_missing_dir(tiny_results: Path, tmp_path: Path) -> None:
+    out = report.build(tiny_results, tmp_path / "r.html")
+    assert out == tmp_path / "r.html" and out.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError):
+        report.build(tmp_path / "empty")
