@@ -10,13 +10,20 @@
 Timings alternate call by call in one process (see _harness.py). Prints a table and
 writes JSON/CSV (default: benchmarks/results/family.*).
 
-    python benchmarks/bench_family.py [--repeats 30] [--quick] [--out DIR]
+Large shapes swing between runs with glibc's allocator: a freed block of tens of MB
+may go back to the OS, and the next call page-faults it in again (up to ~2x on one
+layer). ``--pin-allocator`` keeps freed memory in the process (mallopt: no mmap'ed
+blocks, no trimming), which makes the ratios reproducible; it is recorded in the rows.
+
+    python benchmarks/bench_family.py [--repeats 30] [--quick] [--pin-allocator] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +147,31 @@ def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[di
     }]
 
 
+def pin_allocator() -> bool:
+    """Ask glibc to keep freed memory in the process: no mmap'ed blocks (M_MMAP_MAX = 0)
+    and no trimming of the heap (M_TRIM_THRESHOLD = 2 GiB). False where mallopt is
+    unavailable or refuses."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="two shapes, 5 repeats")
+    parser.add_argument("--pin-allocator", action="store_true",
+                        help="keep freed memory in the process (see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    pinned = args.pin_allocator and pin_allocator()
     torch.manual_seed(0)
     shapes = [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick else [*RESNET_SHAPES, FIG1_SHAPE]
     repeats = 5 if args.quick else args.repeats
@@ -154,6 +180,8 @@ def main() -> None:
         layouts = ["NCHW", "channels_last"] if len(shape) == 4 else ["NC"]
         for layout in layouts:
             new = bench_shape(shape, layout, repeats)
+            for row in new:
+                row["allocator_pinned"] = pinned
             rows += new
             print_table(new, COLUMNS)
     for name, model in (("resnet", small_resnet()), ("mobilenet", small_mobilenet())):

@@ -4,7 +4,8 @@ Forward and backward run the backend's kernels; the saved state is ``x``, ``weig
 and the float32 (float64 for float64 input) ``mean`` and ``invstd``. When autograd
 records the backward itself (``create_graph=True``, for double backward), the backward
 switches to :func:`batchnorm._reference.differentiable_backward`, which recomputes the
-statistics from ``x`` with differentiable ops.
+statistics from ``x`` with differentiable ops. :class:`BatchNormActTrain` does the same
+for the fused ``act(BN(x) + residual)`` of any backend that has act kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import _reference
-from batchnorm._backends import Backend
+from batchnorm._backends import ActKernels, Backend
 
 
 class TrainSpec(NamedTuple):
@@ -94,9 +95,9 @@ class ActSpec(NamedTuple):
     """The non-differentiated arguments of the fused ``act(BN(x) + residual)``."""
 
     train: TrainSpec
+    kernels: ActKernels
     activation: str
     negative_slope: float
-    has_residual: bool
 
 
 def _act_backward_reads_output(activation: str, negative_slope: float) -> bool:
@@ -105,10 +106,13 @@ def _act_backward_reads_output(activation: str, negative_slope: float) -> bool:
 
 
 class BatchNormActTrain(torch.autograd.Function):
-    """``out = act(BN(x) + residual)`` through the Triton fused kernels (training).
+    """``out = act(BN(x) + residual)`` through a backend's fused kernels (training).
 
-    Saves ``out`` instead of a mask for relu/leaky ReLU; silu rebuilds its input from
-    ``x``, the statistics, ``bias`` and ``residual``. First derivatives only.
+    Saves ``out`` instead of a mask for relu/leaky ReLU; silu (and a negative slope)
+    rebuilds its input from ``x``, the statistics, ``bias`` and ``residual``. The
+    residual's gradient is computed only when autograd asks for it. Under
+    ``create_graph`` the backward is made of differentiable ops instead
+    (:func:`_act_differentiable_backward`), so double backward works.
     """
 
     @staticmethod
@@ -120,10 +124,8 @@ class BatchNormActTrain(torch.autograd.Function):
         residual: Tensor | None,
         spec: ActSpec,
     ) -> Tensor:
-        from batchnorm.kernels import triton_host
-
         t = spec.train
-        out, mean, invstd = triton_host.act_forward_train(
+        out, mean, invstd = spec.kernels.act_forward_train(
             x, weight, bias, t.eps, t.running_mean, t.running_var, t.momentum,
             t.num_batches_tracked, t.num_batches_skipped, residual=residual,
             activation=spec.activation, negative_slope=spec.negative_slope,
@@ -144,18 +146,21 @@ class BatchNormActTrain(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        from batchnorm.kernels import triton_host
-
         x, weight, bias, residual, mean, invstd, out = ctx.saved_tensors
         spec: ActSpec = ctx.spec
-        dx, dweight, dbias, dresidual = triton_host.act_backward_train(
-            dout.contiguous(memory_format=_memory_format(x)), out, x, weight, bias, mean,
-            invstd, residual=residual, activation=spec.activation,
-            negative_slope=spec.negative_slope, has_residual=spec.has_residual,
-        )
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            # create_graph=True: build the backward from differentiable ops.
+            dx, dweight, dbias, dresidual = _act_differentiable_backward(
+                dout, x, weight, bias, residual, out, spec
+            )
+        else:
+            dx, dweight, dbias, dresidual = spec.kernels.act_backward_train(
+                dout.contiguous(memory_format=_memory_format(x)), out, x, weight, bias, mean,
+                invstd, residual=residual, activation=spec.activation,
+                negative_slope=spec.negative_slope, has_residual=need_r,
+            )
         w_dtype, b_dtype = ctx.param_dtypes
         return (
             dx if need_x else None,
@@ -164,3 +169,42 @@ class BatchNormActTrain(torch.autograd.Function):
             dresidual if need_r else None,
             None,
         )
+
+
+def _act_differentiable_backward(
+    dout: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    out: Tensor | None,
+    spec: ActSpec,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchNormActTrain's backward in differentiable ops: ``dz = dout·act'(z)``, then
+    :func:`batchnorm._reference.differentiable_backward` of dz; ``dresidual = dz``.
+
+    relu and leaky ReLU (slope >= 0) take the mask from ``out``: its derivative is zero
+    almost everywhere. silu and a negative slope rebuild z = BN(x) + residual from
+    differentiable ops, so the second derivatives through act' are exact.
+    """
+    activation = spec.activation
+    slope = 0.0 if activation == "relu" else spec.negative_slope
+    if activation == "identity":
+        dz = dout
+    elif out is not None:  # relu, leaky ReLU with slope >= 0
+        dz = torch.where(out > 0, dout, dout * slope)
+    else:
+        mean, var = _reference.batch_stats(x)
+        scale, shift = _reference.affine_coefficients(
+            weight, bias, mean, torch.rsqrt(var + spec.train.eps)
+        )
+        z = _reference.apply_affine(x, scale, shift)
+        if residual is not None:
+            z = z + residual
+        if activation == "silu":
+            s = torch.sigmoid(z)
+            dz = dout * (s * (1 + z * (1 - s)))
+        else:
+            dz = torch.where(z > 0, dout, dout * slope)
+    dx, dweight, dbias = _reference.differentiable_backward(dz, x, weight, spec.train.eps)
+    return dx, dweight, dbias, dz

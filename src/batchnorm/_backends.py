@@ -34,6 +34,51 @@ num_batches_tracked, num_batches_skipped) -> (y, mean, invstd)``
     differentiable torch ops instead.
 
 ``weight`` and ``bias`` may be ``None`` (meaning 1 and 0).
+
+Optional fused kernels
+----------------------
+A backend may also provide fused versions of the family's layers; callers look them up
+(:func:`act_kernels`, ``getattr``) and compose the plain methods above otherwise.
+
+**act** (:class:`ActKernels`; BatchNormAct), with ``act`` one of ``"identity"``,
+``"relu"``, ``"leaky_relu"`` (``negative_slope``) and ``"silu"``:
+
+``act_forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
+num_batches_tracked, num_batches_skipped, residual, activation, negative_slope)
+-> (out, mean, invstd)``
+    ``out = act(y + residual)`` with ``y`` and everything else as ``forward_train``
+    (``residual``: x's shape, or None).
+
+``act_backward_train(dout, out, x, weight, bias, mean, invstd, residual, activation,
+negative_slope, has_residual) -> (dx, dweight, dbias, dresidual)``
+    With ``dz = dout * act'(z)``, z = y + residual, the batch-norm backward of dz, and
+    ``dresidual = dz`` when ``has_residual`` (else None). relu and leaky ReLU with a
+    slope >= 0 read the mask off the saved ``out`` (``out > 0``); silu and a negative
+    slope rebuild z from ``x``, the statistics, ``weight``, ``bias`` and ``residual``.
+
+``act_forward_eval(x, weight, bias, running_mean, running_var, eps, residual,
+activation, negative_slope) -> out``
+    ``act(forward_eval(...) + residual)`` in one pass.
+
+**ghost** (GhostBatchNorm), ``sizes`` being the chunks' sizes along N (sum N):
+
+``ghost_forward_train(x, weight, bias, eps, sizes, running_mean, running_var,
+momentum, num_batches_tracked, num_batches_skipped) -> (y, mean, invstd)``
+    Each chunk normalized with its own statistics; ``mean``/``invstd`` of shape
+    (K·C,), chunk j's channel c at ``j*C + c``. The running statistics get one guarded
+    update with the *whole* batch's mean and variance (merged exactly from the chunks).
+
+``ghost_backward_train(dy, x, weight, mean, invstd, sizes) -> (dx, dweight, dbias)``
+    The batch-norm backward per chunk; dweight and dbias summed over the chunks.
+
+**renorm** (BatchRenorm):
+
+``renorm_forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
+num_batches_tracked, num_batches_skipped, r_max, d_max) -> (y, mean, invstd, r, d)``
+    ``y = x_hat * (weight * r) + (weight * d + bias)`` with r, d (C,) computed from the
+    batch statistics and the running statistics *before* this step's update (see
+    :mod:`batchnorm.nn.renorm`); then the update as ``forward_train``. The backward
+    is ``backward_train`` with weight ``weight * r``.
 """
 
 from __future__ import annotations
@@ -78,6 +123,69 @@ class Backend(Protocol):
         running_var: Tensor,
         eps: float,
     ) -> Tensor: ...
+
+
+class ActKernels(Protocol):
+    """The fused ``act(BN(x) + residual)`` kernels; see the module docstring."""
+
+    def act_forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None = None,
+        num_batches_skipped: Tensor | None = None,
+        residual: Tensor | None = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def act_backward_train(
+        self,
+        dout: Tensor,
+        out: Tensor | None,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        has_residual: bool | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
+
+    def act_forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+        residual: Tensor | None = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> Tensor: ...
+
+
+def act_kernels(backend: Backend) -> ActKernels | None:
+    """The fused act kernels of ``backend``, or None when it has none (the reference).
+
+    The numba backend carries them as methods; the Triton ones are functions of the
+    module :mod:`batchnorm.kernels.triton_host`, which fulfils the protocol as is.
+    """
+    if backend.name == "triton":
+        from batchnorm.kernels import triton_host
+
+        return triton_host  # type: ignore[return-value]
+    if hasattr(backend, "act_forward_train"):
+        return backend  # type: ignore[return-value]
+    return None
 
 
 def _numba_supports(x: Tensor) -> bool:

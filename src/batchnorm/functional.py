@@ -21,7 +21,13 @@ from batchnorm._autograd import (
     _memory_format,
     forward_train,
 )
-from batchnorm._backends import BACKEND_NAMES, Backend, select_backend
+from batchnorm._backends import (
+    BACKEND_NAMES,
+    ActKernels,
+    Backend,
+    act_kernels,
+    select_backend,
+)
 
 __all__ = ["ACTIVATIONS", "batch_norm", "batch_norm_act", "batch_stats"]
 
@@ -206,10 +212,12 @@ def batch_norm_act(
 
     The batch-norm arguments are :func:`batch_norm`'s. ``residual`` (input's shape,
     dtype and device) is added before ``activation`` (one of :data:`ACTIVATIONS`;
-    ``negative_slope`` for leaky ReLU). On the Triton backend the three run as one
-    fused kernel in each direction, and ReLU's backward reads its mask off the saved
-    output; elsewhere they are composed, with the add and the activation in place on
-    the fresh batch-norm output.
+    ``negative_slope`` for leaky ReLU). On a backend with act kernels (numba on the
+    CPU, Triton on CUDA; see :func:`batchnorm._backends.act_kernels`) the three run as
+    one fused pass structure in each direction: no intermediate tensor, ReLU's backward
+    reads its mask off the saved output, and the residual's gradient is written only
+    when it is needed. Elsewhere (the reference backend) they are composed, with the
+    add and the activation in place on the fresh batch-norm output.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"batch_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -233,10 +241,11 @@ def batch_norm_act(
     batch_stats_used = training or running_mean is None
     m = input.numel() // input.shape[1]
     chosen = select_backend(backend, input)
-    if chosen.name == "triton" and (m > 1 or not batch_stats_used):
+    kernels = act_kernels(chosen)
+    if kernels is not None and (m > 1 or not batch_stats_used):
         return _fused_act(
             input, running_mean, running_var, weight, bias, batch_stats_used, momentum, eps,
-            residual, activation, negative_slope, chosen, num_batches_tracked,
+            residual, activation, negative_slope, chosen, kernels, num_batches_tracked,
             num_batches_skipped, check_finite,
         )
     y = batch_norm(
@@ -270,13 +279,12 @@ def _fused_act(
     activation: str,
     negative_slope: float,
     chosen: Backend,
+    kernels: ActKernels,
     num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
     check_finite: bool,
 ) -> Tensor:
-    """The Triton path of :func:`batch_norm_act`."""
-    from batchnorm.kernels import triton_host
-
+    """The fused path of :func:`batch_norm_act`, on ``chosen``'s act ``kernels``."""
     x = _dense(input)
     res = None if residual is None else residual.contiguous(memory_format=_memory_format(x))
     needs_grad = torch.is_grad_enabled() and any(
@@ -290,7 +298,7 @@ def _fused_act(
                 residual=residual, activation=activation, negative_slope=negative_slope,
                 backend="reference",
             )
-        return triton_host.act_forward_eval(
+        return kernels.act_forward_eval(
             x, weight, bias, running_mean, running_var, eps, residual=res,
             activation=activation, negative_slope=negative_slope,
         )
@@ -298,20 +306,22 @@ def _fused_act(
         raise ValueError("batch_norm_act: momentum=None (cumulative average) needs num_batches_tracked")
     train = TrainSpec(
         running_mean, running_var, momentum, eps, num_batches_tracked, num_batches_skipped,
-        chosen, [],
+        chosen, [] if check_finite else None,
     )
-    spec = ActSpec(train, activation, negative_slope, res is not None)
     if needs_grad:
-        out = BatchNormActTrain.apply(x, weight, bias, res, spec)
+        out = BatchNormActTrain.apply(
+            x, weight, bias, res, ActSpec(train, kernels, activation, negative_slope)
+        )
+        if check_finite:
+            _raise_if_not_finite(input, *train.stats_out)  # type: ignore[misc]
     else:
-        out, mean, invstd = triton_host.act_forward_train(
+        out, mean, invstd = kernels.act_forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, residual=res, activation=activation,
             negative_slope=negative_slope,
         )
-        train.stats_out.extend((mean, invstd))  # type: ignore[union-attr]
-    if check_finite:
-        _raise_if_not_finite(input, *train.stats_out)  # type: ignore[misc]
+        if check_finite:
+            _raise_if_not_finite(input, mean, invstd)
     return out
 
 

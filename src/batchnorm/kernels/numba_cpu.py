@@ -4,10 +4,11 @@ Two memory layouts cover every input the functional passes here:
 
 * **channel-major** ``(A, C, L)``, contiguous: NCHW, (N, C, L), NCDHW with L > 1.
   One channel's values are A runs of L contiguous elements, so the work is split by
-  channel across threads and each channel is processed start to finish by one thread
-  while its data is still in cache: the statistics pass, the centred second pass and
-  the output pass read the same few hundred kilobytes, which is why this beats three
-  separate whole-tensor passes.
+  channel across threads and each block of channels is processed start to finish by
+  one thread while its data is still in cache: the statistics pass, the centred second
+  pass and the output pass read the same few hundred kilobytes, which is why this
+  beats three separate whole-tensor passes. (A block is one channel for large maps and
+  more for small ones, so that each pass streams long stretches of memory.)
 * **channel-minor** ``(M, C)``, contiguous: (N, C) inputs and channels_last tensors
   viewed as (N·H·W, C). Rows are split across threads; each thread keeps per-channel
   partial statistics for its rows (vectorized along C) and the partials are merged
@@ -19,6 +20,22 @@ c (the first-pass mean rounded to the data dtype), q = Σ(x−c)², s = Σ(x−c
 float64; only short inner runs accumulate in the data dtype, which lets LLVM vectorize.
 fastmath allows reassociation and contraction but not "no NaN/Inf", so a non-finite
 input propagates and the finite check on the statistics stays meaningful.
+
+One forward-train kernel per layout serves the whole family, with switches rather
+than separate copies of the passes:
+
+* **chunks** (ghost batch norm): x is split along N into K chunks, each normalized
+  with its own statistics in the same per-channel (or per-row-part) passes; the
+  whole batch's mean and variance, merged exactly from the chunks, update the running
+  statistics. Batch norm is K = 1.
+* **epilogue** (BatchNormAct): ``out = act(x·k + sh + residual)`` in the output pass,
+  for the identity, relu, leaky ReLU and silu. Plain batch norm passes no epilogue
+  array (None), and numba compiles that case apart, without the epilogue's code.
+* **renorm** (batch renorm): r and d are folded into the affine coefficients.
+
+The backward kernels mirror them: dz = dout·act'(z) on the fly (relu and leaky ReLU
+read the saved output's sign; silu rebuilds z), per-chunk Σdz and Σdz·(x − μ), then
+dx (and the residual's gradient dz when it is needed) in the second pass.
 """
 
 from __future__ import annotations
@@ -33,6 +50,8 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from numba.core import types as nbtypes
+from numba.extending import overload
 from torch import Tensor
 
 # Reassociate sums (vectorization) and fuse multiply-adds, but keep NaN/Inf semantics.
@@ -68,6 +87,10 @@ def usable() -> bool:
 
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
+# Helpers called from the kernels' loops are inlined into them by numba (not only by
+# LLVM): constant arguments (from_out=True) then specialize the inlined copy, and the
+# views they take stay local to the kernel, their reference counts pruned away.
+_inline = numba.njit(fastmath=_FASTMATH, nogil=True, inline="always")
 
 
 class _Kernel:
@@ -93,12 +116,69 @@ class _Kernel:
 
 
 # ----------------------------------------------------------------------------------------
-# running statistics
+# shared pieces: statistics merges, coefficients, running statistics, epilogues
 # ----------------------------------------------------------------------------------------
+# Activation codes: runtime arguments, so one compilation serves every activation. The
+# identity, relu and leaky ReLU are one code, ``z if z > 0 else z * slope``, with the
+# slope the host passes: 1 for the identity, 0 for relu.
+_IDENTITY = 0
+_LEAKY_RELU = 1
+_SILU = 2
+
+
+def _at(k, i):  # pragma: no cover
+    """``k[i]`` for a per-element vector of coefficients, ``k`` itself for a scalar:
+    lets one helper serve channel-major runs (one channel, scalar coefficients) and
+    channel-minor rows (one coefficient per channel). Compiled code only."""
+    raise NotImplementedError("_at is only called from numba-compiled code")
+
+
+@overload(_at, inline="always")
+def _at_overload(k, i):  # pragma: no cover
+    if isinstance(k, nbtypes.Array):
+        return lambda k, i: k[i]
+    return lambda k, i: k
+
+
+@_inline
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # pragma: no cover
+    """Chan et al.: (mean, M2) of the union of two groups of n_a and n_b values, where
+    M2 = Σ(x − mean)². Exact for n_a = 0 (returns group b unchanged)."""
+    if n_a == 0:
+        return mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+
+
+@_inline
+def _coefficients(w, b, mu, var, eps, r_max, d_max, rm, rv):  # pragma: no cover
+    """One channel's ``invstd = 1/sqrt(var + eps)`` and the affine map ``y = x·k + sh``.
+
+    Batch norm: ``k = w·invstd``, ``sh = b − mu·k``. Batch renorm (``r_max > 0``; batch
+    norm passes 0) folds its constants into the same map, with σ = sqrt(rv + eps) from
+    the running statistics (read before this step's update)::
+
+        r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((mu − rm)/σ, −d_max, d_max)
+        y = w·(x̂·r + d) + b  =  x·(w·r·invstd) + (w·d + b − mu·w·r·invstd)
+
+    Returns (invstd, k, sh, r, d); r = 1 and d = 0 without renorm.
+    """
+    invstd = 1.0 / math.sqrt(var + eps)
+    if r_max > 0:
+        sigma = math.sqrt(rv + eps)
+        r = min(max(1.0 / (invstd * sigma), 1.0 / r_max), r_max)
+        d = min(max((mu - rm) / sigma, -d_max), d_max)
+        k = w * invstd * r
+        return invstd, k, w * d + b - mu * k, r, d
+    k = w * invstd
+    return invstd, k, b - mu * k, 1.0, 0.0
+
+
 @_jit
 def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped):  # pragma: no cover
-    """The guarded EMA / cumulative update; see batchnorm._backends. tracked, skipped:
-    0-dim int64 arrays (the counters)."""
+    """The guarded EMA / cumulative update; see batchnorm._backends. mean, var: (C,)
+    float64 batch statistics (biased var); tracked, skipped: 0-dim int64 counters."""
     C = rm.shape[0]
     for c in range(C):
         if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
@@ -107,265 +187,648 @@ def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped
     f = 1.0 / (tracked[()] + 1.0) if cumulative else momentum
     correction = m / (m - 1.0)
     for c in range(C):
-        rm[c] = (1.0 - f) * float(rm[c]) + f * float(mean[c])
+        rm[c] = (1.0 - f) * float(rm[c]) + f * mean[c]
         rv[c] = (1.0 - f) * float(rv[c]) + f * var[c] * correction
     tracked[()] += 1
+
+
+# How the loops are written, all measured on 2 cores:
+# * Whole 3D arrays and indices, arr[a, c, i], never a view per run: on runs as short
+#   as 49 values (7x7 maps) a view per run costs a visible share. The epilogue helpers
+#   are shared by the layouts: channel-major runs are x[a, c, :] of (A, C, L),
+#   channel-minor rows are x[r, 0, :] of an (M, 1, C) view; a scratch run is s[0, 0, :]
+#   of a (1, 1, n) array.
+# * Branches on the activation, the residual and the source of act' are taken per run,
+#   around specialized loops, and the loops of plain batch norm are separate: a branch
+#   or a "one of two arrays" variable inside a loop keeps LLVM from vectorizing it.
+# * Chunk loops run over views starting at 0 (x[bounds[j]:bounds[j+1]]): an index numba
+#   knows to be non-negative skips the negative-index wraparound.
+@_inline
+def _affine_leaky(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope):  # pragma: no cover
+    """y[ya, yc, :] = leaky(x[xa, xc, :]·k + sh + res[ra, rc, :]) (res only if has_res),
+    leaky(z) = z if z > 0 else z·slope: NaN stays NaN; slope 1 is the identity.
+
+    k, sh: scalars (channel-major) or per-channel vectors (channel-minor), x's dtype.
+    """
+    if has_res:
+        for i in range(y.shape[2]):
+            z = x[xa, xc, i] * _at(k, i) + _at(sh, i) + res[ra, rc, i]
+            y[ya, yc, i] = z if z > 0 else z * slope
+    else:
+        for i in range(y.shape[2]):
+            z = x[xa, xc, i] * _at(k, i) + _at(sh, i)
+            y[ya, yc, i] = z if z > 0 else z * slope
+
+
+@_inline
+def _affine_silu(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res):  # pragma: no cover
+    """As _affine_leaky with silu(z) = z·sigmoid(z) = z / (1 + exp(−z)), exp in x's dtype."""
+    if has_res:
+        for i in range(y.shape[2]):
+            z = x[xa, xc, i] * _at(k, i) + _at(sh, i) + res[ra, rc, i]
+            y[ya, yc, i] = z / (1.0 + math.exp(-z))
+    else:
+        for i in range(y.shape[2]):
+            z = x[xa, xc, i] * _at(k, i) + _at(sh, i)
+            y[ya, yc, i] = z / (1.0 + math.exp(-z))
+
+
+@_inline
+def _affine_act(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope):  # pragma: no cover
+    """y[ya, yc, :] = act(x[xa, xc, :]·k + sh + res[ra, rc, :]): the forward epilogue.
+    (Two helpers, not one: dead silu code in a loop body, even behind a constant
+    branch, kept the backward's rebuild of z from vectorizing.)"""
+    if act == _SILU:
+        _affine_silu(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res)
+    else:
+        _affine_leaky(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope)
+
+
+@_inline
+def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
+    """g[0, 0, :] = dout[a, c, :]·act'(z) (act != identity).
+
+    leaky ReLU / relu read the sign of src[sa, sc, :], which is either the saved output
+    (same sign as z for a slope >= 0) or z; silu needs z itself:
+    silu'(z) = s·(1 + z·(1 − s)) with s = sigmoid(z).
+    """
+    n = g.shape[2]
+    if act == _SILU:
+        for i in range(n):
+            z = src[sa, sc, i]
+            s = 1.0 / (1.0 + math.exp(-z))
+            g[0, 0, i] = dout[a, c, i] * (s * (1.0 + z * (1.0 - s)))
+    else:
+        for i in range(n):
+            g[0, 0, i] = dout[a, c, i] if src[sa, sc, i] > 0 else dout[a, c, i] * slope
+
+
+@_inline
+def _dz(dy, x, a, c, k, sh, res, has_res, act, slope, from_out, src, g, v):  # pragma: no cover
+    """g[0, 0, :] = dz = dy·act'(z) for the run (row) at [a, c] (act != identity).
+
+    ``src`` is the saved output when ``from_out`` (its sign is z's), else the scratch v,
+    into which z = x·k + sh (+ res) is rebuilt here, as the forward computed it. The
+    callers pick ``src`` once, outside their loops, and pass ``from_out`` as a constant
+    (one call site each way): a run-time test here kept their loops from vectorizing.
+    """
+    sa = a
+    sc = c
+    if not from_out:
+        one = x.dtype.type(1)  # leaky ReLU with slope 1: the identity, in x's dtype
+        _affine_leaky(x, a, c, k, sh, res, a, c, v, 0, 0, has_res, one)  # z
+        sa = 0
+        sc = 0
+    _grad(dy, a, c, src, sa, sc, act, slope, g)
+
+
+@_inline
+def _store(dst, a, c, src):  # pragma: no cover
+    """dst[a, c, :] = src[0, 0, :] (the residual's gradient, from the scratch run)."""
+    for i in range(dst.shape[2]):
+        dst[a, c, i] = src[0, 0, i]
 
 
 # ----------------------------------------------------------------------------------------
 # channel-major (A, C, L)
 # ----------------------------------------------------------------------------------------
-@_Kernel
-def _cm_forward_train(
-    x, w, b, eps, y, mean_out, invstd_out, var_out, coef,
-    rm, rv, momentum, cumulative, tracked, skipped, update,
-):  # pragma: no cover
-    """x, y: (A, C, L); w, b: (C,); mean_out, invstd_out: (C,) stats dtype;
-    var_out: (C,) float64 biased variance; coef: (C, 3) scratch of x's dtype.
-    With ``update``, the running statistics rm, rv and the counters follow
-    (see _update_running)."""
-    A, C, L = x.shape
-    m = A * L
-    for c in numba.prange(C):
-        s = 0.0
-        for a in range(A):
-            acc = x[a, c, 0] * 0
+# Every training kernel takes ``bounds``, an int64 (K+1,) array: chunk j is
+# x[bounds[j]:bounds[j+1]] along A (rows along M in the channel-minor kernels), and is
+# normalized with its own statistics (ghost batch norm). Batch norm is K = 1.
+#
+# The channel-major kernels work on blocks of B consecutive channels (B from the host,
+# see _channel_block): every pass walks the block row by row, x[a, c0:c0+B, :], which
+# is one contiguous stretch of memory per row. For small maps (7x7: runs of 49 values)
+# one channel at a time would be A short runs far apart, too short for the hardware
+# prefetcher; a block keeps the streams long while its data stays in cache across the
+# passes.
+@_inline
+def _cm_block_stats(x, c0, nb, centre, sums):  # pragma: no cover
+    """Mean and M2 of channels c0..c0+nb−1 over x[:, c, :], corrected two-pass (see the
+    module docstring): centre[cc] receives the provisional centre in x's dtype,
+    sums[0, cc] the mean and sums[1, cc] the M2 (float64)."""
+    A, _, L = x.shape
+    n = A * L
+    sums[0, :nb] = 0.0
+    for a in range(A):
+        for cc in range(nb):
+            acc = 0.0
             for i in range(L):
-                acc += x[a, c, i]
-            s += acc
-        coef[c, 0] = s / m  # provisional centre, in x's dtype
-        centre = coef[c, 0]
-        s1 = 0.0
-        q = 0.0
-        for a in range(A):
-            acc1 = x[a, c, 0] * 0
-            acc2 = x[a, c, 0] * 0
+                acc += x[a, c0 + cc, i]
+            sums[0, cc] += acc
+    for cc in range(nb):
+        centre[cc] = sums[0, cc] / n
+    sums[0, :nb] = 0.0
+    sums[1, :nb] = 0.0
+    for a in range(A):
+        for cc in range(nb):
+            mid = centre[cc]
+            acc1 = 0.0
+            acc2 = 0.0
             for i in range(L):
-                d = x[a, c, i] - centre
+                d = x[a, c0 + cc, i] - mid
                 acc1 += d
                 acc2 += d * d
-            s1 += acc1
-            q += acc2
-        mu = float(centre) + s1 / m
-        var = max((q - s1 * s1 / m) / m, 0.0)
-        r = 1.0 / math.sqrt(var + eps)
-        mean_out[c] = mu
-        invstd_out[c] = r
-        var_out[c] = var
-        k = float(w[c]) * r
-        coef[c, 1] = k
-        coef[c, 2] = float(b[c]) - mu * k
-        kk = coef[c, 1]
-        sh = coef[c, 2]
-        for a in range(A):
-            for i in range(L):
-                y[a, c, i] = x[a, c, i] * kk + sh
+            sums[0, cc] += acc1
+            sums[1, cc] += acc2
+    for cc in range(nb):
+        s1 = sums[0, cc]
+        sums[0, cc] = float(centre[cc]) + s1 / n
+        sums[1, cc] = max(sums[1, cc] - s1 * s1 / n, 0.0)
+
+
+@_Kernel
+def _cm_forward_train(
+    x, w, b, eps, bounds, T, B, y, mean_out, invstd_out, batch_out,
+    res, has_res, act, slope, r_max, d_max, rd_out,
+    rm, rv, momentum, cumulative, tracked, skipped, update,
+):  # pragma: no cover
+    """y = act(x·k + sh + res) per chunk and channel, with the chunk's statistics.
+
+    x, y, res: (A, C, L); w, b: (C,); bounds: (K+1,) chunk starts along A; the
+    channels are split in T ranges (threads), each walked in blocks of B channels.
+    mean_out, invstd_out: (K·C,), chunk j's channel c at j·C + c, stats dtype;
+    batch_out: (2, C) float64, receives the whole batch's mean and biased variance
+    (chunks merged exactly, Chan et al.). ``res`` None: plain batch norm; else the
+    epilogue of _affine_act with ``has_res``/``act``/``slope`` (res is a same-shaped
+    dummy when has_res is False). ``r_max > 0``: batch renorm's coefficients (see
+    _coefficients), r and d written to rd_out (2·C,). With ``update``, the running
+    statistics rm, rv and the counters follow the whole batch (see _update_running).
+    """
+    A, C, L = x.shape
+    K = bounds.shape[0] - 1
+    for t in numba.prange(T):
+        coef = np.empty((3, B), x.dtype)  # centre, k, sh per channel, in x's dtype
+        sums = np.empty((2, B))
+        for j in range(K):
+            xj = x[bounds[j]:bounds[j + 1]]
+            yj = y[bounds[j]:bounds[j + 1]]
+            n = xj.shape[0] * L
+            c_end = (t + 1) * C // T
+            for c0 in range(t * C // T, c_end, B):
+                nb = min(B, c_end - c0)
+                _cm_block_stats(xj, c0, nb, coef[0], sums)
+                for cc in range(nb):
+                    c = c0 + cc
+                    mu = sums[0, cc]
+                    m2 = sums[1, cc]
+                    invstd, k, sh, r, d = _coefficients(
+                        float(w[c]), float(b[c]), mu, m2 / n, eps, r_max, d_max,
+                        float(rm[c]), float(rv[c]),
+                    )
+                    mean_out[j * C + c] = mu
+                    invstd_out[j * C + c] = invstd
+                    if r_max > 0:
+                        rd_out[c] = r
+                        rd_out[C + c] = d
+                    coef[1, cc] = k
+                    coef[2, cc] = sh
+                    # The whole batch so far: chunks 0..j-1 hold bounds[j]·L values
+                    # (none for j = 0, which the merge returns unchanged).
+                    batch_out[0, c], batch_out[1, c] = _chan_merge(
+                        bounds[j] * L, batch_out[0, c], batch_out[1, c], n, mu, m2
+                    )
+                if res is None:
+                    for a in range(xj.shape[0]):
+                        for cc in range(nb):
+                            c = c0 + cc
+                            kk = coef[1, cc]
+                            sh = coef[2, cc]
+                            for i in range(L):
+                                yj[a, c, i] = xj[a, c, i] * kk + sh
+                else:
+                    rj = res[bounds[j]:bounds[j + 1]]
+                    for a in range(xj.shape[0]):
+                        for cc in range(nb):
+                            c = c0 + cc
+                            _affine_act(
+                                xj, a, c, coef[1, cc], coef[2, cc], rj, a, c, yj, a, c,
+                                has_res, act, slope,
+                            )
+    for c in range(C):
+        batch_out[1, c] /= A * L  # M2 -> biased variance
     if update:
-        _update_running(rm, rv, mean_out, var_out, m, momentum, cumulative, tracked, skipped)
+        _update_running(
+            rm, rv, batch_out[0], batch_out[1], A * L, momentum, cumulative, tracked, skipped
+        )
+
+
+@_inline
+def _cm_sums(dz, za, zc, x, a, c, mu):  # pragma: no cover
+    """(Σdz, Σdz·(x − mu)) along the run x[a, c, :], dz being dz[za, zc, :]."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(x.shape[2]):
+        s1 += dz[za, zc, i]
+        s2 += dz[za, zc, i] * (x[a, c, i] - mu)
+    return s1, s2
+
+
+@_inline
+def _cm_dx(dz, za, zc, x, a, c, mu, k, bx, cx, dx):  # pragma: no cover
+    """dx = k·dz + bx·(x − mu) + cx along the run x[a, c, :], dz being dz[za, zc, :]."""
+    for i in range(x.shape[2]):
+        dx[a, c, i] = dz[za, zc, i] * k + (x[a, c, i] - mu) * bx + cx
 
 
 @_Kernel
-def _cm_backward_train(dy, x, w, mean, invstd, dx, dw, db, coef):  # pragma: no cover
-    """dy, x, dx: (A, C, L); w, mean, invstd: (C,); dw, db: (C,) float64 outputs;
-    coef: (C, 4) scratch of x's dtype."""
-    A, C, L = x.shape
-    m = A * L
-    for c in numba.prange(C):
-        coef[c, 0] = mean[c]
-        mu = coef[c, 0]
-        sdy = 0.0
-        sdyx = 0.0
-        for a in range(A):
-            acc1 = x[a, c, 0] * 0
-            acc2 = x[a, c, 0] * 0
-            for i in range(L):
-                g = dy[a, c, i]
-                acc1 += g
-                acc2 += g * (x[a, c, i] - mu)
-            sdy += acc1
-            sdyx += acc2
-        r = float(invstd[c])
-        db[c] = sdy
-        dw[c] = sdyx * r
-        # dx = k*dy + bx*(x - mu) + cx, from the closed form with x_hat = (x - mu) * r.
-        k = float(w[c]) * r
-        coef[c, 1] = k
-        coef[c, 2] = -k * r * r * sdyx / m
-        coef[c, 3] = -k * sdy / m
-        kk = coef[c, 1]
-        bx = coef[c, 2]
-        cx = coef[c, 3]
-        for a in range(A):
-            for i in range(L):
-                dx[a, c, i] = dy[a, c, i] * kk + (x[a, c, i] - mu) * bx + cx
+def _cm_backward_train(
+    dy, x, w, b, bounds, T, B, mean, invstd, dx, dw, db,
+    out, res, has_res, act, slope, from_out, dres, write_dres,
+):  # pragma: no cover
+    """Backward of _cm_forward_train (without renorm) per chunk and channel.
+
+    dy, x, dx, out, res, dres: (A, C, L); w, b: (C,); mean, invstd: (K·C,);
+    dw, db: (C,) outputs, Σ over chunks of Σdz·x̂ and Σdz; channels in T ranges of
+    blocks of B, as in forward. With dz = dy·act'(z) (see _dz), per chunk of n values::
+
+        dx = k·dz + bx·(x − mu) + cx,  k = w·invstd,
+        bx = −k·invstd²·Σdz·(x − mu)/n,  cx = −k·Σdz/n
+
+    and dres = dz when ``write_dres``. ``out`` None: plain batch norm, dz = dy (res,
+    dres None too); else act != identity and ``out``, ``res``, ``dres`` are arrays
+    (same-shaped dummies where unused). dz is recomputed in the second pass rather
+    than stored: a compare (or an exp) costs less than writing and reading a tensor.
+    """
+    C, L = x.shape[1], x.shape[2]
+    K = bounds.shape[0] - 1
+    totals = np.zeros((2, C))  # Σdz and Σdz·x̂ over the chunks
+    for t in numba.prange(T):
+        coef = np.empty((5, B), x.dtype)  # mu, k, z's shift, bx, cx in x's dtype
+        sums = np.empty((2, B))  # Σdz, Σdz·(x − mu) of the block's channels
+        g = np.empty((1, 1, L), x.dtype)  # scratch runs: dz, z
+        v = np.empty((1, 1, L), x.dtype)
+        for j in range(K):
+            a0 = bounds[j]
+            a1 = bounds[j + 1]
+            dyj, xj, dxj = dy[a0:a1], x[a0:a1], dx[a0:a1]
+            if out is not None:
+                rj, dresj = res[a0:a1], dres[a0:a1]
+                src = out[a0:a1] if from_out else v
+            n = xj.shape[0] * L
+            c_end = (t + 1) * C // T
+            for c0 in range(t * C // T, c_end, B):
+                nb = min(B, c_end - c0)
+                for cc in range(nb):
+                    c = c0 + cc
+                    k = float(w[c]) * float(invstd[j * C + c])
+                    coef[0, cc] = mean[j * C + c]
+                    coef[1, cc] = k
+                    coef[2, cc] = float(b[c]) - float(mean[j * C + c]) * k  # as in forward
+                sums[:, :nb] = 0.0
+                for a in range(xj.shape[0]):
+                    for cc in range(nb):
+                        c = c0 + cc
+                        if out is None:
+                            s1, s2 = _cm_sums(dyj, a, c, xj, a, c, coef[0, cc])
+                        elif from_out:
+                            _dz(dyj, xj, a, c, coef[1, cc], coef[2, cc], rj, has_res, act,
+                                slope, True, src, g, v)
+                            s1, s2 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
+                        else:
+                            _dz(dyj, xj, a, c, coef[1, cc], coef[2, cc], rj, has_res, act,
+                                slope, False, src, g, v)
+                            s1, s2 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
+                        sums[0, cc] += s1
+                        sums[1, cc] += s2
+                for cc in range(nb):
+                    c = c0 + cc
+                    r = float(invstd[j * C + c])
+                    k = float(w[c]) * r
+                    totals[0, c] += sums[0, cc]
+                    totals[1, c] += sums[1, cc] * r
+                    coef[3, cc] = -k * r * r * sums[1, cc] / n
+                    coef[4, cc] = -k * sums[0, cc] / n
+                for a in range(xj.shape[0]):
+                    for cc in range(nb):
+                        c = c0 + cc
+                        mu, kk, bx, cx = coef[0, cc], coef[1, cc], coef[3, cc], coef[4, cc]
+                        if out is None:
+                            _cm_dx(dyj, a, c, xj, a, c, mu, kk, bx, cx, dxj)
+                        else:
+                            if from_out:
+                                _dz(dyj, xj, a, c, kk, coef[2, cc], rj, has_res, act, slope,
+                                    True, src, g, v)
+                            else:
+                                _dz(dyj, xj, a, c, kk, coef[2, cc], rj, has_res, act, slope,
+                                    False, src, g, v)
+                            _cm_dx(g, 0, 0, xj, a, c, mu, kk, bx, cx, dxj)
+                            if write_dres:
+                                _store(dresj, a, c, g)
+    for c in range(C):
+        db[c] = totals[0, c]
+        dw[c] = totals[1, c]
 
 
 @_Kernel
-def _cm_forward_eval(x, w, b, rm, rv, eps, y, coef):  # pragma: no cover
-    """y = x * scale + shift over (A, C, L); coef: (C, 2) scratch of x's dtype."""
+def _cm_forward_eval(x, w, b, rm, rv, eps, y, res, has_res, act, slope):  # pragma: no cover
+    """y = act(x·scale + shift + res) over (A, C, L); ``res`` None: the plain affine
+    map, else the epilogue of _affine_act."""
     A, C, L = x.shape
+    coef = np.empty((C, 2), x.dtype)
     for c in range(C):
         k = float(w[c]) / math.sqrt(float(rv[c]) + eps)
         coef[c, 0] = k
         coef[c, 1] = float(b[c]) - float(rm[c]) * k
-    # Split over the A*C contiguous rows, so that few channels still use every thread;
-    # 2D rows keep the inner loop a plain vectorizable stream.
-    x2 = x.reshape(A * C, L)
-    y2 = y.reshape(A * C, L)
+    # Split over the A*C contiguous runs, so that few channels still use every thread;
+    # (A*C, 1, L) runs keep the inner loop a plain vectorizable stream.
+    x2 = x.reshape(A * C, 1, L)
+    y2 = y.reshape(A * C, 1, L)
     for row in numba.prange(A * C):
         c = row % C
         kk = coef[c, 0]
         sh = coef[c, 1]
-        for i in range(L):
-            y2[row, i] = x2[row, i] * kk + sh
+        if res is None:
+            for i in range(L):
+                y2[row, 0, i] = x2[row, 0, i] * kk + sh
+        else:
+            res2 = res.reshape(A * C, 1, L)
+            _affine_act(x2, row, 0, kk, sh, res2, row, 0, y2, row, 0, has_res, act, slope)
 
 
 # ----------------------------------------------------------------------------------------
 # channel-minor (M, C)
 # ----------------------------------------------------------------------------------------
-def _num_chunks(M: int, C: int) -> int:
-    """How many row chunks (threads) a channel-minor kernel splits M rows into."""
-    if M * C < 2 * _MIN_WORK_PER_THREAD:
+def _blocks(numel: int, units: int) -> int:
+    """How many blocks (threads) a kernel splits ``units`` (channels or rows) of a
+    ``numel``-element input into: 1 for small inputs, else one per thread, each with
+    at least _MIN_WORK_PER_THREAD elements."""
+    if numel < 2 * _MIN_WORK_PER_THREAD:
         return 1
-    chunks = min(numba.get_num_threads(), max(1, (M * C) // _MIN_WORK_PER_THREAD))
-    return max(1, min(chunks, M))
+    return max(1, min(numba.get_num_threads(), numel // _MIN_WORK_PER_THREAD, units))
+
+
+_BLOCK_VALUES = 1 << 15  # values per array and channel block in the channel-major kernels
+
+
+def _channel_block(bounds: np.ndarray, L: int) -> int:
+    """B, the channels per block of a channel-major kernel: about _BLOCK_VALUES values
+    of the largest chunk, so that a block's runs form long streams and stay in L2
+    between the passes; 1 for large maps."""
+    rows = int(bounds[1] - bounds[0]) if len(bounds) == 2 else int(np.diff(bounds).max())
+    return max(1, _BLOCK_VALUES // max(1, rows * L))
+
+
+@_inline
+def _part_starts(bounds, T):  # pragma: no cover
+    """(K·T + 1,) row starts of the parts: chunk j split in T near-equal parts, part
+    p = j·T + t. Computed once per call: integer division is slow in the loops."""
+    K = bounds.shape[0] - 1
+    starts = np.empty(K * T + 1, np.int64)
+    for j in range(K):
+        n = bounds[j + 1] - bounds[j]
+        for t in range(T):
+            starts[j * T + t] = bounds[j] + t * n // T
+    starts[K * T] = bounds[K]
+    return starts
+
+
+@_inline
+def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
+    """Per-channel mean and M2 of the rows of x into part_mean, part_m2 (C,) float64.
+
+    Blocks of _ROW_BLOCK rows are read twice while in cache (corrected two-pass, short
+    sums in x's dtype, vectorized along C) and merged with Chan's formula.
+    """
+    M, C = x.shape
+    acc = np.empty(C, x.dtype)
+    centre = np.empty(C, x.dtype)
+    acc2 = np.empty(C, x.dtype)
+    for s0 in range(0, M, _ROW_BLOCK):
+        s1 = min(s0 + _ROW_BLOCK, M)
+        nb = s1 - s0
+        acc[:] = 0
+        for r in range(s0, s1):
+            for c in range(C):
+                acc[c] += x[r, c]
+        for c in range(C):
+            centre[c] = acc[c] / nb
+        acc[:] = 0
+        acc2[:] = 0
+        for r in range(s0, s1):
+            for c in range(C):
+                d = x[r, c] - centre[c]
+                acc[c] += d
+                acc2[c] += d * d
+        for c in range(C):
+            sb = float(acc[c])
+            mean_b = float(centre[c]) + sb / nb
+            m2_b = max(float(acc2[c]) - sb * sb / nb, 0.0)
+            part_mean[c], part_m2[c] = _chan_merge(
+                s0, part_mean[c], part_m2[c], nb, mean_b, m2_b
+            )
 
 
 @_Kernel
 def _cl_forward_train(
-    x, w, b, eps, y, mean_out, invstd_out, var_out, coef, T,
+    x, w, b, eps, bounds, T, y, mean_out, invstd_out, batch_out,
+    res, has_res, act, slope, r_max, d_max, rd_out,
     rm, rv, momentum, cumulative, tracked, skipped, update,
 ):  # pragma: no cover
-    """x, y: (M, C) split in T row chunks; coef: (C, 2) scratch of x's dtype; the other
-    arguments as in the channel-major kernel."""
+    """The channel-minor _cm_forward_train: x, y, res: (M, C); chunk j is the rows
+    bounds[j]:bounds[j+1], split in T parts (K·T parts in all, over the threads); the
+    other arguments as there (``res`` None: plain batch norm)."""
     M, C = x.shape
-    part_mean = np.zeros((T, C))
-    part_m2 = np.zeros((T, C))
-    for t in numba.prange(T):
-        r0 = t * M // T
-        r1 = (t + 1) * M // T
-        acc = np.empty(C, x.dtype)
-        centre = np.empty(C, x.dtype)
-        acc2 = np.empty(C, x.dtype)
-        n_seen = 0
-        for s0 in range(r0, r1, _ROW_BLOCK):
-            s1 = min(s0 + _ROW_BLOCK, r1)
-            nb = s1 - s0
-            acc[:] = 0
-            for r in range(s0, s1):
-                for c in range(C):
-                    acc[c] += x[r, c]
-            for c in range(C):
-                centre[c] = acc[c] / nb
-            acc[:] = 0
-            acc2[:] = 0
-            for r in range(s0, s1):
-                for c in range(C):
-                    d = x[r, c] - centre[c]
-                    acc[c] += d
-                    acc2[c] += d * d
-            # Chan et al.: merge this block (nb, mean_b, m2_b) into the running partial.
-            n_new = n_seen + nb
-            for c in range(C):
-                sb = float(acc[c])
-                mean_b = float(centre[c]) + sb / nb
-                m2_b = max(float(acc2[c]) - sb * sb / nb, 0.0)
-                delta = mean_b - part_mean[t, c]
-                part_mean[t, c] += delta * nb / n_new
-                part_m2[t, c] += m2_b + delta * delta * n_seen * nb / n_new
-            n_seen = n_new
+    K = bounds.shape[0] - 1
+    P = K * T
+    starts = _part_starts(bounds, T)
+    coef = np.empty((K, 2, C), x.dtype)
+    part_mean = np.zeros((P, C))
+    part_m2 = np.zeros((P, C))
+    for p in numba.prange(P):
+        r0, r1 = starts[p], starts[p + 1]
+        _cl_part_stats(x[r0:r1], part_mean[p], part_m2[p])
     for c in range(C):
-        mu = 0.0
-        m2 = 0.0
-        n_seen = 0
-        for t in range(T):
-            nb = (t + 1) * M // T - t * M // T
-            n_new = n_seen + nb
-            delta = part_mean[t, c] - mu
-            mu += delta * nb / n_new
-            m2 += part_m2[t, c] + delta * delta * n_seen * nb / n_new
-            n_seen = n_new
-        var = m2 / M
-        r = 1.0 / math.sqrt(var + eps)
-        mean_out[c] = mu
-        invstd_out[c] = r
-        var_out[c] = var
-        k = float(w[c]) * r
-        coef[c, 0] = k
-        coef[c, 1] = float(b[c]) - mu * k
-    kk = coef[:, 0].copy()
-    sh = coef[:, 1].copy()
-    for t in numba.prange(T):
-        for r in range(t * M // T, (t + 1) * M // T):
-            for c in range(C):
-                y[r, c] = x[r, c] * kk[c] + sh[c]
+        n_all = 0
+        mean_all = 0.0
+        m2_all = 0.0
+        for j in range(K):
+            n = 0
+            mu = 0.0
+            m2 = 0.0
+            for p in range(j * T, (j + 1) * T):
+                rows = starts[p + 1] - starts[p]
+                mu, m2 = _chan_merge(n, mu, m2, rows, part_mean[p, c], part_m2[p, c])
+                n += rows
+            invstd, k, sh, r, d = _coefficients(
+                float(w[c]), float(b[c]), mu, m2 / n, eps, r_max, d_max, float(rm[c]),
+                float(rv[c]),
+            )
+            mean_out[j * C + c] = mu
+            invstd_out[j * C + c] = invstd
+            if r_max > 0:
+                rd_out[c] = r
+                rd_out[C + c] = d
+            coef[j, 0, c] = k
+            coef[j, 1, c] = sh
+            mean_all, m2_all = _chan_merge(n_all, mean_all, m2_all, n, mu, m2)
+            n_all += n
+        batch_out[0, c] = mean_all
+        batch_out[1, c] = m2_all / n_all
+    for p in numba.prange(P):
+        j = p // T
+        r0, r1 = starts[p], starts[p + 1]
+        kk = coef[j, 0].copy()  # fresh arrays: provably apart from y, so the loop vectorizes
+        sh = coef[j, 1].copy()
+        if res is None:
+            xq, yq = x[r0:r1], y[r0:r1]
+            for r in range(xq.shape[0]):
+                for c in range(C):
+                    yq[r, c] = xq[r, c] * kk[c] + sh[c]
+        else:  # rows as runs, for the shared helper
+            xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
+            rp = res.reshape(M, 1, C)[r0:r1]
+            for r in range(xp.shape[0]):
+                _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
     if update:
-        _update_running(rm, rv, mean_out, var_out, M, momentum, cumulative, tracked, skipped)
+        _update_running(
+            rm, rv, batch_out[0], batch_out[1], M, momentum, cumulative, tracked, skipped
+        )
+
+
+@_inline
+def _cl_sums(dz, zr, x, r, mu, acc1, acc2):  # pragma: no cover
+    """acc1 += dz, acc2 += dz·(x − mu) along row r, dz being dz[zr, 0, :]."""
+    for c in range(x.shape[1]):
+        acc1[c] += dz[zr, 0, c]
+        acc2[c] += dz[zr, 0, c] * (x[r, c] - mu[c])
+
+
+@_inline
+def _cl_dx(dz, zr, x, r, mu, k, bx, cx, dx):  # pragma: no cover
+    """dx = k·dz + bx·(x − mu) + cx along row r (per-channel vectors), dz being
+    dz[zr, 0, :]."""
+    for c in range(x.shape[1]):
+        dx[r, c] = dz[zr, 0, c] * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
 
 
 @_Kernel
-def _cl_backward_train(dy, x, w, mean, invstd, dx, dw, db, coef, T):  # pragma: no cover
-    """dy, x, dx: (M, C); dw, db: (C,) float64; coef: (C, 3) scratch of x's dtype;
-    T row chunks."""
+def _cl_backward_train(
+    dy, x, w, b, bounds, T, mean, invstd, dx, dw, db,
+    out, res, has_res, act, slope, from_out, dres, write_dres,
+):  # pragma: no cover
+    """The channel-minor _cm_backward_train: (M, C) arrays, chunks of rows as in
+    _cl_forward_train; ``out`` None for plain batch norm, as there."""
     M, C = x.shape
-    part_dy = np.zeros((T, C))
-    part_dyx = np.zeros((T, C))
-    mu = np.empty(C, x.dtype)
-    for c in range(C):
-        mu[c] = mean[c]
-    for t in numba.prange(T):
-        r0 = t * M // T
-        r1 = (t + 1) * M // T
+    K = bounds.shape[0] - 1
+    P = K * T
+    starts = _part_starts(bounds, T)
+    coef = np.empty((K, 5, C), x.dtype)
+    for j in range(K):
+        for c in range(C):
+            k = float(w[c]) * float(invstd[j * C + c])
+            coef[j, 0, c] = mean[j * C + c]
+            coef[j, 1, c] = k
+            coef[j, 2, c] = float(b[c]) - float(mean[j * C + c]) * k
+    dy3, x3 = dy.reshape(M, 1, C), x.reshape(M, 1, C)  # rows as runs, for the helpers
+    part_dy = np.zeros((P, C))
+    part_dyx = np.zeros((P, C))
+    for p in numba.prange(P):
+        j = p // T
+        r0, r1 = starts[p], starts[p + 1]
+        dyp, xp, x3p = dy3[r0:r1], x[r0:r1], x3[r0:r1]
+        mu = coef[j, 0].copy()
+        if out is not None:
+            kk = coef[j, 1].copy()
+            zsh = coef[j, 2].copy()
+            g = np.empty((1, 1, C), x.dtype)  # scratch rows: dz, z
+            v = np.empty((1, 1, C), x.dtype)
+            rp = res.reshape(M, 1, C)[r0:r1]
+            src = out.reshape(M, 1, C)[r0:r1] if from_out else v
         acc1 = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
-        for s0 in range(r0, r1, _ROW_BLOCK):
-            s1 = min(s0 + _ROW_BLOCK, r1)
+        for s0 in range(0, xp.shape[0], _ROW_BLOCK):
+            s1 = min(s0 + _ROW_BLOCK, xp.shape[0])
             acc1[:] = 0
             acc2[:] = 0
-            for r in range(s0, s1):
-                for c in range(C):
-                    g = dy[r, c]
-                    acc1[c] += g
-                    acc2[c] += g * (x[r, c] - mu[c])
+            if out is None:
+                for r in range(s0, s1):
+                    _cl_sums(dyp, r, xp, r, mu, acc1, acc2)
+            elif from_out:
+                for r in range(s0, s1):
+                    _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, True, src, g, v)
+                    _cl_sums(g, 0, xp, r, mu, acc1, acc2)
+            else:
+                for r in range(s0, s1):
+                    _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, False, src, g, v)
+                    _cl_sums(g, 0, xp, r, mu, acc1, acc2)
             for c in range(C):
-                part_dy[t, c] += acc1[c]
-                part_dyx[t, c] += acc2[c]
+                part_dy[p, c] += acc1[c]
+                part_dyx[p, c] += acc2[c]
     for c in range(C):
-        sdy = 0.0
-        sdyx = 0.0
-        for t in range(T):
-            sdy += part_dy[t, c]
-            sdyx += part_dyx[t, c]
-        r = float(invstd[c])
-        db[c] = sdy
-        dw[c] = sdyx * r
-        k = float(w[c]) * r
-        coef[c, 0] = k
-        coef[c, 1] = -k * r * r * sdyx / M
-        coef[c, 2] = -k * sdy / M
-    kk = coef[:, 0].copy()
-    bx = coef[:, 1].copy()
-    cx = coef[:, 2].copy()
-    for t in numba.prange(T):
-        for r in range(t * M // T, (t + 1) * M // T):
-            for c in range(C):
-                dx[r, c] = dy[r, c] * kk[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
+        sdy_all = 0.0
+        sdyx_all = 0.0
+        for j in range(K):
+            sdy = 0.0
+            sdyx = 0.0
+            for p in range(j * T, (j + 1) * T):
+                sdy += part_dy[p, c]
+                sdyx += part_dyx[p, c]
+            n = bounds[j + 1] - bounds[j]
+            r = float(invstd[j * C + c])
+            k = float(w[c]) * r
+            coef[j, 3, c] = -k * r * r * sdyx / n
+            coef[j, 4, c] = -k * sdy / n
+            sdy_all += sdy
+            sdyx_all += sdyx * r
+        db[c] = sdy_all
+        dw[c] = sdyx_all
+    for p in numba.prange(P):
+        j = p // T
+        r0, r1 = starts[p], starts[p + 1]
+        dyp, xp, x3p, dxp = dy3[r0:r1], x[r0:r1], x3[r0:r1], dx[r0:r1]
+        mu = coef[j, 0].copy()
+        kk = coef[j, 1].copy()
+        bx = coef[j, 3].copy()
+        cx = coef[j, 4].copy()
+        if out is not None:
+            zsh = coef[j, 2].copy()
+            g = np.empty((1, 1, C), x.dtype)
+            v = np.empty((1, 1, C), x.dtype)
+            rp, dresp = res.reshape(M, 1, C)[r0:r1], dres.reshape(M, 1, C)[r0:r1]
+            src = out.reshape(M, 1, C)[r0:r1] if from_out else v
+        if out is None:
+            for r in range(xp.shape[0]):
+                _cl_dx(dyp, r, xp, r, mu, kk, bx, cx, dxp)
+        elif from_out:
+            for r in range(xp.shape[0]):
+                _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, True, src, g, v)
+                _cl_dx(g, 0, xp, r, mu, kk, bx, cx, dxp)
+                if write_dres:
+                    _store(dresp, r, 0, g)
+        else:
+            for r in range(xp.shape[0]):
+                _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, False, src, g, v)
+                _cl_dx(g, 0, xp, r, mu, kk, bx, cx, dxp)
+                if write_dres:
+                    _store(dresp, r, 0, g)
 
 
 @_Kernel
-def _cl_forward_eval(x, w, b, rm, rv, eps, y, coef, T):  # pragma: no cover
-    """y = x * scale + shift over (M, C) in T row chunks; coef: (C, 2) of x's dtype."""
+def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # pragma: no cover
+    """y = act(x·scale + shift + res) over (M, C) in T row parts; ``res`` as in
+    _cm_forward_eval."""
     M, C = x.shape
+    coef = np.empty((2, C), x.dtype)
     for c in range(C):
         k = float(w[c]) / math.sqrt(float(rv[c]) + eps)
-        coef[c, 0] = k
-        coef[c, 1] = float(b[c]) - float(rm[c]) * k
-    kk = coef[:, 0].copy()
-    sh = coef[:, 1].copy()
+        coef[0, c] = k
+        coef[1, c] = float(b[c]) - float(rm[c]) * k
     for t in numba.prange(T):
-        for r in range(t * M // T, (t + 1) * M // T):
-            for c in range(C):
-                y[r, c] = x[r, c] * kk[c] + sh[c]
+        r0 = t * M // T
+        r1 = (t + 1) * M // T
+        kk = coef[0].copy()
+        sh = coef[1].copy()
+        if res is None:
+            xq, yq = x[r0:r1], y[r0:r1]
+            for r in range(xq.shape[0]):
+                for c in range(C):
+                    yq[r, c] = xq[r, c] * kk[c] + sh[c]
+        else:  # rows as runs, for the shared helper
+            xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
+            rp = res.reshape(M, 1, C)[r0:r1]
+            for r in range(xp.shape[0]):
+                _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,19 +881,22 @@ def _empty_like(
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
-_FILLS: dict[tuple[int, float], np.ndarray] = {}
+_FILLS: dict[tuple[int, float, np.dtype], np.ndarray] = {}
 
 
-def _vec(t: Tensor | None, fill: float, num_channels: int) -> np.ndarray:
-    """``t`` as an array, or a constant vector (read-only, cached) when ``t`` is None."""
+def _vec(t: Tensor | None, fill: float, num_channels: int, dtype: np.dtype) -> np.ndarray:
+    """``t`` as an array, or a cached constant vector of x's ``dtype`` when ``t`` is None.
+
+    The constant is left writable (the kernels never write it) so that it has the
+    array type of a parameter of x's dtype: numba compiles one specialization for both.
+    """
     if t is not None:
         return t.numpy(force=True)
-    key = (num_channels, fill)
-    if key not in _FILLS:
-        array = np.full(num_channels, fill, dtype=np.float64)
-        array.flags.writeable = False
-        _FILLS[key] = array
-    return _FILLS[key]
+    key = (num_channels, fill, dtype)
+    array = _FILLS.get(key)
+    if array is None:
+        array = _FILLS[key] = np.full(num_channels, fill, dtype=dtype)
+    return array
 
 
 def _counter(t: Tensor | None) -> np.ndarray:
@@ -440,8 +906,232 @@ def _counter(t: Tensor | None) -> np.ndarray:
     return t.numpy(force=True)
 
 
+_BOUNDS: dict[tuple[tuple[int, ...] | int, int], np.ndarray] = {}
+_BOUNDS_MAX = 256  # distinct batch shapes remembered (a cache, not a record)
+
+
+def _bounds(sizes: tuple[int, ...] | int, rows_per_example: int) -> np.ndarray:
+    """The kernels' ``bounds``: chunk starts along A or M, int64 (K+1,), cached.
+
+    ``sizes`` is the chunks' sizes in examples, or N alone for one chunk (batch norm).
+    """
+    key = (sizes, rows_per_example)
+    bounds = _BOUNDS.get(key)
+    if bounds is None:
+        counts = (sizes,) if isinstance(sizes, int) else sizes
+        bounds = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        bounds *= rows_per_example
+        if len(_BOUNDS) >= _BOUNDS_MAX:
+            _BOUNDS.clear()
+        _BOUNDS[key] = bounds
+    return bounds
+
+
+def _parts_per_chunk(M: int, C: int, bounds: np.ndarray) -> int:
+    """T, the row parts per chunk of a channel-minor kernel: about one part per thread
+    over all chunks, and never an empty part."""
+    K = len(bounds) - 1
+    parts = _blocks(M * C, M)
+    if K == 1:
+        return parts
+    if parts <= K:
+        return 1
+    return max(1, min(-(-parts // K), int(np.diff(bounds).min())))
+
+
+_ACT_CODES = {"identity": _IDENTITY, "relu": _LEAKY_RELU, "leaky_relu": _LEAKY_RELU,
+              "silu": _SILU}
+_ACT_ARGS: dict[tuple[str, float, np.dtype], tuple[int, Any]] = {}
+
+
+def _act_args(activation: str, negative_slope: float, dtype: np.dtype) -> tuple[int, Any]:
+    """(code, slope) for the kernels, cached: the identity is leaky ReLU with slope 1,
+    relu with slope 0; the slope comes in x's dtype so that ``z * slope`` stays in it."""
+    key = (activation, negative_slope, dtype)
+    args = _ACT_ARGS.get(key)
+    if args is None:
+        if activation not in _ACT_CODES:
+            raise ValueError(
+                f"activation must be one of {tuple(_ACT_CODES)}, got {activation!r}"
+            )
+        slope = {"identity": 1.0, "relu": 0.0}.get(activation, negative_slope)
+        args = _ACT_ARGS[key] = (_ACT_CODES[activation], dtype.type(slope))
+    return args
+
+
+def _epilogue_args(
+    residual: Tensor | None, activation: str, negative_slope: float, xa: np.ndarray,
+    layout: str, shape: tuple[int, ...],
+) -> tuple[np.ndarray | None, int, Any]:
+    """The forward kernels' ``(res, act, slope)``. ``res`` is None for plain batch norm
+    (the identity without a residual), which numba compiles apart, without the
+    epilogue's code; else the residual's array, or x's as a stand-in when there is
+    none (has_res is False)."""
+    if residual is None and activation == "identity":
+        return None, _IDENTITY, 1.0
+    code, slope = _act_args(activation, negative_slope, xa.dtype)
+    return (xa if residual is None else _as_array(residual, layout, shape)), code, slope
+
+
+def _reads_output(activation: str, negative_slope: float) -> bool:
+    """relu and leaky ReLU with a slope >= 0 take their mask from the output's sign."""
+    return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
+
+
+def _forward_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    sizes: tuple[int, ...] | None = None,
+    residual: Tensor | None = None,
+    activation: str = "identity",
+    negative_slope: float = 0.0,
+    limits: tuple[float, float] | None = None,
+) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Every training forward: ghost chunks (``sizes`` along N; None: one chunk),
+    ``act(BN(x) + residual)``, and batch renorm's (r_max, d_max) ``limits``.
+
+    Returns ``(y, mean, invstd, rd)``: the (K·C,) chunk statistics and, for renorm,
+    (2·C,) r then d (else None).
+    """
+    C = x.shape[1]
+    numel = x.numel()
+    layout, shape = _layout(x)
+    xa = _as_array(x, layout, shape)
+    y, ya = _empty_like(x, xa, layout, shape)
+    bounds = _bounds(sizes or x.shape[0], shape[0] // x.shape[0])
+    KC = (len(bounds) - 1) * C
+    mean, invstd = np.empty(KC, dtype=xa.dtype), np.empty(KC, dtype=xa.dtype)
+    batch = np.empty((2, C), dtype=np.float64)
+    w, b = _vec(weight, 1.0, C, xa.dtype), _vec(bias, 0.0, C, xa.dtype)
+    update = running_mean is not None and running_var is not None
+    if update:
+        rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)  # type: ignore[union-attr]
+    else:
+        # Stand-ins of the statistics' array type (one specialization): never written
+        # (update is False) nor read (no renorm without running statistics).
+        rm = rv = mean
+    if limits is None:
+        rd, r_max, d_max = None, 0.0, 0.0  # r_max = 0: no renorm
+    else:
+        rd, (r_max, d_max) = np.empty(2 * C, dtype=xa.dtype), limits
+    res, code, slope = _epilogue_args(residual, activation, negative_slope, xa, layout, shape)
+    args = (
+        ya, mean, invstd, batch, res, residual is not None, code, slope, r_max, d_max,
+        mean if rd is None else rd,  # a same-typed stand-in, never written
+        rm, rv, 0.0 if momentum is None else momentum, momentum is None,
+        _counter(num_batches_tracked), _counter(num_batches_skipped), update,
+    )
+    with _LAUNCH_LOCK:
+        if layout == "major":
+            T, B = _blocks(numel, C), _channel_block(bounds, shape[2])
+            _cm_forward_train(numel, xa, w, b, eps, bounds, T, B, *args)
+        else:
+            T = _parts_per_chunk(shape[0], C, bounds)
+            _cl_forward_train(numel, xa, w, b, eps, bounds, T, *args)
+    return y, mean, invstd, rd
+
+
+def _backward_train(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    sizes: tuple[int, ...] | None = None,
+    out: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str = "identity",
+    negative_slope: float = 0.0,
+    write_dres: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Every training backward: ``(dx, Σdz·x̂, Σdz, dres or None)``; mean, invstd:
+    (K·C,) chunk statistics.
+
+    relu / leaky ReLU (slope >= 0) read the sign of ``out``; silu and a negative slope
+    rebuild z from x, the statistics, ``weight``, ``bias`` and ``residual``.
+    """
+    C = x.shape[1]
+    numel = x.numel()
+    layout, shape = _layout(x)
+    xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
+    dx, dxa = _empty_like(x, xa, layout, shape)
+    bounds = _bounds(sizes or x.shape[0], shape[0] // x.shape[0])
+    # dweight and dbias are written straight in the parameters' dtype (x's without
+    # weight: one array type, one specialization).
+    grad_dtype = xa.dtype if weight is None else _NP_DTYPES.get(weight.dtype, np.float64)
+    dw, db = np.empty(C, dtype=grad_dtype), np.empty(C, dtype=grad_dtype)
+    from_out = out is not None and _reads_output(activation, negative_slope)
+    has_res = residual is not None
+    w = _vec(weight, 1.0, C, xa.dtype)
+    dres = None
+    if activation == "identity":  # plain batch norm: compiled apart (see _epilogue_args)
+        b, oa, ra, dresa, code, slope = w, None, None, None, _IDENTITY, 1.0  # b: unread
+    else:  # x's array stands in for what is not read
+        b = _vec(bias, 0.0, C, xa.dtype)
+        oa = _as_array(out, layout, shape) if from_out else xa  # type: ignore[arg-type]
+        ra = _as_array(residual, layout, shape) if has_res else xa  # type: ignore[arg-type]
+        dresa = dxa
+        if write_dres:
+            dres, dresa = _empty_like(x, xa, layout, shape)
+        code, slope = _act_args(activation, negative_slope, xa.dtype)
+    args = (
+        mean, invstd, dxa, dw, db, oa, ra, has_res, code, slope, from_out, dresa,
+        dres is not None,
+    )
+    with _LAUNCH_LOCK:
+        if layout == "major":
+            T, B = _blocks(numel, C), _channel_block(bounds, shape[2])
+            _cm_backward_train(numel, dya, xa, w, b, bounds, T, B, *args)
+        else:
+            T = _parts_per_chunk(shape[0], C, bounds)
+            _cl_backward_train(numel, dya, xa, w, b, bounds, T, *args)
+    return dx, torch.from_numpy(dw), torch.from_numpy(db), dres
+
+
+def _forward_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    residual: Tensor | None = None,
+    activation: str = "identity",
+    negative_slope: float = 0.0,
+) -> Tensor:
+    """``act(x·scale + shift + residual)`` with the running statistics, one pass."""
+    C = x.shape[1]
+    numel = x.numel()
+    layout, shape = _layout(x)
+    xa = _as_array(x, layout, shape)
+    y, ya = _empty_like(x, xa, layout, shape)
+    res, code, slope = _epilogue_args(residual, activation, negative_slope, xa, layout, shape)
+    args = (
+        xa, _vec(weight, 1.0, C, xa.dtype), _vec(bias, 0.0, C, xa.dtype),
+        running_mean.numpy(force=True),
+        running_var.numpy(force=True), eps,
+    )
+    epilogue = (ya, res, residual is not None, code, slope)
+    with _LAUNCH_LOCK:
+        if layout == "major":
+            _cm_forward_eval(numel, *args, *epilogue)
+        else:
+            _cl_forward_eval(numel, *args, _blocks(numel, shape[0]), *epilogue)
+    return y
+
+
 class _NumbaBackend:
-    """The :class:`batchnorm._backends.Backend` for float32/float64 CPU tensors."""
+    """The :class:`batchnorm._backends.Backend` for float32/float64 CPU tensors, with
+    the optional fused kernels of the contract: act, ghost and renorm."""
 
     name = "numba"
 
@@ -461,66 +1151,19 @@ class _NumbaBackend:
         num_batches_tracked: Tensor | None,
         num_batches_skipped: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        C = x.shape[1]
-        numel = x.numel()
-        layout, shape = _layout(x)
-        xa = _as_array(x, layout, shape)
-        y, ya = _empty_like(x, xa, layout, shape)
-        # Separate tensors, not views of one: autograd saves views at extra cost.
-        mean_array, invstd_array = np.empty(C, dtype=xa.dtype), np.empty(C, dtype=xa.dtype)
-        mean, invstd = torch.from_numpy(mean_array), torch.from_numpy(invstd_array)
-        var = np.empty(C, dtype=np.float64)
-        w, b = _vec(weight, 1.0, C), _vec(bias, 0.0, C)
-        update = running_mean is not None and running_var is not None
-        if update:
-            rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)  # type: ignore[union-attr]
-        else:
-            rm = rv = var  # never written: update is False
-        running = (
-            rm, rv, 0.0 if momentum is None else momentum, momentum is None,
-            _counter(num_batches_tracked), _counter(num_batches_skipped), update,
+        y, mean, invstd, _ = _forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped,
         )
-        with _LAUNCH_LOCK:
-            if layout == "major":
-                coef = np.empty((C, 3), dtype=xa.dtype)
-                _cm_forward_train(
-                    numel, xa, w, b, eps, ya, mean_array, invstd_array, var, coef, *running
-                )
-            else:
-                coef = np.empty((C, 2), dtype=xa.dtype)
-                _cl_forward_train(
-                    numel, xa, w, b, eps, ya, mean_array, invstd_array, var, coef,
-                    _num_chunks(shape[0], C), *running,
-                )
-        return y, mean, invstd
+        # Separate tensors, not views of one: autograd saves views at extra cost.
+        return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
     def backward_train(
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        C = x.shape[1]
-        numel = x.numel()
-        layout, shape = _layout(x)
-        xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
-        dx, dxa = _empty_like(x, xa, layout, shape)
-        # dweight and dbias are written straight in the parameters' dtype.
-        grad_dtype = np.float64 if weight is None else _NP_DTYPES.get(weight.dtype, np.float64)
-        dw_array, db_array = np.empty(C, dtype=grad_dtype), np.empty(C, dtype=grad_dtype)
-        w = _vec(weight, 1.0, C)
-        mean_array, invstd_array = mean.numpy(force=True), invstd.numpy(force=True)
-        with _LAUNCH_LOCK:
-            if layout == "major":
-                coef = np.empty((C, 4), dtype=xa.dtype)
-                _cm_backward_train(
-                    numel, dya, xa, w, mean_array, invstd_array, dxa, dw_array, db_array,
-                    coef,
-                )
-            else:
-                coef = np.empty((C, 3), dtype=xa.dtype)
-                _cl_backward_train(
-                    numel, dya, xa, w, mean_array, invstd_array, dxa, dw_array, db_array,
-                    coef, _num_chunks(shape[0], C),
-                )
-        dw, db = torch.from_numpy(dw_array), torch.from_numpy(db_array)
+        dx, dw, db, _ = _backward_train(
+            dy, x, weight, mean.numpy(force=True), invstd.numpy(force=True)
+        )
         return dx, dw, db
 
     def forward_eval(
@@ -532,22 +1175,136 @@ class _NumbaBackend:
         running_var: Tensor,
         eps: float,
     ) -> Tensor:
+        return _forward_eval(x, weight, bias, running_mean, running_var, eps)
+
+    # -- act(BN(x) + residual) ----------------------------------------------------------
+    def act_forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None = None,
+        num_batches_skipped: Tensor | None = None,
+        residual: Tensor | None = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out, mean, invstd, _ = _forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped, residual=residual, activation=activation,
+            negative_slope=negative_slope,
+        )
+        return out, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+    def act_backward_train(
+        self,
+        dout: Tensor,
+        out: Tensor | None,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        has_residual: bool | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        if has_residual is None:
+            has_residual = residual is not None
+        stats = (mean.numpy(force=True), invstd.numpy(force=True))
+        if activation == "identity":
+            # dz = dout: the residual's gradient is the incoming one, no copy.
+            dx, dw, db, _ = _backward_train(dout, x, weight, *stats)
+            return dx, dw, db, dout if has_residual else None
+        from_out = out is not None and _reads_output(activation, negative_slope)
+        if not from_out and residual is None and has_residual:
+            raise ValueError(
+                f"activation={activation!r} rebuilds the pre-activation in backward: pass "
+                "the forward's residual (or the output, for relu/leaky_relu with slope >= 0)"
+            )
+        return _backward_train(
+            dout, x, weight, *stats, out=out, bias=bias, residual=residual,
+            activation=activation, negative_slope=negative_slope, write_dres=has_residual,
+        )
+
+    def act_forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+        residual: Tensor | None = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> Tensor:
+        return _forward_eval(
+            x, weight, bias, running_mean, running_var, eps, residual, activation,
+            negative_slope,
+        )
+
+    # -- ghost batch norm ---------------------------------------------------------------
+    def ghost_forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        sizes: tuple[int, ...],
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, invstd, _ = _forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped, sizes=sizes,
+        )
+        return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+    def ghost_backward_train(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        sizes: tuple[int, ...],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dw, db, _ = _backward_train(
+            dy, x, weight, mean.numpy(force=True), invstd.numpy(force=True), sizes=sizes
+        )
+        return dx, dw, db
+
+    # -- batch renorm -------------------------------------------------------------------
+    def renorm_forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+        r_max: float,
+        d_max: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        y, mean, invstd, rd = _forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped, limits=(r_max, d_max),
+        )
         C = x.shape[1]
-        numel = x.numel()
-        layout, shape = _layout(x)
-        xa = _as_array(x, layout, shape)
-        y, ya = _empty_like(x, xa, layout, shape)
-        w, b = _vec(weight, 1.0, C), _vec(bias, 0.0, C)
-        rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)
-        with _LAUNCH_LOCK:
-            if layout == "major":
-                _cm_forward_eval(numel, xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype))
-            else:
-                _cl_forward_eval(
-                    numel, xa, w, b, rm, rv, eps, ya, np.empty((C, 2), dtype=xa.dtype),
-                    _num_chunks(shape[0], C),
-                )
-        return y
+        r, d = torch.from_numpy(rd[:C]), torch.from_numpy(rd[C:])  # type: ignore[index]
+        return y, torch.from_numpy(mean), torch.from_numpy(invstd), r, d
 
 
 BACKEND = _NumbaBackend()

@@ -1,10 +1,13 @@
 """Batch norm followed by an optional residual add and an activation, as one layer.
 
 ``act(BN(x) + residual)`` is the tail of almost every convolutional block. As one layer
-it can become one kernel: on a GPU the normalized value never goes back to memory
-before the activation. :meth:`_BatchNormAct._forward_fused` hands the op to
-:func:`batchnorm.functional.batch_norm_act`: the Triton fused kernels on CUDA, composed
-torch ops elsewhere.
+it can become one kernel in each direction: the normalized value never goes back to
+memory before the activation, ReLU's backward reads its mask off the saved output, and
+the residual's gradient is written only when it is needed.
+:meth:`_BatchNormAct._forward_fused` hands the op to
+:func:`batchnorm.functional.batch_norm_act`: the fused numba kernels for float32/float64
+CPU tensors, the fused Triton kernels on CUDA, composed torch ops elsewhere (the
+reference backend, CPU half precision).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class _BatchNormAct(_BatchNormBase):
 
     def _forward_fused(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The fused op, in train or eval mode, through :func:`batchnorm.functional.batch_norm_act`:
-        one Triton kernel per direction on CUDA, composed torch ops elsewhere."""
+        one kernel per direction on the numba (CPU) and Triton (CUDA) backends, composed
+        torch ops elsewhere."""
         if not isinstance(input, Tensor):
             raise TypeError(
                 f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"

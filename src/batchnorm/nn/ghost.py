@@ -5,27 +5,35 @@ its own statistics, so the noise of the statistics — and with it the regulariz
 effect of batch normalization — is that of the small batch while the step is that of
 the large one.
 
-Running statistics need the batch's statistics, which the functional does not return;
-:func:`batch_norm_with_stats` obtains them from the same pass that normalizes.
+On a backend with ghost kernels (numba, for float32/float64 CPU tensors) the whole
+step is one kernel in each direction: statistics per (chunk, channel), each chunk
+normalized with its own, and the whole batch's statistics merged exactly from the
+chunks' for the running update, with no copy of the input. Elsewhere the chunks go
+through :func:`batchnorm.functional.batch_norm`; running statistics need the batch's
+statistics, which the functional does not return, and :func:`batch_norm_with_stats`
+obtains them from the same pass that normalizes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from batchnorm import functional as F
-from batchnorm._reference import stats_dtype, update_running_stats
+from batchnorm._autograd import _memory_format
+from batchnorm._backends import Backend, select_backend
+from batchnorm._reference import differentiable_backward, stats_dtype, update_running_stats
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
-# Equal chunks of at least this many values are normalized one call per chunk, smaller
-# ones in a single call with the chunks as channels. Measured on the CPU backend: one
+# Without ghost kernels, equal chunks of at least this many values are normalized one
+# call per chunk, smaller ones in a single call with the chunks as channels. Measured
+# on the CPU backend before it had ghost kernels: one
 # layout copy costs about half of a batch-norm forward+backward, and the single call
 # needs two copies more than the per-chunk calls (four against two: the concatenation
 # forward and backward), while each extra call costs a fixed ~0.1 ms; below ~2^17
@@ -122,6 +130,79 @@ def _swap(t: Tensor) -> Tensor:
     return _SwapLeadingAxes.apply(t)
 
 
+class _GhostSpec(NamedTuple):
+    """The non-differentiated arguments of one fused ghost step."""
+
+    sizes: tuple[int, ...]  # chunk sizes along N
+    eps: float
+    backend: Backend  # one with ghost kernels
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    momentum: float | None
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+    stats_out: list[Tensor] | None  # receives (mean, invstd) for check_finite
+
+
+def _ghost_forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: _GhostSpec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backend's fused ghost forward: ``(y, mean, invstd)``, stats (K·C,)."""
+    return spec.backend.ghost_forward_train(  # type: ignore[attr-defined]
+        x, weight, bias, spec.eps, spec.sizes, spec.running_mean, spec.running_var,
+        spec.momentum, spec.num_batches_tracked, spec.num_batches_skipped,
+    )
+
+
+class _GhostTrain(torch.autograd.Function):
+    """Ghost batch norm through a backend's ghost kernels (training).
+
+    Forward: one pass structure per channel (channel-major) or row part (channel-minor)
+    with per-chunk statistics, and the running update from the whole batch. Backward:
+    the batch-norm backward per chunk in one kernel. Under ``create_graph`` the
+    backward is :func:`batchnorm._reference.differentiable_backward` per chunk, so
+    double backward works.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: _GhostSpec
+    ) -> Tensor:
+        y, mean, invstd = _ghost_forward_train(x, weight, bias, spec)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.spec = spec
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if spec.stats_out is not None:
+            spec.stats_out.extend((mean, invstd))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        spec: _GhostSpec = ctx.spec
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True: each chunk's backward from differentiable ops.
+            parts = [
+                differentiable_backward(dy_j, x_j, weight, spec.eps)
+                for dy_j, x_j in zip(dy.split(spec.sizes), x.split(spec.sizes))
+            ]
+            dx = torch.cat([p[0] for p in parts])
+            dweight = torch.stack([p[1] for p in parts]).sum(0)
+            dbias = torch.stack([p[2] for p in parts]).sum(0)
+        else:
+            dx, dweight, dbias = spec.backend.ghost_backward_train(  # type: ignore[attr-defined]
+                dy.contiguous(memory_format=_memory_format(x)), x, weight, mean, invstd,
+                spec.sizes,
+            )
+        return (
+            dx if need_x else None,
+            dweight.to(weight.dtype) if need_w else None,
+            dbias.to(ctx.bias_dtype) if need_b else None,
+            None,
+        )
+
+
 class _GhostBatchNorm(_BatchNormBase):
     """Ghost batch norm for any input rank; the public classes add the dim check."""
 
@@ -185,6 +266,9 @@ class _GhostBatchNorm(_BatchNormBase):
             # it joins the previous chunk, which then has v + tail examples.
             num_equal, tail = num_equal - 1, v + tail
         sizes = [v] * num_equal + ([tail] if tail else [])
+        backend = select_backend(self.backend, input)
+        if hasattr(backend, "ghost_forward_train"):
+            return self._fused_forward(input, tuple(sizes), backend)
 
         outputs: list[Tensor] = []
         means: list[Tensor] = []
@@ -213,11 +297,7 @@ class _GhostBatchNorm(_BatchNormBase):
         if self.check_finite or (self.training and self.track_running_stats):
             mean, var = combine_stats(torch.cat(means), torch.cat(variances), counts)
             if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise FloatingPointError(
-                    f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} "
-                    "has non-finite statistics (NaN or Inf in the input); the running "
-                    "statistics were left unchanged"
-                )
+                raise FloatingPointError(self._non_finite_message(input))
             if self.training and self.track_running_stats:
                 assert self.running_mean is not None and self.running_var is not None
                 update_running_stats(
@@ -225,6 +305,43 @@ class _GhostBatchNorm(_BatchNormBase):
                     self.momentum, self.num_batches_tracked, self.num_batches_skipped,
                 )
         return output
+
+    def _fused_forward(self, input: Tensor, sizes: tuple[int, ...], backend: Backend) -> Tensor:
+        """The whole step on the backend's ghost kernels: no copies, one kernel each way."""
+        x = F._dense(input)
+        weight, bias = self.weight, self.bias
+        update = self.training and self.track_running_stats
+        spec = _GhostSpec(
+            sizes, self.eps, backend, self.running_mean if update else None,
+            self.running_var if update else None, self.momentum,
+            self.num_batches_tracked if update else None,
+            self.num_batches_skipped if update else None,
+            [] if self.check_finite else None,
+        )
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            y = _GhostTrain.apply(x, weight, bias, spec)
+        else:
+            y, mean, invstd = _ghost_forward_train(x, weight, bias, spec)
+            if spec.stats_out is not None:
+                spec.stats_out.extend((mean, invstd))
+        if spec.stats_out is not None:
+            mean, invstd = spec.stats_out
+            # A chunk with non-finite statistics makes the whole batch's non-finite, and
+            # the kernel has then skipped the running update.
+            if not bool(torch.isfinite(mean).all() & (invstd > 0).all()):
+                raise FloatingPointError(self._non_finite_message(input))
+        return y
+
+    def _non_finite_message(self, input: Tensor) -> str:
+        return (
+            f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} "
+            "has non-finite statistics (NaN or Inf in the input); the running "
+            "statistics were left unchanged"
+        )
 
     def _equal_chunks(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """Normalize k equal chunks of ``x`` along N in one call; stats of shape (k, C).
@@ -297,10 +414,11 @@ _DOC_COMMON = r"""
     * Without running statistics (``track_running_stats=False``) eval mode also uses
       ghost-batch statistics.
 
-    Speed: many small chunks are normalized in one call of the fast backend (the
-    chunks become channels: two layout copies forward, two backward); chunks of at
-    least 2^17 values get one call each (one concatenation forward, one backward),
-    which is cheaper once a copy costs more than a call. The state_dict is
+    Speed: on the numba backend (float32/float64 CPU tensors) one kernel normalizes
+    every chunk in each direction, with no copy: about the cost of batch norm. Other
+    backends take one call per chunk of at least 2^17 values (one concatenation
+    forward, one backward) and one call for many small chunks (the chunks become
+    channels: two layout copies forward, two backward). The state_dict is
     BatchNormXd's: checkpoints load into and from :class:`torch.nn.BatchNorm2d`.
 
     Args:

@@ -41,10 +41,12 @@ def _check_limits(owner: str, r_max: float, d_max: float) -> None:
 class _RenormTrain(torch.autograd.Function):
     """Training-mode batch renorm on a backend; r and d are constants for backprop.
 
-    Forward: the backend normalizes (``x̂``, no affine) and updates the running
-    statistics (guarded, as in batch norm); r and d come from the batch ``mean`` and
-    ``invstd`` it returns and the running statistics from before the update; one more
-    in-place pass gives ``y = x̂·(γr) + (γd + β)``.
+    Forward: on a backend with a renorm kernel (numba), r and d are folded into the
+    affine coefficients, ``y = x̂·(γr) + (γd + β)``, computed in the same pass as batch
+    norm's output, from the batch statistics and the running statistics from before
+    the (guarded) update. Elsewhere the backend normalizes (``x̂``, no affine) and
+    updates the running statistics; r and d come from the batch ``mean`` and ``invstd``
+    it returns, and one more in-place pass applies the affine map.
 
     Backward: with r and d constant, ``y = γ'·x̂ + β'`` with ``γ' = γr`` is batch norm,
     so the backend's backward with weight γr gives dx, ``Σ dy·x̂`` and ``Σ dy``, and
@@ -68,23 +70,17 @@ class _RenormTrain(torch.autograd.Function):
         d_max: float,
         backend: Backend,
     ) -> Tensor:
-        dtype = stats_dtype(x)
-        old_mean = running_mean.to(dtype, copy=True)
-        sigma = torch.sqrt(running_var.to(dtype) + eps)
-        y, mean, invstd = backend.forward_train(
-            x, None, None, eps, running_mean, running_var, momentum,
-            num_batches_tracked, num_batches_skipped,
-        )
-        r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)  # sigma_B / sigma
-        d = ((mean - old_mean) / sigma).clamp(-d_max, d_max)
-        scale = r if weight is None else weight.detach().to(dtype) * r
-        shift = d if weight is None else weight.detach().to(dtype) * d
-        if bias is not None:
-            shift = shift + bias.detach().to(dtype)
-        if y.dtype == dtype:
-            y = torch.addcmul(channel_view(shift, x), y, channel_view(scale, x), out=y)
-        else:  # half precision: combine in float32, round once
-            y = torch.addcmul(channel_view(shift, x), y.to(dtype), channel_view(scale, x)).to(x.dtype)
+        fused = getattr(backend, "renorm_forward_train", None)
+        if fused is not None:
+            y, mean, invstd, r, d = fused(
+                x, weight, bias, eps, running_mean, running_var, momentum,
+                num_batches_tracked, num_batches_skipped, r_max, d_max,
+            )
+        else:
+            y, mean, invstd, r, d = _renorm_composed(
+                x, weight, bias, eps, running_mean, running_var, momentum,
+                num_batches_tracked, num_batches_skipped, r_max, d_max, backend,
+            )
         ctx.save_for_backward(x, weight, mean, invstd, r, d)
         ctx.backend = backend
         ctx.eps = eps
@@ -110,6 +106,42 @@ class _RenormTrain(torch.autograd.Function):
             sum_dy.to(ctx.bias_dtype) if need_b else None,
             None, None, None, None, None, None, None, None, None,
         )
+
+
+def _renorm_composed(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    r_max: float,
+    d_max: float,
+    backend: Backend,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Batch renorm's forward on a backend without a renorm kernel: ``x̂`` from the
+    backend, then ``y = x̂·(γr) + (γd + β)`` in place. Returns (y, mean, invstd, r, d)."""
+    dtype = stats_dtype(x)
+    old_mean = running_mean.to(dtype, copy=True)
+    sigma = torch.sqrt(running_var.to(dtype) + eps)
+    y, mean, invstd = backend.forward_train(
+        x, None, None, eps, running_mean, running_var, momentum,
+        num_batches_tracked, num_batches_skipped,
+    )
+    r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)  # sigma_B / sigma
+    d = ((mean - old_mean) / sigma).clamp(-d_max, d_max)
+    scale = r if weight is None else weight.detach().to(dtype) * r
+    shift = d if weight is None else weight.detach().to(dtype) * d
+    if bias is not None:
+        shift = shift + bias.detach().to(dtype)
+    if y.dtype == dtype:
+        y = torch.addcmul(channel_view(shift, x), y, channel_view(scale, x), out=y)
+    else:  # half precision: combine in float32, round once
+        y = torch.addcmul(channel_view(shift, x), y.to(dtype), channel_view(scale, x)).to(x.dtype)
+    return y, mean, invstd, r, d
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

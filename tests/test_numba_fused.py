@@ -1,0 +1,333 @@
+"""The numba backend's fused kernels (act, ghost, renorm) against float64 compositions.
+
+* act: ``act(BN(x) + residual)`` forward, backward (every gradient) and eval against
+  the same formula in float64 autograd, for every activation, with and without a
+  residual, in each memory layout; the non-finite batch rule; double backward.
+* ghost: one kernel per direction against batch norm run chunk by chunk (outputs,
+  gradients, statistics) and the running update against the whole batch's.
+* renorm: the folded coefficients against the composed path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from cases import assert_close
+
+import batchnorm as bn
+from batchnorm import functional as F
+from batchnorm.kernels import numba_cpu
+from batchnorm.nn.renorm import _renorm_composed
+
+BACKEND = numba_cpu.BACKEND
+EPS = 1e-5
+MOMENTUM = 0.1
+SLOPE = 0.2
+
+ACTS = {
+    "identity": lambda z: z,
+    "relu": torch.relu,
+    "leaky_relu": lambda z: TF.leaky_relu(z, SLOPE),
+    "silu": TF.silu,
+}
+
+# (N, C, *) shapes and memory formats covering both kernel layouts: channel-major
+# (NCHW, (N, C, L)) and channel-minor ((N, C), channels_last).
+LAYOUTS = {
+    "nchw": ((4, 5, 3, 4), torch.contiguous_format),
+    "ncl": ((3, 6, 7), torch.contiguous_format),
+    "channels_last": ((4, 5, 3, 4), torch.channels_last),
+    "nc": ((12, 5), torch.contiguous_format),
+}
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}
+
+
+def _tensors(shape, fmt, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(scale: float, shift: float) -> torch.Tensor:
+        t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+        return t.to(dtype).contiguous(memory_format=fmt)
+
+    C = shape[1]
+    params = {
+        "weight": (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype),
+        "bias": torch.randn(C, generator=gen, dtype=torch.float64).to(dtype),
+        "running_mean": torch.randn(C, generator=gen, dtype=torch.float64).to(dtype),
+        "running_var": (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype),
+    }
+    return make(2.0, 0.5), make(1.0, 0.0), make(1.0, 0.0), params
+
+
+def _reference_act(x, residual, params, activation, training):
+    """act(BN(x) + residual) in float64 autograd; returns (out, leaves, running)."""
+    dims = [0, *range(2, x.dim())]
+    view = [1, -1] + [1] * (x.dim() - 2)
+    xd = x.double().requires_grad_()
+    rd = None if residual is None else residual.double().requires_grad_()
+    w = params["weight"].double().requires_grad_()
+    b = params["bias"].double().requires_grad_()
+    rm, rv = params["running_mean"].double(), params["running_var"].double()
+    if training:
+        mean = xd.mean(dims)
+        var = ((xd - mean.view(view)) ** 2).mean(dims)
+        m = x.numel() // x.shape[1]
+        rm = (1 - MOMENTUM) * rm + MOMENTUM * mean.detach()
+        rv = (1 - MOMENTUM) * rv + MOMENTUM * var.detach() * m / (m - 1)
+    else:
+        mean, var = params["running_mean"].double(), params["running_var"].double()
+    z = (xd - mean.view(view)) / torch.sqrt(var.view(view) + EPS) * w.view(view) + b.view(view)
+    if rd is not None:
+        z = z + rd
+    return ACTS[activation](z), (xd, rd, w, b), (rm, rv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_act_train_matches_float64(activation, with_residual, layout, dtype) -> None:
+    """Output, dx, dweight, dbias, dresidual, running statistics and counters."""
+    shape, fmt = LAYOUTS[layout]
+    atol, rtol = TOL[dtype]
+    x, r, dout, params = _tensors(shape, fmt, dtype)
+    residual = r if with_residual else None
+    xg = x.clone().requires_grad_()
+    rg = None if residual is None else residual.clone().requires_grad_()
+    w = params["weight"].clone().requires_grad_()
+    b = params["bias"].clone().requires_grad_()
+    rm, rv = params["running_mean"].clone(), params["running_var"].clone()
+    tracked = torch.tensor(2)
+    out = F.batch_norm_act(
+        xg, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS, residual=rg,
+        activation=activation, negative_slope=SLOPE, backend="numba",
+        num_batches_tracked=tracked,
+    )
+    out.backward(dout)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+
+    expected, (xd, rd, wd, bd), (rm_ref, rv_ref) = _reference_act(
+        x, residual, params, activation, training=True
+    )
+    expected.backward(dout.double())
+    assert_close(out, expected, atol, rtol, f"{activation}: output")
+    assert_close(xg.grad, xd.grad, 10 * atol, 10 * rtol, f"{activation}: dx")
+    assert_close(w.grad, wd.grad, 10 * atol * shape[0], 10 * rtol, f"{activation}: dweight")
+    assert_close(b.grad, bd.grad, 10 * atol * shape[0], 10 * rtol, f"{activation}: dbias")
+    if with_residual:
+        assert_close(rg.grad, rd.grad, atol, rtol, f"{activation}: dresidual")
+    assert_close(rm, rm_ref, atol, rtol, "running_mean")
+    assert_close(rv, rv_ref, atol, rtol, "running_var")
+    assert int(tracked) == 3
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_act_eval_matches_float64(activation, layout) -> None:
+    shape, fmt = LAYOUTS[layout]
+    x, r, _, params = _tensors(shape, fmt, torch.float32, seed=1)
+    with torch.no_grad():
+        out = F.batch_norm_act(
+            x, params["running_mean"], params["running_var"], params["weight"],
+            params["bias"], training=False, eps=EPS, residual=r, activation=activation,
+            negative_slope=SLOPE, backend="numba",
+        )
+    expected, _, _ = _reference_act(x, r, params, activation, training=False)
+    assert out.is_contiguous(memory_format=fmt)
+    assert_close(out, expected, 2e-5, 2e-4, f"{activation}: eval output")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_act_backward_rebuilds_z_without_output(activation, layout) -> None:
+    """Without the saved output, relu and leaky ReLU rebuild z from x, the statistics,
+    weight, bias and residual, like silu: same gradients as reading the output."""
+    shape, fmt = LAYOUTS[layout]
+    x, r, dout, p = _tensors(shape, fmt, torch.float64, seed=2)
+    w, b = p["weight"], p["bias"]
+    out, mean, invstd = BACKEND.act_forward_train(
+        x, w, b, EPS, None, None, None, residual=r, activation=activation,
+        negative_slope=SLOPE,
+    )
+    grads = [
+        BACKEND.act_backward_train(
+            dout, saved, x, w, b, mean, invstd, residual=r, activation=activation,
+            negative_slope=SLOPE, has_residual=True,
+        )
+        for saved in (out, None)
+    ]
+    for a, e, what in zip(grads[0], grads[1], ["dx", "dweight", "dbias", "dresidual"]):
+        assert_close(a, e, 1e-12, 1e-10, f"{activation}: {what}")
+
+
+def test_act_identity_is_plain_batch_norm_and_residual_gradient_on_demand() -> None:
+    """The identity without residual is the plain kernel (bitwise); the residual's
+    gradient is written only when asked for (and is dout itself for the identity)."""
+    x, r, dout, p = _tensors((4, 5, 3, 4), torch.contiguous_format, torch.float32, seed=3)
+    w, b = p["weight"], p["bias"]
+    y, mean, invstd = BACKEND.forward_train(x, w, b, EPS, None, None, None, None, None)
+    out, mean2, invstd2 = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
+                                                    activation="identity")
+    assert torch.equal(y, out) and torch.equal(mean, mean2) and torch.equal(invstd, invstd2)
+    *_, dres = BACKEND.act_backward_train(dout, out, x, w, b, mean, invstd, residual=r,
+                                          activation="identity", has_residual=True)
+    assert dres is dout
+    out, mean, invstd = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
+                                                  residual=r, activation="relu")
+    *_, dres = BACKEND.act_backward_train(dout, out, x, w, b, mean, invstd,
+                                          activation="relu", has_residual=False)
+    assert dres is None
+    layer = bn.BatchNormAct2d(5, "relu")
+    xg = x.clone().requires_grad_()
+    layer(xg, r).sum().backward()  # the residual needs no gradient: none is computed
+    assert r.grad is None and xg.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+def test_non_finite_batches_are_skipped(layout) -> None:
+    """act, ghost and renorm: a batch with a NaN leaves the running statistics alone
+    and is counted as skipped (decided inside the kernel)."""
+    shape, fmt = LAYOUTS[layout]
+    x, r, _, _ = _tensors(shape, fmt, torch.float32, seed=4)
+    x[-1, 1] = float("nan")  # in the last example: only the last ghost chunk is bad
+    dim = 1 if len(shape) < 4 else 2
+    layers = [
+        bn.create_norm("batch_act", shape[1], dim=dim, activation="relu"),
+        bn.create_norm("ghost", shape[1], dim=dim, virtual_batch_size=2),
+        bn.create_norm("renorm", shape[1], dim=dim, r_max=2.0, d_max=1.0),
+    ]
+    for layer in layers:
+        layer.backend = "numba"
+        layer(x, r) if isinstance(layer, bn.BatchNormAct2d | bn.BatchNormAct1d) else layer(x)
+        name = type(layer).__name__
+        assert torch.equal(layer.running_mean, torch.zeros(shape[1])), name
+        assert torch.equal(layer.running_var, torch.ones(shape[1])), name
+        assert int(layer.num_batches_skipped) == 1 and int(layer.num_batches_tracked) == 0, name
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_act_gradcheck(activation) -> None:
+    """First and second derivatives (double backward uses differentiable ops)."""
+    slope = -0.3 if activation == "leaky_relu" else SLOPE  # a negative slope rebuilds z
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, generator=gen, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, r, w, b):
+        return F.batch_norm_act(x, None, None, w, b, training=True, residual=r,
+                                activation=activation, negative_slope=slope, backend="numba")
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, r, w, b))
+
+
+# ----------------------------------------------------------------------------------------
+# ghost
+# ----------------------------------------------------------------------------------------
+GHOST_CASES = [
+    # (name, shape, chunk sizes along N, memory format)
+    ("nchw_equal", (8, 5, 3, 4), (2, 2, 2, 2), torch.contiguous_format),
+    ("nchw_smaller_last", (7, 5, 3, 4), (3, 3, 1), torch.contiguous_format),
+    ("channels_last_smaller_last", (7, 6, 2, 3), (3, 3, 1), torch.channels_last),
+    ("nc_odd", (11, 5), (4, 4, 3), torch.contiguous_format),
+    ("ncl_one_chunk", (5, 3, 6), (5,), torch.contiguous_format),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(("name", "shape", "sizes", "fmt"), GHOST_CASES,
+                         ids=[c[0] for c in GHOST_CASES])
+def test_ghost_kernels_equal_batch_norm_per_chunk(name, shape, sizes, fmt, dtype) -> None:
+    """Each chunk exactly as the plain kernels normalize it alone (outputs, statistics,
+    dx; dweight, dbias summed), and one running update with the whole batch's."""
+    atol, rtol = TOL[dtype]
+    x, _, dy, p = _tensors(shape, fmt, dtype, seed=6)
+    w, b = p["weight"], p["bias"]
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    tracked, skipped = torch.tensor(0), torch.tensor(0)
+    y, mean, invstd = BACKEND.ghost_forward_train(
+        x, w, b, EPS, sizes, rm, rv, MOMENTUM, tracked, skipped
+    )
+    dx, dw, db = BACKEND.ghost_backward_train(dy, x, w, mean, invstd, sizes)
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    assert mean.shape == (len(sizes) * shape[1],)
+
+    ys, dxs = [], []
+    dw_sum, db_sum = torch.zeros_like(dw), torch.zeros_like(db)
+    for j, (xc, dyc) in enumerate(zip(x.split(sizes), dy.split(sizes))):
+        xc, dyc = xc.contiguous(memory_format=fmt), dyc.contiguous(memory_format=fmt)
+        yc, mc, ic = BACKEND.forward_train(xc, w, b, EPS, None, None, None, None, None)
+        dxc, dwc, dbc = BACKEND.backward_train(dyc, xc, w, mc, ic)
+        chunk = slice(j * shape[1], (j + 1) * shape[1])
+        assert_close(mean[chunk], mc, atol, rtol, f"{name}: chunk {j} mean")
+        assert_close(invstd[chunk], ic, atol, rtol, f"{name}: chunk {j} invstd")
+        ys.append(yc)
+        dxs.append(dxc)
+        dw_sum += dwc
+        db_sum += dbc
+    assert_close(y, torch.cat(ys), atol, rtol, f"{name}: output")
+    assert_close(dx, torch.cat(dxs), atol, rtol, f"{name}: dx")
+    assert_close(dw, dw_sum, atol * 10, rtol, f"{name}: dweight")
+    assert_close(db, db_sum, atol * 10, rtol, f"{name}: dbias")
+
+    rm_ref, rv_ref = p["running_mean"].clone(), p["running_var"].clone()
+    BACKEND.forward_train(x, w, b, EPS, rm_ref, rv_ref, MOMENTUM, None, None)
+    assert_close(rm, rm_ref, atol, rtol, f"{name}: running_mean (whole batch)")
+    assert_close(rv, rv_ref, atol, rtol, f"{name}: running_var (whole batch)")
+    assert int(tracked) == 1 and int(skipped) == 0
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_ghost_layer_uses_the_kernels_and_matches_separate_layers(fmt) -> None:
+    """GhostBatchNorm2d on the numba backend against one BatchNorm2d per chunk, with
+    odd N (a smaller last chunk): outputs and every gradient."""
+    x, _, dy, _ = _tensors((7, 4, 3, 3), fmt, torch.float64, seed=7)
+    ghost = bn.GhostBatchNorm2d(4, virtual_batch_size=3, dtype=torch.float64, backend="numba")
+    xg = x.clone().requires_grad_()
+    ghost(xg).backward(dy)
+    plain = bn.BatchNorm2d(4, dtype=torch.float64, backend="numba")
+    ys, dxs = [], []
+    for xc, dyc in zip(x.split([3, 3, 1]), dy.split([3, 3, 1])):
+        xc = xc.clone().requires_grad_()
+        yc = plain(xc)
+        yc.backward(dyc)
+        ys.append(yc.detach())
+        dxs.append(xc.grad)
+    assert_close(xg.grad, torch.cat(dxs), 1e-10, 1e-9, "dx")
+    assert_close(ghost.weight.grad, plain.weight.grad, 1e-10, 1e-9, "dweight")
+    assert_close(ghost.bias.grad, plain.bias.grad, 1e-10, 1e-9, "dbias")
+
+
+# ----------------------------------------------------------------------------------------
+# renorm
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+def test_renorm_kernel_matches_composed_path(layout) -> None:
+    """r and d folded into the coefficients: y, statistics, r, d and the running update
+    equal the composed path (plain batch norm, then y = x̂·(γr) + (γd + β))."""
+    shape, fmt = LAYOUTS[layout]
+    x, _, _, p = _tensors(shape, fmt, torch.float64, seed=8)
+    w, b = p["weight"], p["bias"]
+    # Clipping in both directions: one channel far off in mean, one in variance.
+    p["running_var"][0] *= 50
+    p["running_mean"][1] += 20
+    results = []
+    for fused in (True, False):
+        rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+        tracked = torch.tensor(4)
+        args = (x, w, b, EPS, rm, rv, MOMENTUM, tracked, None, 2.0, 1.0)
+        if fused:
+            outputs = BACKEND.renorm_forward_train(*args)
+        else:
+            outputs = _renorm_composed(*args, BACKEND)
+        results.append((*outputs, rm, rv, tracked))
+    assert results[0][0].is_contiguous(memory_format=fmt)
+    names = ["y", "mean", "invstd", "r", "d", "running_mean", "running_var", "tracked"]
+    for a, e, what in zip(*results, names):
+        assert_close(a, e, 1e-12, 1e-10, f"renorm {what}")
+    r, d = results[0][3], results[0][4]
+    assert float(r.min()) == 0.5 and float(d.abs().max()) == 1.0, "the limits were hit"
