@@ -8,6 +8,8 @@ alike; the figures quoted are medians and the ratio of medians.
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import datetime as _dt
 import json
 import os
@@ -40,6 +42,28 @@ def time_interleaved(
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def pin_allocator() -> bool:
+    """Ask glibc to keep freed memory in the process: no mmap'ed blocks (M_MMAP_MAX = 0)
+    and no trimming of the heap (M_TRIM_THRESHOLD = 2 GiB). False where mallopt is
+    unavailable or refuses.
+
+    Without it, every large tensor (tens of MB) is a fresh mmap that the next call
+    page-faults in again: on this VM that costs as much as the batch norm itself, moves
+    timings by up to 2x between runs and hides the kernels' differences. Pinned, the
+    process reuses its freed blocks, as a training loop's caching allocator would.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    )
 
 
 def median_ms(samples: Sequence[float]) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import batchnorm as bn
-from _harness import median_ms, print_table, time_interleaved, write_results
+from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
 
 RESNET_SHAPES = [(16, 64, 56, 56), (16, 256, 56, 56), (16, 128, 28, 28),
                  (16, 512, 28, 28), (16, 1024, 14, 14), (16, 2048, 7, 7)]
@@ -73,8 +73,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="two shapes, 5 repeats")
+    parser.add_argument("--pin-allocator", action="store_true",
+                        help="keep freed memory in the process (see _harness.py)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    pinned = args.pin_allocator and pin_allocator()
     torch.manual_seed(0)
     shapes = [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick else [*RESNET_SHAPES, FIG1_SHAPE]
     repeats = 5 if args.quick else args.repeats
@@ -82,7 +85,10 @@ def main() -> None:
     for shape in shapes:
         layouts = ["NCHW", "channels_last"] if len(shape) == 4 else ["NC"]
         for layout in layouts:
-            rows += bench_shape(shape, layout, repeats)
+            new = bench_shape(shape, layout, repeats)
+            for row in new:
+                row["allocator_pinned"] = pinned
+            rows += new
             print_table(rows[-2:], ["shape", "layout", "mode", "batchnorm_ms", "torch_ms", "ratio"])
     print()
     print_table(rows, ["layer", "shape", "layout", "mode", "batchnorm_ms", "torch_ms", "ratio"])

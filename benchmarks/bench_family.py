@@ -4,16 +4,15 @@
   (r_max=3, d_max=5) and BatchNormAct (relu, with a residual) against the core
   batchnorm.BatchNorm on the same shapes as bench_cpu.py (target: <= 1.5x).
 * Eval forward of small networks before and after fold() (target: folded <= 0.8x):
-  a ResNet-style one (3x3 convolutions) and a MobileNet-style one (depthwise-
-  separable convolutions, where batch norm is a larger share of the time).
+  a ResNet-18-style one (basic blocks of 3x3 convolutions), a ResNet-50-style one
+  (bottleneck blocks) and a MobileNet-style one (depthwise-separable convolutions,
+  where batch norm is a larger share of the time). Beside each, the same network with
+  its batch norms removed: the floor no fold can go below.
 
 Timings alternate call by call in one process (see _harness.py). Prints a table and
 writes JSON/CSV (default: benchmarks/results/family.*).
 
-Large shapes swing between runs with glibc's allocator: a freed block of tens of MB
-may go back to the OS, and the next call page-faults it in again (up to ~2x on one
-layer). ``--pin-allocator`` keeps freed memory in the process (mallopt: no mmap'ed
-blocks, no trimming), which makes the ratios reproducible; it is recorded in the rows.
+``--pin-allocator``: see _harness.pin_allocator; recorded in the rows.
 
     python benchmarks/bench_family.py [--repeats 30] [--quick] [--pin-allocator] [--out DIR]
 """
@@ -22,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import ctypes.util
 from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import median_ms, print_table, time_interleaved, write_results
+from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
 from bench_cpu import FIG1_SHAPE, RESNET_SHAPES
 from torch import nn
 
@@ -103,6 +100,34 @@ def small_resnet(channels: int = 32, blocks: int = 3, classes: int = 10) -> nn.M
     )
 
 
+class _Bottleneck(nn.Module):
+    """ResNet-50's block: 1x1 reduce, 3x3, 1x1 expand (x4), each followed by BN."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
+        self.bn1 = bn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = bn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, channels, 1, bias=False)
+        self.bn3 = bn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(x + self.bn3(self.conv3(y)))
+
+
+def small_bottleneck_resnet(channels: int = 128, blocks: int = 3, classes: int = 10) -> nn.Module:
+    """A ResNet-50-style network for 32x32 images: bottleneck blocks of width
+    ``channels/4``, so three BNs per block and cheap 1x1 convolutions."""
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False), bn.BatchNorm2d(channels), nn.ReLU(),
+        *[_Bottleneck(channels, channels // 4) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes),
+    )
+
+
 def small_mobilenet(channels: int = 64, blocks: int = 4, classes: int = 10) -> nn.Module:
     """A depthwise-separable network (MobileNet-style): cheap convolutions, so batch
     norm is a larger share of the time than in a 3x3-conv ResNet."""
@@ -119,7 +144,21 @@ def small_mobilenet(channels: int = 64, blocks: int = 4, classes: int = 10) -> n
     return nn.Sequential(*layers)
 
 
+def _without_bn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every batch norm replaced by Identity: the time no fold
+    can beat (folding leaves only a bias, which the convolution adds for free)."""
+    bare = copy.deepcopy(model)
+    for parent in list(bare.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, bn.BatchNorm2d):
+                setattr(parent, child_name, nn.Identity())
+    return bare
+
+
 def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """Eval time of ``model`` folded against unfolded, with the no-BN floor beside it:
+    ``floor_ratio`` = (time without BN) / (unfolded time) = 1 − BN's share of the time,
+    the best ratio any fold could reach on this model."""
     torch.manual_seed(0)
     with torch.no_grad():  # trained-looking statistics
         for m in model.modules():
@@ -128,6 +167,7 @@ def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[di
                 m.running_var.uniform_(0.5, 2.0)
     model.eval()
     folded, count = bn.fold(copy.deepcopy(model))
+    bare = _without_bn(model)
     x = torch.randn(batch, 3, 32, 32)
     with torch.no_grad():
         err = float((folded(x) - model(x)).abs().max() / model(x).abs().max())
@@ -138,29 +178,17 @@ def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[di
                 m(x)
         return step
 
-    times = time_interleaved({"unfolded": run(model), "folded": run(folded)}, repeats)
+    times = time_interleaved(
+        {"unfolded": run(model), "folded": run(folded), "no_bn": run(bare)}, repeats
+    )
     base, t = median_ms(times["unfolded"]), median_ms(times["folded"])
+    floor = median_ms(times["no_bn"])
     return [{
         "layer": f"fold {name} ({count} BN)", "shape": f"{batch}x3x32x32", "layout": "NCHW",
         "dtype": "float32", "mode": "eval fwd (model)", "ms": t, "baseline_ms": base,
-        "ratio": t / base, "repeats": repeats, "max_rel_error": err,
+        "ratio": t / base, "floor_ms": floor, "floor_ratio": floor / base,
+        "repeats": repeats, "max_rel_error": err,
     }]
-
-
-def pin_allocator() -> bool:
-    """Ask glibc to keep freed memory in the process: no mmap'ed blocks (M_MMAP_MAX = 0)
-    and no trimming of the heap (M_TRIM_THRESHOLD = 2 GiB). False where mallopt is
-    unavailable or refuses."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(
-        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-    )
 
 
 def main() -> None:
@@ -168,7 +196,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="two shapes, 5 repeats")
     parser.add_argument("--pin-allocator", action="store_true",
-                        help="keep freed memory in the process (see the module docstring)")
+                        help="keep freed memory in the process (see _harness.py)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     pinned = args.pin_allocator and pin_allocator()
@@ -184,10 +212,19 @@ def main() -> None:
                 row["allocator_pinned"] = pinned
             rows += new
             print_table(new, COLUMNS)
-    for name, model in (("resnet", small_resnet()), ("mobilenet", small_mobilenet())):
-        rows += bench_fold(name, model, batch=32, repeats=repeats)
+    models = (
+        ("resnet", small_resnet()),
+        ("bottleneck resnet", small_bottleneck_resnet()),
+        ("mobilenet", small_mobilenet()),
+    )
+    fold_rows = [
+        row for name, model in models for row in bench_fold(name, model, 32, repeats)
+    ]
+    rows += fold_rows
     print()
     print_table(rows, COLUMNS)
+    print()
+    print_table(fold_rows, [*COLUMNS, "floor_ms", "floor_ratio"])
     json_path, csv_path = write_results(rows, args.out, "family")
     print(f"\nwrote {json_path} and {csv_path}")
 

@@ -179,6 +179,39 @@ def test_float64_running_stats_stay_float64() -> None:
     assert_close(rm, x.mean(0), 1e-14, 1e-14, "running_mean")
 
 
+EVAL_DTYPE_CASES = [
+    # (input, weight/bias, running stats): equal dtypes go to aten's eval kernel, mixed
+    # ones to the numba kernel; both must give the float64 reference's answer.
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float64, torch.float64, torch.float64),
+    (torch.float64, torch.float32, torch.float32),
+    (torch.float32, torch.float32, torch.float64),
+    (torch.float64, None, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("x_dtype", "p_dtype", "s_dtype"), EVAL_DTYPE_CASES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_numba_eval_with_mixed_dtypes(x_dtype, p_dtype, s_dtype, fmt: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, dtype=x_dtype) * 2 + 1
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = None if p_dtype is None else (torch.rand(5) + 0.5).to(p_dtype)
+    b = None if p_dtype is None else torch.randn(5).to(p_dtype)
+    rm, rv = torch.randn(5).to(s_dtype), (torch.rand(5) + 0.5).to(s_dtype)
+    with torch.no_grad():
+        y = F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3, backend="numba")
+    xd = x.double()
+    scale = (rv.double() + 1e-3).rsqrt() * (1.0 if w is None else w.double())
+    shift = (0.0 if b is None else b.double()) - rm.double() * scale
+    expected = xd * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    tol = 1e-12 if x_dtype == torch.float64 and s_dtype == torch.float64 else 2e-6
+    assert y.dtype == x_dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == (fmt == "channels_last")
+    assert_close(y, expected, tol, tol, "eval output")
+
+
 def test_backend_choice_errors() -> None:
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="backend must be one of"):

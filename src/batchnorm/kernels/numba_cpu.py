@@ -1175,6 +1175,19 @@ class _NumbaBackend:
         running_var: Tensor,
         eps: float,
     ) -> Tensor:
+        # Eval is one streaming pass, as fast in aten as here, and inside a network it
+        # follows a convolution whose threads (torch's OpenMP pool) are still awake,
+        # while numba's pool has gone to sleep and must be woken. Measured in eval
+        # forward of small conv nets (benchmarks/bench_family.py, fold models): batch
+        # norm's share of the time fell 20-30 % with aten's kernel. So plain eval goes
+        # to aten when the dtypes let it (aten wants the parameters in x's dtype); the
+        # numba kernel serves the rest, and the fused act eval.
+        if all(
+            t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var)
+        ):
+            return torch.batch_norm(
+                x, weight, bias, running_mean, running_var, False, 0.0, eps, False
+            )
         return _forward_eval(x, weight, bias, running_mean, running_var, eps)
 
     # -- act(BN(x) + residual) ----------------------------------------------------------
