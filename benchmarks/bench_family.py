@@ -15,6 +15,7 @@ writes JSON/CSV (default: benchmarks/results/family.*).
 ``--pin-allocator``: see _harness.pin_allocator; recorded in the rows.
 
     python benchmarks/bench_family.py [--repeats 30] [--quick] [--pin-allocator] [--out DIR]
+    python benchmarks/bench_family.py --fold-only --device cuda --fold-batch 256
 """
 
 from __future__ import annotations
@@ -155,11 +156,15 @@ def _without_bn(model: nn.Module) -> nn.Module:
     return bare
 
 
-def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[dict[str, Any]]:
+def bench_fold(
+    name: str, model: nn.Module, batch: int, repeats: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
     """Eval time of ``model`` folded against unfolded, with the no-BN floor beside it:
     ``floor_ratio`` = (time without BN) / (unfolded time) = 1 − BN's share of the time,
-    the best ratio any fold could reach on this model."""
+    the best ratio any fold could reach on this model. On CUDA each call ends with a
+    synchronize, so the host clock sees the kernels' time."""
     torch.manual_seed(0)
+    model = model.to(device)
     with torch.no_grad():  # trained-looking statistics
         for m in model.modules():
             if isinstance(m, bn.BatchNorm2d):
@@ -168,14 +173,16 @@ def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[di
     model.eval()
     folded, count = bn.fold(copy.deepcopy(model))
     bare = _without_bn(model)
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32, device=device)
     with torch.no_grad():
         err = float((folded(x) - model(x)).abs().max() / model(x).abs().max())
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def run(m: nn.Module):
         def step() -> None:
             with torch.no_grad():
                 m(x)
+            sync()
         return step
 
     times = time_interleaved(
@@ -185,8 +192,8 @@ def bench_fold(name: str, model: nn.Module, batch: int, repeats: int) -> list[di
     floor = median_ms(times["no_bn"])
     return [{
         "layer": f"fold {name} ({count} BN)", "shape": f"{batch}x3x32x32", "layout": "NCHW",
-        "dtype": "float32", "mode": "eval fwd (model)", "ms": t, "baseline_ms": base,
-        "ratio": t / base, "floor_ms": floor, "floor_ratio": floor / base,
+        "dtype": "float32", "mode": "eval fwd (model)", "device": device, "ms": t,
+        "baseline_ms": base, "ratio": t / base, "floor_ms": floor, "floor_ratio": floor / base,
         "repeats": repeats, "max_rel_error": err,
     }]
 
@@ -197,11 +204,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes, 5 repeats")
     parser.add_argument("--pin-allocator", action="store_true",
                         help="keep freed memory in the process (see _harness.py)")
+    parser.add_argument("--fold-only", action="store_true", help="only the fold benchmark")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the fold benchmark (the layer tables are CPU only)")
+    parser.add_argument("--fold-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     pinned = args.pin_allocator and pin_allocator()
     torch.manual_seed(0)
     shapes = [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick else [*RESNET_SHAPES, FIG1_SHAPE]
+    if args.fold_only:
+        shapes = []
     repeats = 5 if args.quick else args.repeats
     rows: list[dict[str, Any]] = []
     for shape in shapes:
@@ -218,14 +231,17 @@ def main() -> None:
         ("mobilenet", small_mobilenet()),
     )
     fold_rows = [
-        row for name, model in models for row in bench_fold(name, model, 32, repeats)
+        row
+        for name, model in models
+        for row in bench_fold(name, model, args.fold_batch, repeats, args.device)
     ]
     rows += fold_rows
     print()
     print_table(rows, COLUMNS)
     print()
     print_table(fold_rows, [*COLUMNS, "floor_ms", "floor_ratio"])
-    json_path, csv_path = write_results(rows, args.out, "family")
+    stem = "family" if args.device == "cpu" and not args.fold_only else f"fold_{args.device}"
+    json_path, csv_path = write_results(rows, args.out, stem)
     print(f"\nwrote {json_path} and {csv_path}")
 
 
