@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,6 +10,70 @@ from torch import Tensor, nn
 
 from batchnorm import functional as F
 from batchnorm._backends import BACKEND_NAMES
+
+
+def check_layer_args(
+    owner: str, num_features: object, eps: float, momentum: float | None, backend: str
+) -> None:
+    """The constructor checks every batch-norm layer shares; errors name ``owner``."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"{owner}: eps must be >= 0 and finite, got {eps}")
+    if momentum is not None and not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"{owner}: backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def register_state(
+    module: nn.Module,
+    num_features: int,
+    affine: bool,
+    bias: bool,
+    track_running_stats: bool,
+    stats_shape: tuple[int, ...],
+    counter_shape: tuple[int, ...],
+    device: Any,
+    dtype: torch.dtype | None,
+) -> None:
+    """γ/β (``num_features`` each) as parameters, the running statistics
+    (``stats_shape``) and the counters (int64, ``counter_shape``) as buffers, with
+    ``None`` registered for what is off, as in PyTorch. ``num_batches_skipped`` is not
+    persistent, so state_dicts stay interchangeable with PyTorch's. Values are set by
+    the caller's ``reset_parameters``."""
+    factory: dict[str, Any] = {"device": device, "dtype": dtype}
+    if affine:
+        module.weight = nn.Parameter(torch.empty(num_features, **factory))
+        if bias:
+            module.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            module.register_parameter("bias", None)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+    if track_running_stats:
+        counter: dict[str, Any] = {"dtype": torch.long, "device": device}
+        module.register_buffer("running_mean", torch.zeros(stats_shape, **factory))
+        module.register_buffer("running_var", torch.ones(stats_shape, **factory))
+        module.register_buffer("num_batches_tracked", torch.zeros(counter_shape, **counter))
+        module.register_buffer(
+            "num_batches_skipped", torch.zeros(counter_shape, **counter), persistent=False
+        )
+    else:
+        module.register_buffer("running_mean", None)
+        module.register_buffer("running_var", None)
+        module.register_buffer("num_batches_tracked", None)
+        module.register_buffer("num_batches_skipped", None, persistent=False)
+
+
+def reset_state(module: nn.Module) -> None:
+    """Running mean 0, running variance 1, counters 0 (where tracked)."""
+    if module.running_mean is not None:
+        module.running_mean.zero_()
+        module.running_var.fill_(1)
+        module.num_batches_tracked.zero_()
+        module.num_batches_skipped.zero_()
 
 
 class _BatchNormBase(nn.Module):
@@ -55,15 +120,7 @@ class _BatchNormBase(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not (eps >= 0.0):
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if momentum is not None and not (0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        check_layer_args(type(self).__name__, num_features, eps, momentum, backend)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -71,42 +128,15 @@ class _BatchNormBase(nn.Module):
         self.track_running_stats = track_running_stats
         self.backend = backend
         self.check_finite = check_finite
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-            self.register_buffer(
-                "num_batches_skipped",
-                torch.tensor(0, dtype=torch.long, device=device),
-                persistent=False,
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-            self.register_buffer("num_batches_skipped", None, persistent=False)
+        register_state(
+            self, num_features, affine, bias, track_running_stats, (num_features,), (),
+            device, dtype,
+        )
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters 0."""
-        if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None and self.num_batches_skipped is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-            self.num_batches_skipped.zero_()
+        reset_state(self)
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, then γ = 1 and β = 0."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm._backends import BACKEND_NAMES
+from batchnorm.nn._base import check_layer_args, register_state, reset_state
 
 __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
 
@@ -139,21 +139,13 @@ class RecurrentBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        check_layer_args(name, num_features, eps, momentum, backend)
         if (
             isinstance(max_timesteps, bool)
             or not isinstance(max_timesteps, int)
             or max_timesteps < 1
         ):
             raise ValueError(f"{name}: max_timesteps must be a positive int, got {max_timesteps!r}")
-        if not (eps >= 0.0 and math.isfinite(eps)):
-            raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps}")
-        if momentum is not None and not (0.0 <= momentum <= 1.0):
-            raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"{name}: backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.max_timesteps = max_timesteps
         self.eps = eps
@@ -163,40 +155,15 @@ class RecurrentBatchNorm(nn.Module):
         self.weight_init = float(weight_init)
         self.backend = backend
         self.check_finite = check_finite
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            shape = (max_timesteps, num_features)
-            counter: dict[str, Any] = {"dtype": torch.long, "device": device}
-            self.register_buffer("running_mean", torch.zeros(shape, **factory))
-            self.register_buffer("running_var", torch.ones(shape, **factory))
-            self.register_buffer("num_batches_tracked", torch.zeros(max_timesteps, **counter))
-            self.register_buffer(
-                "num_batches_skipped", torch.zeros(max_timesteps, **counter), persistent=False
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-            self.register_buffer("num_batches_skipped", None, persistent=False)
+        register_state(
+            self, num_features, affine, bias, track_running_stats,
+            (max_timesteps, num_features), (max_timesteps,), device, dtype,
+        )
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         """Every slot: running mean 0, running variance 1, counters 0."""
-        if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None and self.num_batches_skipped is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-            self.num_batches_skipped.zero_()
+        reset_state(self)
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, then γ = ``weight_init`` and β = 0."""
