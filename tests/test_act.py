@@ -53,7 +53,10 @@ def test_equals_composed_layers(activation, with_residual, training) -> None:
     assert_close(fused.bias.grad, plain.bias.grad, 1e-10, 1e-10, "dbias")
     if with_residual:
         assert_close(ra.grad, rb.grad, 1e-12, 1e-10, "dresidual")
-    assert torch.equal(fused.running_var, plain.running_var)
+    # The plain layer may run on another backend ("auto": aten for small inputs): the
+    # running statistics agree to float64 rounding, not bit for bit.
+    assert_close(fused.running_mean, plain.running_mean, 1e-14, 1e-14, "running_mean")
+    assert_close(fused.running_var, plain.running_var, 1e-13, 1e-13, "running_var")
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "silu"])

@@ -12,7 +12,7 @@ import reference
 from cases import assert_close
 
 F = bn.functional
-BACKENDS = ["reference", "numba"]
+BACKENDS = ["reference", "numba", "aten"]
 
 
 def test_signature_matches_torch() -> None:
@@ -227,13 +227,45 @@ def test_auto_backend_picks_numba_on_cpu_float32() -> None:
     assert select_backend("auto", torch.randn(2, 2).half()).name == "reference"
 
 
+AUTO_POLICY_CASES = [
+    # (shape, channels_last, training, expected backend under "auto" on the CPU)
+    ((60, 100), False, True, "aten"),  # (N, C): channel-minor, aten at any size
+    ((4096, 512), False, True, "aten"),
+    ((16, 32, 16, 16), False, True, "aten"),  # NCHW below ATEN_CHANNEL_MAJOR_MAX
+    ((16, 64, 16, 16), False, True, "numba"),  # NCHW at the threshold: numba
+    ((16, 64, 16, 16), True, True, "aten"),  # channels_last: aten
+    ((16, 64, 16, 16), False, False, "aten"),  # eval: aten
+    ((4, 64, 1, 1), False, True, "aten"),  # spatial size 1 is (N, C)
+]
+
+
+@pytest.mark.parametrize(("shape", "channels_last", "training", "expected"), AUTO_POLICY_CASES)
+def test_auto_policy_on_cpu(shape, channels_last, training, expected) -> None:
+    from batchnorm._backends import prefer_aten, select_backend
+
+    x = torch.empty(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert prefer_aten(select_backend("auto", x), x, training).name == expected
+    # Named backends are never redirected, and other dtypes keep the reference.
+    assert select_backend("numba", x).name == "numba"
+    assert prefer_aten(select_backend("auto", x.half()), x.half(), training).name == "reference"
+
+
+def test_aten_backend_rejects_what_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="backend='aten' runs on float32/float64 CPU tensors"):
+        F.batch_norm(torch.randn(4, 3).half(), None, None, training=True, backend="aten")
+
+
 def _forked_child(queue) -> None:  # pragma: no cover - runs in the child
-    from batchnorm._backends import select_backend
+    from batchnorm._backends import prefer_aten, select_backend
 
     x = torch.randn(16, 3, 8, 8)
     with torch.no_grad():
         y = bn.BatchNorm2d(3)(x)
-    queue.put((select_backend("auto", x).name, float(y.mean()), float(y.std())))
+    chosen = select_backend("auto", x)
+    preferred = prefer_aten(chosen, x, training=True).name
+    queue.put((chosen.name, preferred, float(y.mean()), float(y.std())))
 
 
 def test_forked_child_after_parallel_kernels() -> None:
@@ -241,19 +273,21 @@ def test_forked_child_after_parallel_kernels() -> None:
     import multiprocessing as mp
 
     # Large enough for the threaded kernels: starts the parallel runtime in the parent.
-    bn.BatchNorm2d(3)(torch.randn(16, 3, 64, 64))
+    bn.BatchNorm2d(3, backend="numba")(torch.randn(16, 3, 64, 64))
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_forked_child, args=(queue,))
     proc.start()
     proc.join(timeout=60)
     assert proc.exitcode == 0
-    name, mean, std = queue.get(timeout=5)
+    name, preferred, mean, std = queue.get(timeout=5)
     assert abs(mean) < 1e-5 and abs(std - 1) < 1e-2
     import numba
 
     if numba.threading_layer() == "omp":
         assert name == "reference"
+    # "auto" never takes aten in a forked child: torch's own pool may not survive fork.
+    assert preferred != "aten"
 
 
 def test_threads_launch_concurrently() -> None:

@@ -12,11 +12,11 @@ from cases import CASES, TOLERANCES, Case, assert_close, memory_format
 OURS = {1: bn.BatchNorm1d, 2: bn.BatchNorm2d, 3: bn.BatchNorm3d}
 TORCH = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-BACKENDS = ["reference", "numba"]
+BACKENDS = ["reference", "numba", "aten"]
 
 
 def _supported(backend: str, dtype: torch.dtype) -> bool:
-    return backend != "numba" or dtype in (torch.float32, torch.float64)
+    return backend == "reference" or dtype in (torch.float32, torch.float64)
 
 
 def _setup(case: Case, dtype: torch.dtype, backend: str, seed: int = 0):

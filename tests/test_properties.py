@@ -10,7 +10,7 @@ import batchnorm as bn
 from cases import assert_close
 
 F = bn.functional
-BACKENDS = st.sampled_from(["reference", "numba"])
+BACKENDS = st.sampled_from(["reference", "numba", "aten"])
 
 
 @st.composite

@@ -89,7 +89,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-BACKEND_NAMES = ("auto", "reference", "numba", "triton")
+BACKEND_NAMES = ("auto", "reference", "numba", "aten", "triton")
 
 
 class Backend(Protocol):
@@ -209,6 +209,14 @@ def _load_numba() -> Backend | None:
     return numba_cpu.BACKEND
 
 
+def _load_aten() -> Backend | None:
+    try:  # its running-statistics update is a numba kernel
+        from batchnorm import _aten
+    except ImportError:
+        return None
+    return _aten.BACKEND
+
+
 def _load_triton() -> Backend | None:
     try:
         from batchnorm.kernels import triton_host
@@ -228,6 +236,8 @@ def _get(name: str) -> Backend | None:
             _loaded[name] = _reference.BACKEND
         elif name == "numba":
             _loaded[name] = _load_numba()
+        elif name == "aten":
+            _loaded[name] = _load_aten()
         else:
             _loaded[name] = _load_triton()
     return _loaded[name]
@@ -285,6 +295,16 @@ def _select(name: str, x: Tensor) -> Backend:
                 "backend='auto' (falls back to the reference) or the 'spawn' start method"
             )
         return backend
+    if name == "aten":
+        if not _numba_supports(x):
+            raise ValueError(
+                f"backend='aten' runs on float32/float64 CPU tensors, "
+                f"got a {x.dtype} tensor on {x.device}"
+            )
+        backend = _get("aten")
+        if backend is None:
+            raise RuntimeError("backend='aten' needs numba (for its running-statistics update)")
+        return backend
     if name == "triton":
         if not (x.device.type == "cuda" or _triton_interpreting()):
             raise ValueError(
@@ -304,3 +324,51 @@ def _select(name: str, x: Tensor) -> Backend:
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Below this many elements a channel-major (NCHW-like) training call goes to aten under
+# "auto": the numba kernels' per-element gain does not cover the Python autograd glue
+# around them. Measured on the 2-core CPU of docs/benchmarks.md (forward+backward
+# against torch): 16x32x16x16 (131 072) 1.19x on numba, 1.00x on aten; 16x64x16x16
+# (262 144) 0.91x on numba. Channel-minor inputs ((N, C), channels_last) go to aten
+# at every size: torch's kernel for them is as fast as numba's (0.97-1.15x at
+# ResNet sizes) and has no glue.
+ATEN_CHANNEL_MAJOR_MAX = 1 << 18
+
+
+def _channel_minor(x: Tensor) -> bool:
+    """True for (N, C), (N, C, 1, ...) and channels_last inputs."""
+    if x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]:
+        return True
+    return not x.is_contiguous() and (
+        (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+
+
+# In a forked child, torch's own parallel kernels hang if the parent had started
+# torch's OpenMP pool (GNU OpenMP does not survive fork(); plain torch.batch_norm hangs
+# there too). "auto" then keeps to the numba or reference paths, as before the fork.
+_IN_FORKED_CHILD = False
+
+
+def _mark_forked() -> None:
+    global _IN_FORKED_CHILD
+    _IN_FORKED_CHILD = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def prefer_aten(chosen: Backend, x: Tensor, training: bool) -> Backend:
+    """Under ``backend="auto"``, the backend for plain batch norm on ``x``: ``chosen``
+    unless it is numba and aten is as fast or faster (eval always: a single streaming
+    pass, whose threads torch's pool has awake after a convolution; training on small
+    or channel-minor inputs, see ``ATEN_CHANNEL_MAJOR_MAX``). The family's fused
+    kernels (Ghost, Renorm, BatchNormAct) are numba's and ask ``select_backend``."""
+    if chosen.name != "numba" or _IN_FORKED_CHILD:
+        return chosen
+    if training and not _channel_minor(x) and x.numel() >= ATEN_CHANNEL_MAJOR_MAX:
+        return chosen
+    aten = _get("aten")
+    return chosen if aten is None else aten

@@ -26,6 +26,7 @@ from batchnorm._backends import (
     ActKernels,
     Backend,
     act_kernels,
+    prefer_aten,
     select_backend,
 )
 
@@ -79,7 +80,11 @@ def batch_norm(
         training: use batch statistics (and update the running ones).
         momentum: EMA factor in [0, 1], or ``None`` for the cumulative average.
         eps: added to the variance before the square root; must be >= 0.
-        backend: ``"auto"``, ``"reference"``, ``"numba"`` (CPU) or ``"triton"`` (CUDA).
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` (CPU), ``"aten"`` (CPU:
+            torch's kernels with this package's running-statistics update) or
+            ``"triton"`` (CUDA). ``"auto"`` on the CPU takes aten for eval and for
+            small or channel-minor training inputs, numba otherwise (see
+            :func:`batchnorm._backends.prefer_aten`).
         num_batches_tracked, num_batches_skipped: 0-dim int64 counters, updated in place.
         check_finite: raise instead of skipping a non-finite batch.
 
@@ -124,11 +129,24 @@ def batch_norm(
             shift = shift + bias
         return _reference.apply_affine(input, scale, shift)
 
+    chosen = select_backend(backend, input)
+    if backend == "auto":
+        chosen = prefer_aten(chosen, input, training=True)
+    x = _dense(input)
+    autograd_train = getattr(chosen, "autograd_train", None)
+    if autograd_train is not None:
+        # A backend whose output carries its own (C++) autograd node: no Function here.
+        y, mean, invstd = autograd_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped,
+        )
+        if check_finite:
+            _raise_if_not_finite(input, mean, invstd)
+        return y
     spec = TrainSpec(
         running_mean, running_var, momentum, eps, num_batches_tracked, num_batches_skipped,
-        select_backend(backend, input), [] if check_finite else None,
+        chosen, [] if check_finite else None,
     )
-    x = _dense(input)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -366,6 +384,8 @@ def _inference(
         )
         return _reference.apply_affine(input, scale, shift)
     chosen = select_backend(backend, input)
+    if backend == "auto":
+        chosen = prefer_aten(chosen, input, training=False)
     return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)
 
 

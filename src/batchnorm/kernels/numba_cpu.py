@@ -192,6 +192,21 @@ def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped
     tracked[()] += 1
 
 
+@_jit
+def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulative, tracked, skipped):  # pragma: no cover
+    """:func:`_update_running` from (mean, invstd = 1/sqrt(var + eps)) of any float
+    dtype, as aten saves them: var = invstd⁻² − eps in float64 (a NaN or zero invstd
+    gives a non-finite var, and the batch is skipped)."""
+    C = rm.shape[0]
+    mean64 = np.empty(C, np.float64)
+    var64 = np.empty(C, np.float64)
+    for c in range(C):
+        mean64[c] = float(mean[c])
+        s = float(invstd[c])
+        var64[c] = (1.0 / (s * s) if s != 0.0 else math.inf) - eps
+    _update_running(rm, rv, mean64, var64, m, momentum, cumulative, tracked, skipped)
+
+
 # How the loops are written, all measured on 2 cores:
 # * Whole 3D arrays and indices, arr[a, c, i], never a view per run: on runs as short
 #   as 49 values (7x7 maps) a view per run costs a visible share. The epilogue helpers
@@ -1175,19 +1190,6 @@ class _NumbaBackend:
         running_var: Tensor,
         eps: float,
     ) -> Tensor:
-        # Eval is one streaming pass, as fast in aten as here, and inside a network it
-        # follows a convolution whose threads (torch's OpenMP pool) are still awake,
-        # while numba's pool has gone to sleep and must be woken. Measured in eval
-        # forward of small conv nets (benchmarks/bench_family.py, fold models): batch
-        # norm's share of the time fell 20-30 % with aten's kernel. So plain eval goes
-        # to aten when the dtypes let it (aten wants the parameters in x's dtype); the
-        # numba kernel serves the rest, and the fused act eval.
-        if all(
-            t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var)
-        ):
-            return torch.batch_norm(
-                x, weight, bias, running_mean, running_var, False, 0.0, eps, False
-            )
         return _forward_eval(x, weight, bias, running_mean, running_var, eps)
 
     # -- act(BN(x) + residual) ----------------------------------------------------------

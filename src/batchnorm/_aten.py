@@ -1,0 +1,140 @@
+"""The "aten" backend: PyTorch's own batch-norm kernels for the transform, with this
+package's running-statistics update.
+
+Why a backend made of torch's kernels: below a few hundred thousand elements, and for
+channel-minor layouts ((N, C) and channels_last) at any size measured, a batch norm on
+the CPU costs about as much in per-call overhead as in arithmetic, and torch's kernel
+plus its C++ autograd node is cheaper than any Python ``autograd.Function`` around a
+faster kernel (benchmarks/bench_cpu.py: 1.4–1.9x torch's time for the numba path on
+such shapes, 1.0x for this one). ``backend="auto"`` therefore sends those calls here
+(:func:`batchnorm._backends.prefer_aten`); ``backend="aten"`` asks for it explicitly.
+
+What stays ours:
+
+* The running statistics. aten's in-place update would write a NaN batch into them;
+  here aten computes the batch statistics only (``running_mean=None``), and
+  :func:`batchnorm.kernels.numba_cpu._update_running` applies the guarded EMA or
+  cumulative update, with the unbiased variance, and counts skipped batches, exactly
+  as the other backends do.
+* The batch variance for that update is recovered from aten's saved
+  ``invstd = 1/sqrt(var + eps)`` as ``var = invstd⁻² − eps``, in float64. Its error is
+  a relative ~1e-7 of ``var + eps`` for float32 input (float64: ~1e-16), i.e. of the
+  quantity that eval uses; only channels with a variance far below ``eps`` see a
+  larger *relative* error in ``var`` itself.
+* Weight and bias of another dtype than the input are cast to it (a differentiable
+  cast), since aten wants one dtype.
+
+Double backward works: aten's backward is itself differentiable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from batchnorm.kernels.numba_cpu import _update_running_from_invstd
+
+
+def _update(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> None:
+    """The guarded running-statistics update from aten's (mean, invstd)."""
+    if running_mean is None or running_var is None:
+        return
+    _update_running_from_invstd(
+        running_mean.detach().numpy(), running_var.detach().numpy(),
+        mean.detach().numpy(), invstd.detach().numpy(), eps, x.numel() // x.shape[1],
+        0.0 if momentum is None else momentum, momentum is None,
+        _counter(num_batches_tracked), _counter(num_batches_skipped),
+    )
+
+
+def _counter(t: Tensor | None) -> np.ndarray:
+    return np.zeros((), dtype=np.int64) if t is None else t.numpy()
+
+
+def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
+    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+
+
+class _AtenBackend:
+    """The :class:`batchnorm._backends.Backend` on torch's native kernels (float32 and
+    float64 CPU tensors), plus ``autograd_train``: a training forward whose output
+    carries aten's own autograd node, so no Python Function sits in the graph."""
+
+    name = "aten"
+
+    def autograd_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(y, mean, invstd)`` with y differentiable (to any order) by autograd."""
+        y, mean, invstd = torch.native_batch_norm(
+            x, _like(weight, x), _like(bias, x), None, None, True, 0.0, eps
+        )
+        _update(
+            x, mean, invstd, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped,
+        )
+        return y, mean.detach(), invstd.detach()
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            return self.autograd_train(
+                x, weight, bias, eps, running_mean, running_var, momentum,
+                num_batches_tracked, num_batches_skipped,
+            )
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # In training mode aten reads the saved invstd; eps is not used.
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            dy, x, _like(weight, x), None, None, mean, invstd, True, 0.0, [True, True, True]
+        )
+        return dx, dweight, dbias
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        return torch.batch_norm(
+            x, _like(weight, x), _like(bias, x), _like(running_mean, x),
+            _like(running_var, x), False, 0.0, eps, False,
+        )
+
+
+BACKEND = _AtenBackend()
