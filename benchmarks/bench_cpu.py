@@ -1,7 +1,9 @@
 """CPU benchmark: batchnorm's layers against torch.nn's, interleaved in one process.
 
-Shapes are ResNet-50's batch-norm layers at N = 16 (scaled to a small machine) and the
-lab's Figure 1 layer, BatchNorm1d on (60, 100), where per-call overhead dominates.
+Shapes are ResNet-50's batch-norm layers at N = 16 (scaled to a small machine), the
+layers of small networks such as the lab's (where per-call overhead matters), and the
+lab's Figure 1 layer, BatchNorm1d on (60, 100), where it dominates. The "path" column
+is the backend "auto" picked (numba kernels or aten's, see batchnorm._backends).
 Modes: training forward+backward, and eval forward. Prints a table and writes
 JSON/CSV (default: benchmarks/results/cpu.*).
 
@@ -22,6 +24,8 @@ from _harness import median_ms, pin_allocator, print_table, time_interleaved, wr
 RESNET_SHAPES = [(16, 64, 56, 56), (16, 256, 56, 56), (16, 128, 28, 28),
                  (16, 512, 28, 28), (16, 1024, 14, 14), (16, 2048, 7, 7)]
 FIG1_SHAPE = (60, 100)
+SMALL_SHAPES = [(256, 128), (4096, 64), (8, 16, 8, 8), (16, 32, 16, 16), (16, 64, 16, 16),
+                (32, 64, 32, 32)]
 
 
 def _layers(shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -29,6 +33,13 @@ def _layers(shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module]:
     if len(shape) == 2:
         return bn.BatchNorm1d(C), torch.nn.BatchNorm1d(C)
     return bn.BatchNorm2d(C), torch.nn.BatchNorm2d(C)
+
+
+def _path(x: torch.Tensor, training: bool) -> str:
+    """The backend ``backend="auto"`` takes for plain batch norm on ``x``."""
+    from batchnorm._backends import prefer_aten, select_backend
+
+    return prefer_aten(select_backend("auto", x), x, training).name
 
 
 def _train_step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
@@ -63,7 +74,8 @@ def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[
         t_ours, t_torch = median_ms(times["batchnorm"]), median_ms(times["torch"])
         rows.append({
             "layer": type(ours).__name__, "shape": "x".join(map(str, shape)), "layout": layout,
-            "dtype": "float32", "mode": mode, "batchnorm_ms": t_ours, "torch_ms": t_torch,
+            "dtype": "float32", "mode": mode, "path": _path(x, mode.startswith("train")),
+            "batchnorm_ms": t_ours, "torch_ms": t_torch,
             "ratio": t_ours / t_torch, "repeats": repeats,
         })
     return rows
@@ -79,7 +91,10 @@ def main() -> None:
     args = parser.parse_args()
     pinned = args.pin_allocator and pin_allocator()
     torch.manual_seed(0)
-    shapes = [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick else [*RESNET_SHAPES, FIG1_SHAPE]
+    shapes = (
+        [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick
+        else [*RESNET_SHAPES, *SMALL_SHAPES, FIG1_SHAPE]
+    )
     repeats = 5 if args.quick else args.repeats
     rows: list[dict[str, Any]] = []
     for shape in shapes:
@@ -89,9 +104,9 @@ def main() -> None:
             for row in new:
                 row["allocator_pinned"] = pinned
             rows += new
-            print_table(rows[-2:], ["shape", "layout", "mode", "batchnorm_ms", "torch_ms", "ratio"])
+            print_table(rows[-2:], ["shape", "layout", "mode", "path", "batchnorm_ms", "torch_ms", "ratio"])
     print()
-    print_table(rows, ["layer", "shape", "layout", "mode", "batchnorm_ms", "torch_ms", "ratio"])
+    print_table(rows, ["layer", "shape", "layout", "mode", "path", "batchnorm_ms", "torch_ms", "ratio"])
     json_path, csv_path = write_results(rows, args.out, "cpu")
     print(f"\nwrote {json_path} and {csv_path}")
 
