@@ -27,6 +27,7 @@ from batchnorm._backends import (
     Backend,
     act_kernels,
     prefer_aten,
+    prefer_composed_act,
     select_backend,
 )
 
@@ -234,8 +235,9 @@ def batch_norm_act(
     CPU, Triton on CUDA; see :func:`batchnorm._backends.act_kernels`) the three run as
     one fused pass structure in each direction: no intermediate tensor, ReLU's backward
     reads its mask off the saved output, and the residual's gradient is written only
-    when it is needed. Elsewhere (the reference backend) they are composed, with the
-    add and the activation in place on the fresh batch-norm output.
+    when it is needed. Elsewhere (the reference backend, and under ``"auto"`` small
+    CPU inputs, see :func:`batchnorm._backends.prefer_composed_act`) they are composed,
+    with the add and the activation in place on the fresh batch-norm output.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"batch_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -260,6 +262,8 @@ def batch_norm_act(
     m = input.numel() // input.shape[1]
     chosen = select_backend(backend, input)
     kernels = act_kernels(chosen)
+    if backend == "auto" and prefer_composed_act(chosen, input):
+        kernels = None  # small input: aten's batch norm and in-place ops cost less
     if kernels is not None and (m > 1 or not batch_stats_used):
         return _fused_act(
             input, running_mean, running_var, weight, bias, batch_stats_used, momentum, eps,
