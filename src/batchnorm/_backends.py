@@ -374,20 +374,19 @@ def prefer_aten(chosen: Backend, x: Tensor, training: bool) -> Backend:
     return chosen if aten is None else aten
 
 
-# The family's layers under "auto" (BatchNormAct, BatchRenorm): below these sizes their
-# composition from aten's batch norm and a few torch ops (all C++ autograd nodes) beats
-# the fused numba kernels behind a Python Function, whose fixed cost is ~70 µs; above,
-# the fused kernels' saved passes win. Measured for BatchNormAct (forward+backward,
-# relu with a residual, against the plain layer): (60, 100) 1.26x composed vs 1.61x
-# fused; 16x128x16x16 channels_last 1.52 vs 1.85; 16x64x32x32 channels_last (2^20)
-# 1.56 vs 1.61; 16x64x16x16 NCHW (2^18) 1.45 vs 1.33; 16x64x56x56 1.70 vs 1.36.
-COMPOSED_CHANNEL_MINOR_MAX = 1 << 20
+# BatchNormAct under "auto": below these sizes the composition aten batch norm + in-place
+# add + in-place activation (three C++ autograd nodes) beats the fused numba kernels
+# behind a Python Function. Measured (forward+backward, relu with a residual, against
+# the plain layer): (60, 100) 1.26x composed vs 1.61x fused; 16x128x16x16 channels_last
+# 1.52 vs 1.85; 16x64x32x32 channels_last (2^20) 1.56 vs 1.61; 16x64x16x16 NCHW (2^18)
+# 1.45 vs 1.33; 16x64x56x56 1.70 vs 1.36.
+ACT_COMPOSED_CHANNEL_MINOR_MAX = 1 << 20
 
 
-def prefer_composed(chosen: Backend, x: Tensor) -> bool:
-    """Under ``backend="auto"``: compose a family layer from aten's batch norm and
-    torch ops instead of ``chosen``'s fused kernels (numba only)."""
+def prefer_composed_act(chosen: Backend, x: Tensor) -> bool:
+    """Under ``backend="auto"``: compose BatchNormAct from aten's batch norm and
+    in-place torch ops instead of ``chosen``'s fused act kernels (numba only)."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return False
-    limit = COMPOSED_CHANNEL_MINOR_MAX if _channel_minor(x) else ATEN_CHANNEL_MAJOR_MAX
+    limit = ACT_COMPOSED_CHANNEL_MINOR_MAX if _channel_minor(x) else ATEN_CHANNEL_MAJOR_MAX
     return x.numel() < limit

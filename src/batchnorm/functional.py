@@ -27,7 +27,7 @@ from batchnorm._backends import (
     Backend,
     act_kernels,
     prefer_aten,
-    prefer_composed,
+    prefer_composed_act,
     select_backend,
 )
 
@@ -236,7 +236,7 @@ def batch_norm_act(
     one fused pass structure in each direction: no intermediate tensor, ReLU's backward
     reads its mask off the saved output, and the residual's gradient is written only
     when it is needed. Elsewhere (the reference backend, and under ``"auto"`` small
-    CPU inputs, see :func:`batchnorm._backends.prefer_composed`) they are composed,
+    CPU inputs, see :func:`batchnorm._backends.prefer_composed_act`) they are composed,
     with the add and the activation in place on the fresh batch-norm output.
     """
     if activation not in ACTIVATIONS:
@@ -262,7 +262,7 @@ def batch_norm_act(
     m = input.numel() // input.shape[1]
     chosen = select_backend(backend, input)
     kernels = act_kernels(chosen)
-    if backend == "auto" and prefer_composed(chosen, input):
+    if backend == "auto" and prefer_composed_act(chosen, input):
         kernels = None  # small input: aten's batch norm and in-place ops cost less
     if kernels is not None and (m > 1 or not batch_stats_used):
         return _fused_act(

@@ -207,19 +207,6 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
     _update_running(rm, rv, mean64, var64, m, momentum, cumulative, tracked, skipped)
 
 
-@_jit
-def _renorm_from_invstd(mean, invstd, eps, rm, rv, r_max, d_max, m, momentum, cumulative, tracked, skipped, r, d):  # pragma: no cover
-    """Batch renorm's r and d (see :func:`_coefficients`) from the batch (mean, invstd)
-    and the running statistics as they are before this step, then the guarded update
-    (:func:`_update_running_from_invstd`). r, d: (C,) outputs."""
-    C = rm.shape[0]
-    for c in range(C):
-        sigma = math.sqrt(float(rv[c]) + eps)
-        r[c] = min(max(1.0 / (float(invstd[c]) * sigma), 1.0 / r_max), r_max)
-        d[c] = min(max((float(mean[c]) - float(rm[c])) / sigma, -d_max), d_max)
-    _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulative, tracked, skipped)
-
-
 # How the loops are written, all measured on 2 cores:
 # * Whole 3D arrays and indices, arr[a, c, i], never a view per run: on runs as short
 #   as 49 values (7x7 maps) a view per run costs a visible share. The epilogue helpers

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import _reference
-from batchnorm._backends import Backend, prefer_composed, select_backend
+from batchnorm._backends import Backend, select_backend
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -159,45 +159,6 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _renorm_on_aten(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    momentum: float | None,
-    eps: float,
-    num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
-    r_max: float,
-    d_max: float,
-) -> Tensor:
-    """Batch renorm composed from aten's batch norm (x̂ and its C++ autograd node), one
-    numba call for r, d and the guarded running update, and ``x̂·(γr) + (γd + β)`` in
-    torch ops; r and d are plain tensors outside the graph, so they are constants for
-    backprop by construction. For small float32/float64 CPU inputs under "auto" (see
-    :func:`batchnorm._backends.prefer_composed`)."""
-    from batchnorm.kernels import numba_cpu
-
-    x_hat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    rd = torch.empty(2, x.shape[1], dtype=mean.dtype)
-    tracked = numba_cpu._counter(num_batches_tracked)
-    skipped = numba_cpu._counter(num_batches_skipped)
-    numba_cpu._renorm_from_invstd(
-        mean.numpy(), invstd.numpy(), eps, running_mean.numpy(), running_var.numpy(),
-        r_max, d_max, x.numel() // x.shape[1], 0.0 if momentum is None else momentum,
-        momentum is None, tracked, skipped, rd[0].numpy(), rd[1].numpy(),
-    )
-    r, d = rd[0].to(x.dtype), rd[1].to(x.dtype)
-    scale, shift = r, d
-    if weight is not None:
-        w = weight.to(x.dtype)
-        scale, shift = w * r, w * d
-    if bias is not None:
-        shift = shift + bias.to(x.dtype)
-    return torch.addcmul(channel_view(shift, x), x_hat, channel_view(scale, x))
-
-
 class _BatchRenorm(_BatchNormBase):
     """Batch renorm for any input rank; the public classes add the dim check."""
 
@@ -268,19 +229,11 @@ class _BatchRenorm(_BatchNormBase):
         skipped = self.num_batches_skipped
         # check_finite waits for the device anyway: read the skip counter around the step.
         skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
-        backend = select_backend(self.backend, x)
-        if self.backend == "auto" and prefer_composed(backend, x):
-            y = _renorm_on_aten(
-                x, self.weight, self.bias, self.running_mean, self.running_var,
-                self.momentum, self.eps, self.num_batches_tracked, skipped, self.r_max,
-                self.d_max,
-            )
-        else:
-            y = _RenormTrain.apply(
-                x, self.weight, self.bias, self.running_mean, self.running_var,
-                self.momentum, self.eps, self.num_batches_tracked, skipped, self.r_max,
-                self.d_max, backend,
-            )
+        y = _RenormTrain.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
+            self.eps, self.num_batches_tracked, skipped, self.r_max, self.d_max,
+            select_backend(self.backend, x),
+        )
         if self.check_finite and skipped is not None and int(skipped) > skipped_before:
             raise FloatingPointError(
                 f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} has "
