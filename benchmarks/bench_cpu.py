@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
 
 import batchnorm as bn
-from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
 
 RESNET_SHAPES = [(16, 64, 56, 56), (16, 256, 56, 56), (16, 128, 28, 28),
                  (16, 512, 28, 28), (16, 1024, 14, 14), (16, 2048, 7, 7)]

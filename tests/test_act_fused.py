@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-import batchnorm as bn  # noqa: E402
-from cases import assert_close  # noqa: E402
+from cases import assert_close
+
+import batchnorm as bn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

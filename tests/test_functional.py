@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import reference
 import torch
+from cases import assert_close
 
 import batchnorm as bn
-import reference
-from cases import assert_close
 
 F = bn.functional
 BACKENDS = ["reference", "numba", "aten"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
+from cases import CASES, TOLERANCES, Case, assert_close, memory_format
 
 import batchnorm as bn
-import reference
-from cases import CASES, TOLERANCES, Case, assert_close, memory_format
 
 OURS = {1: bn.BatchNorm1d, 2: bn.BatchNorm2d, 3: bn.BatchNorm3d}
 TORCH = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}

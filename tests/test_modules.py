@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
+from cases import assert_close
 
 import batchnorm as bn
-from cases import assert_close
 
 PAIRS = [(bn.BatchNorm1d, torch.nn.BatchNorm1d, (6, 4)),
          (bn.BatchNorm2d, torch.nn.BatchNorm2d, (6, 4, 3, 3)),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 import torch
+from cases import assert_close
 from hypothesis import given, settings
 
 import batchnorm as bn
-from cases import assert_close
 
 F = bn.functional
 BACKENDS = st.sampled_from(["reference", "numba", "aten"])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 import torch
+from cases import TOLERANCES, assert_close
 
 import batchnorm as bn
-import reference
-from cases import TOLERANCES, assert_close
 
 T_MAX = 3
 STEPS = 5  # steps 3 and 4 run past the last slot

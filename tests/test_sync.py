@@ -21,14 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import reference
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import TOLERANCES, assert_close
 
 import batchnorm as bn
-import reference
 from batchnorm.nn.sync import merge_stats
-from cases import TOLERANCES, assert_close
 
 HARNESS_TIMEOUT_S = 90.0  # the whole world, start-up included; a hang fails, never blocks
 GROUP_TIMEOUT_S = 20.0  # a collective that waits longer raises inside the worker
