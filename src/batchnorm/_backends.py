@@ -79,6 +79,11 @@ num_batches_tracked, num_batches_skipped, r_max, d_max) -> (y, mean, invstd, r, 
     batch statistics and the running statistics *before* this step's update (see
     :mod:`batchnorm.nn.renorm`); then the update as ``forward_train``. The backward
     is ``backward_train`` with weight ``weight * r``.
+
+``renorm_backward_train(dy, x, weight, mean, invstd, r, d) -> (dx, dweight, dbias)``
+    That backward with the parameters' gradients of renorm, ``dweight = r·Σdy·x̂ +
+    d·Σdy`` and ``dbias = Σdy``, in the parameters' dtype (optional: callers compose
+    it from ``backward_train`` otherwise).
 """
 
 from __future__ import annotations

@@ -91,6 +91,17 @@ class _RenormTrain(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, mean, invstd, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        fused = getattr(ctx.backend, "renorm_backward_train", None)
+        if fused is not None and not torch.is_grad_enabled():
+            dx, dweight, dbias = fused(
+                dy.contiguous(memory_format=_memory_format(x)), x, weight, mean, invstd, r, d
+            )
+            return (
+                dx if need_x else None,
+                dweight if need_w else None,
+                dbias.to(ctx.bias_dtype) if need_b else None,
+                None, None, None, None, None, None, None, None, None,
+            )
         effective = r if weight is None else weight.to(r.dtype) * r
         if torch.is_grad_enabled():
             # create_graph=True: differentiable ops, so second derivatives are exact.
