@@ -1334,7 +1334,7 @@ class _NumbaBackend:
         # The few (C,) products in numpy: each is a fraction of a torch op's dispatch
         # cost, which at (60, 100) is what the step is made of.
         rn, dn = r.numpy(), d.numpy()
-        effective = rn if weight is None else weight.detach().numpy() * rn
+        effective = rn if weight is None else (weight.detach().numpy() * rn).astype(rn.dtype, copy=False)
         dx, sum_dy_xhat, sum_dy, _ = _backward_train(
             dy, x, torch.from_numpy(effective), mean.numpy(), invstd.numpy()
         )
