@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
-from bench_cpu import FIG1_SHAPE, RESNET_SHAPES
+from bench_cpu import FIG1_SHAPE, RESNET_SHAPES, SMALL_SHAPES
 from torch import nn
 
 import batchnorm as bn
@@ -212,7 +212,10 @@ def main() -> None:
     args = parser.parse_args()
     pinned = args.pin_allocator and pin_allocator()
     torch.manual_seed(0)
-    shapes = [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick else [*RESNET_SHAPES, FIG1_SHAPE]
+    shapes = (
+        [RESNET_SHAPES[0], FIG1_SHAPE] if args.quick
+        else [*RESNET_SHAPES, *SMALL_SHAPES, FIG1_SHAPE]
+    )
     if args.fold_only:
         shapes = []
     repeats = 5 if args.quick else args.repeats
