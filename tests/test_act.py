@@ -125,3 +125,24 @@ def test_registry_repr_and_activation_module() -> None:
     assert isinstance(layer.activation_module(), torch.nn.LeakyReLU)
     assert layer.activation_module().negative_slope == 0.3
     assert isinstance(bn.BatchNormAct2d(3, "identity").activation_module(), torch.nn.Identity)
+
+
+# "auto" composes small inputs from aten's batch norm (prefer_composed_act) and fuses
+# large ones on the numba kernels; both must keep a NaN batch out of the statistics.
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (8, 64, 32, 32)], ids=["composed", "fused"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+def test_non_finite_batch_is_skipped(shape, with_residual) -> None:
+    from batchnorm._backends import prefer_composed_act, select_backend
+
+    x = torch.randn(shape)
+    composed = prefer_composed_act(select_backend("auto", x), x)
+    assert composed == (x.numel() < 1 << 18)
+    x[0, 1, 0, 0] = float("nan")
+    residual = torch.randn(shape) if with_residual else None
+    layer = bn.BatchNormAct2d(shape[1], "relu")
+    layer(x, residual)
+    assert torch.equal(layer.running_mean, torch.zeros(shape[1]))
+    assert torch.equal(layer.running_var, torch.ones(shape[1]))
+    assert int(layer.num_batches_tracked) == 0 and int(layer.num_batches_skipped) == 1
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        bn.BatchNormAct2d(shape[1], "relu", check_finite=True)(x, residual)
