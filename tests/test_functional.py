@@ -304,3 +304,32 @@ def test_threads_launch_concurrently() -> None:
     with ThreadPoolExecutor(4) as pool:
         stds = list(pool.map(run, range(4)))
     assert all(abs(s - 1) < 1e-2 for s in stds)
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_precision_statistics_with_float32_input(stats_dtype, training) -> None:
+    """numpy has no bfloat16 and the CPU kernels take float32/float64 parameters:
+    "auto" falls back to the reference for such statistics; named kernels say why."""
+    x = torch.randn(16, 3, 4, 4) * 2 + 1
+    rm, rv = torch.zeros(3, dtype=stats_dtype), torch.ones(3, dtype=stats_dtype)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y = F.batch_norm(x, rm, rv, None, None, training, 0.5, 1e-5)
+    y_ref = F.batch_norm(x, rm_ref, rv_ref, None, None, training, 0.5, 1e-5, backend="reference")
+    assert_close(y, y_ref, 1e-6, 1e-6, "output")
+    assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)
+    for backend in ("numba", "aten"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' takes float32/float64 CPU"):
+            F.batch_norm(x, rm, rv, None, None, training, backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["ghost", "renorm", "batch_act"])
+def test_family_layers_with_half_precision_statistics(kind) -> None:
+    kwargs = {"ghost": {"virtual_batch_size": 4}, "renorm": {}, "batch_act": {}}[kind]
+    layer = bn.create_norm(kind, 3, **kwargs)
+    layer.running_mean = layer.running_mean.half()
+    layer.running_var = layer.running_var.half()
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.running_mean.dtype == torch.float16 and int(layer.num_batches_tracked) == 1
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())

@@ -395,3 +395,29 @@ def prefer_composed_act(chosen: Backend, x: Tensor) -> bool:
         return False
     limit = ACT_COMPOSED_CHANNEL_MINOR_MAX if _channel_minor(x) else ATEN_CHANNEL_MAJOR_MAX
     return x.numel() < limit
+
+
+_CPU_KERNEL_BACKENDS = ("numba", "aten")
+_CPU_KERNEL_PARAM_DTYPES = (torch.float32, torch.float64)
+
+
+def select_for_params(
+    name: str, chosen: Backend, *params: Tensor | None
+) -> Backend:
+    """``chosen`` if it can take these weight/bias/running-statistics tensors, else:
+    the reference under ``"auto"`` (a float32 input with float16 running statistics,
+    say), a clear error when the backend was named. The numba and aten backends read
+    parameters and statistics through numpy, which has no bfloat16, in float32 or
+    float64 only."""
+    if chosen.name not in _CPU_KERNEL_BACKENDS:
+        return chosen
+    for t in params:
+        if t is not None and (t.dtype not in _CPU_KERNEL_PARAM_DTYPES or not t.is_cpu):
+            if name == "auto":
+                return _get("reference")  # type: ignore[return-value]
+            raise ValueError(
+                f"backend={name!r} takes float32/float64 CPU weight, bias and running "
+                f"statistics, got a {t.dtype} tensor on {t.device}; use backend='auto' "
+                "or 'reference', or convert them"
+            )
+    return chosen

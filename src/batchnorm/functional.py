@@ -29,6 +29,7 @@ from batchnorm._backends import (
     prefer_aten,
     prefer_composed_act,
     select_backend,
+    select_for_params,
 )
 
 __all__ = ["ACTIVATIONS", "batch_norm", "batch_norm_act", "batch_stats"]
@@ -131,6 +132,7 @@ def batch_norm(
         return _reference.apply_affine(input, scale, shift)
 
     chosen = select_backend(backend, input)
+    chosen = select_for_params(backend, chosen, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=True)
     x = _dense(input)
@@ -261,6 +263,7 @@ def batch_norm_act(
     batch_stats_used = training or running_mean is None
     m = input.numel() // input.shape[1]
     chosen = select_backend(backend, input)
+    chosen = select_for_params(backend, chosen, weight, bias, running_mean, running_var)
     kernels = act_kernels(chosen)
     if backend == "auto" and prefer_composed_act(chosen, input):
         kernels = None  # small input: aten's batch norm and in-place ops cost less
@@ -388,6 +391,7 @@ def _inference(
         )
         return _reference.apply_affine(input, scale, shift)
     chosen = select_backend(backend, input)
+    chosen = select_for_params(backend, chosen, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=False)
     return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)
