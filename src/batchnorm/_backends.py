@@ -270,6 +270,8 @@ def _select(name: str, x: Tensor) -> Backend:
 
     ``"auto"`` takes Triton for CUDA tensors when Triton is installed, the numba CPU
     kernels for float32/float64 CPU tensors, and the pure-torch reference otherwise.
+    (For plain batch norm the functional then refines a numba choice per call:
+    :func:`prefer_aten`, :func:`prefer_composed_act`, :func:`select_for_params`.)
     Naming a backend that cannot run on ``x`` is an error, never a silent fallback.
     """
     if name == "auto":
@@ -332,8 +334,8 @@ def _triton_interpreting() -> bool:
 
 
 # Below this many elements a channel-major (NCHW-like) training call goes to aten under
-# "auto": the numba kernels' per-element gain does not cover the Python autograd glue
-# around them. Measured on the 2-core CPU of docs/benchmarks.md (forward+backward
+# "auto": the numba kernels' per-element gain does not cover the Python host code and
+# autograd glue around them. Measured on the 2-core CPU of docs/benchmarks.md (forward+backward
 # against torch): 16x32x16x16 (131 072) 1.19x on numba, 1.00x on aten; 16x64x16x16
 # (262 144) 0.91x on numba. Channel-minor inputs ((N, C), channels_last) go to aten
 # at every size: torch's kernel for them is as fast as numba's (0.97-1.15x at
