@@ -576,12 +576,11 @@ def _blocks(numel: int, units: int) -> int:
 _BLOCK_VALUES = 1 << 15  # values per array and channel block in the channel-major kernels
 
 
-def _channel_block(bounds: np.ndarray, L: int) -> int:
+def _channel_block(max_rows: int, L: int) -> int:
     """B, the channels per block of a channel-major kernel: about _BLOCK_VALUES values
-    of the largest chunk, so that a block's runs form long streams and stay in L2
-    between the passes; 1 for large maps."""
-    rows = int(bounds[1] - bounds[0]) if len(bounds) == 2 else int(np.diff(bounds).max())
-    return max(1, _BLOCK_VALUES // max(1, rows * L))
+    of the largest chunk (``max_rows`` runs of L), so that a block's runs form long
+    streams and stay in L2 between the passes; 1 for large maps."""
+    return max(1, _BLOCK_VALUES // max(1, max_rows * L))
 
 
 @_inline
@@ -951,16 +950,16 @@ def _bounds(sizes: tuple[int, ...] | int, rows_per_example: int) -> np.ndarray:
     return bounds
 
 
-def _parts_per_chunk(M: int, C: int, bounds: np.ndarray) -> int:
-    """T, the row parts per chunk of a channel-minor kernel: about one part per thread
-    over all chunks, and never an empty part."""
-    K = len(bounds) - 1
+def _parts_per_chunk(M: int, C: int, K: int, min_rows: int) -> int:
+    """T, the row parts per chunk of a channel-minor kernel over K chunks, the smallest
+    of ``min_rows`` rows: about one part per thread over all chunks, and never an
+    empty part."""
     parts = _blocks(M * C, M)
     if K == 1:
         return parts
     if parts <= K:
         return 1
-    return max(1, min(-(-parts // K), int(np.diff(bounds).min())))
+    return max(1, min(-(-parts // K), min_rows))
 
 
 _ACT_CODES = {"identity": _IDENTITY, "relu": _LEAKY_RELU, "leaky_relu": _LEAKY_RELU,
@@ -1029,7 +1028,9 @@ def _forward_train(
     layout, shape = _layout(x)
     xa = _as_array(x, layout, shape)
     y, ya = _empty_like(x, xa, layout, shape)
-    bounds = _bounds(sizes or x.shape[0], shape[0] // x.shape[0])
+    per = shape[0] // x.shape[0]  # rows (A or M) per example
+    counts = sizes or (x.shape[0],)
+    bounds = _bounds(sizes or x.shape[0], per)
     KC = (len(bounds) - 1) * C
     mean, invstd = np.empty(KC, dtype=xa.dtype), np.empty(KC, dtype=xa.dtype)
     batch = np.empty((2, C), dtype=np.float64)
@@ -1054,10 +1055,10 @@ def _forward_train(
     )
     with _LAUNCH_LOCK:
         if layout == "major":
-            T, B = _blocks(numel, C), _channel_block(bounds, shape[2])
+            T, B = _blocks(numel, C), _channel_block(max(counts) * per, shape[2])
             _cm_forward_train(numel, xa, w, b, eps, bounds, T, B, *args)
         else:
-            T = _parts_per_chunk(shape[0], C, bounds)
+            T = _parts_per_chunk(shape[0], C, len(counts), min(counts) * per)
             _cl_forward_train(numel, xa, w, b, eps, bounds, T, *args)
     return y, mean, invstd, rd
 
@@ -1087,7 +1088,9 @@ def _backward_train(
     layout, shape = _layout(x)
     xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
     dx, dxa = _empty_like(x, xa, layout, shape)
-    bounds = _bounds(sizes or x.shape[0], shape[0] // x.shape[0])
+    per = shape[0] // x.shape[0]  # rows (A or M) per example
+    counts = sizes or (x.shape[0],)
+    bounds = _bounds(sizes or x.shape[0], per)
     # dweight and dbias are written straight in the parameters' dtype (x's without
     # weight: one array type, one specialization).
     grad_dtype = xa.dtype if weight is None else _NP_DTYPES.get(weight.dtype, np.float64)
@@ -1112,10 +1115,10 @@ def _backward_train(
     )
     with _LAUNCH_LOCK:
         if layout == "major":
-            T, B = _blocks(numel, C), _channel_block(bounds, shape[2])
+            T, B = _blocks(numel, C), _channel_block(max(counts) * per, shape[2])
             _cm_backward_train(numel, dya, xa, w, b, bounds, T, B, *args)
         else:
-            T = _parts_per_chunk(shape[0], C, bounds)
+            T = _parts_per_chunk(shape[0], C, len(counts), min(counts) * per)
             _cl_backward_train(numel, dya, xa, w, b, bounds, T, *args)
     return dx, torch.from_numpy(dw), torch.from_numpy(db), dres
 
