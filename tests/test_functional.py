@@ -122,6 +122,29 @@ def test_large_offset_is_stable(backend: str, fmt: str) -> None:
                  torch.ones(4), 1e-3, 0, "output std")
 
 
+PRECISION_CASES = [
+    # (backend, bound on the running variance's relative error) for float32 input
+    # 1e4 + 0.1·N(0, 1): the numba kernels' corrected two-pass with float64 sums, and
+    # aten's float32 accumulation (torch's own precision), as docs/benchmarks.md says.
+    ("numba", 1e-6),
+    ("aten", 1e-3),
+]
+
+
+@pytest.mark.parametrize(("backend", "bound"), PRECISION_CASES)
+@pytest.mark.parametrize("shape", [(4096, 8), (60, 100), (64, 8, 16, 16)])
+def test_variance_precision_far_from_zero(backend: str, bound: float, shape) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    C = shape[1]
+    rm, rv = torch.zeros(C), torch.ones(C)
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0, backend=backend)
+    dims = [0, *range(2, x.dim())]
+    expected = x.double().var(dims, unbiased=True)
+    rel = ((rv.double() - expected).abs() / expected).max().item()
+    assert rel < bound, rel
+
+
 def test_noncontiguous_input() -> None:
     x = torch.randn(6, 5, 8).permute(0, 2, 1)  # (6, 8, 5), not contiguous
     assert not x.is_contiguous()
