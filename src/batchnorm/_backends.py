@@ -343,14 +343,24 @@ def _triton_interpreting() -> bool:
 ATEN_CHANNEL_MAJOR_MAX = 1 << 18
 
 
-def _channel_minor(x: Tensor) -> bool:
-    """True for (N, C), (N, C, 1, ...) and channels_last inputs."""
-    if x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]:
+def is_channels_last(x: Tensor) -> bool:
+    """True for a 4-d channels_last or 5-d channels_last_3d tensor that is not also
+    contiguous (a tensor that is both is treated as contiguous everywhere)."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def channel_minor(x: Tensor) -> bool:
+    """True when a dense ``x``'s memory is (M, C) with C varying fastest: (N, C),
+    channels_last, and contiguous (N, C, 1, ...) with N > 0. Else it is (A, C, L)."""
+    if x.dim() == 2 or is_channels_last(x):
         return True
-    return not x.is_contiguous() and (
-        (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
-    )
+    return x.shape[0] > 0 and x.numel() == x.shape[0] * x.shape[1]
 
 
 # In a forked child, torch's own parallel kernels hang if the parent had started
@@ -375,7 +385,7 @@ def prefer_aten(chosen: Backend, x: Tensor, training: bool) -> Backend:
     kernels (Ghost, Renorm, BatchNormAct) are numba's and ask ``select_backend``."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return chosen
-    if training and not _channel_minor(x) and x.numel() >= ATEN_CHANNEL_MAJOR_MAX:
+    if training and not channel_minor(x) and x.numel() >= ATEN_CHANNEL_MAJOR_MAX:
         return chosen
     aten = _get("aten")
     return chosen if aten is None else aten
@@ -395,7 +405,7 @@ def prefer_composed_act(chosen: Backend, x: Tensor) -> bool:
     in-place torch ops instead of ``chosen``'s fused act kernels (numba only)."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return False
-    limit = ACT_COMPOSED_CHANNEL_MINOR_MAX if _channel_minor(x) else ATEN_CHANNEL_MAJOR_MAX
+    limit = ACT_COMPOSED_CHANNEL_MINOR_MAX if channel_minor(x) else ATEN_CHANNEL_MAJOR_MAX
     return x.numel() < limit
 
 

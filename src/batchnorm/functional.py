@@ -26,6 +26,7 @@ from batchnorm._backends import (
     ActKernels,
     Backend,
     act_kernels,
+    is_channels_last,
     prefer_aten,
     prefer_composed_act,
     select_backend,
@@ -435,10 +436,6 @@ def _check_vector(name: str, t: Tensor | None, num_channels: int, input: Tensor)
 
 def _dense(x: Tensor) -> Tensor:
     """``x`` if it is contiguous or channels_last, else a contiguous copy."""
-    if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+    if x.is_contiguous() or is_channels_last(x):
         return x
     return x.contiguous()

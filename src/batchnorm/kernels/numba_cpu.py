@@ -54,6 +54,8 @@ from numba.core import types as nbtypes
 from numba.extending import overload
 from torch import Tensor
 
+from batchnorm._backends import channel_minor
+
 # Reassociate sums (vectorization) and fuse multiply-adds, but keep NaN/Inf semantics.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _ROW_BLOCK = 256  # rows per cache-resident block in the channel-minor kernels
@@ -848,26 +850,12 @@ def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # p
 # ----------------------------------------------------------------------------------------
 # host side: tensors in, tensors out
 # ----------------------------------------------------------------------------------------
-def _is_channels_last(x: Tensor) -> bool:
-    if x.is_contiguous():
-        return False
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
 def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
     """("minor", (M, C)) or ("major", (A, C, L)): how ``x``'s memory is viewed."""
     C = x.shape[1]
-    if x.dim() == 2:
-        return "minor", (x.shape[0], C)
-    if _is_channels_last(x):
+    if channel_minor(x):
         return "minor", (x.numel() // C, C)
     spatial = x.numel() // (x.shape[0] * C) if x.shape[0] else 0
-    if spatial == 1:
-        return "minor", (x.shape[0], C)
     return "major", (x.shape[0], C, spatial)
 
 

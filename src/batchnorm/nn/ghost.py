@@ -24,7 +24,7 @@ from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, select_backend, select_for_params
+from batchnorm._backends import Backend, is_channels_last, select_backend, select_for_params
 from batchnorm._reference import differentiable_backward, stats_dtype, update_running_stats
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -359,7 +359,7 @@ class _GhostBatchNorm(_BatchNormBase):
         v = n // k
         weight = None if self.weight is None else self.weight.repeat(k)
         bias = None if self.bias is None else self.bias.repeat(k)
-        if _is_channels_last(x):
+        if is_channels_last(x):
             # Memory is (N, *S, C): view it as (k, v·S, C) and make it (v·S, k·C).
             xm = x.movedim(1, -1)
             spatial = xm.shape[1:-1]
@@ -379,16 +379,6 @@ class _GhostBatchNorm(_BatchNormBase):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    if x.is_contiguous():
-        return False
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
 
 
 _DOC_COMMON = r"""

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import _reference
+from batchnorm import functional as F
+from batchnorm._autograd import _memory_format
 from batchnorm._backends import Backend, select_backend, select_for_params
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase
@@ -155,21 +157,6 @@ def _renorm_composed(
     return y, mean, invstd, r, d
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _dense(x: Tensor) -> Tensor:
-    """``x`` if the backends take it as is (contiguous or channels_last), else a copy."""
-    if x.is_contiguous() or _memory_format(x) != torch.contiguous_format:
-        return x
-    return x.contiguous()
-
-
 class _BatchRenorm(_BatchNormBase):
     """Batch renorm for any input rank; the public classes add the dim check."""
 
@@ -236,7 +223,7 @@ class _BatchRenorm(_BatchNormBase):
                 f"{type(self).__name__}: expected more than 1 value per channel when "
                 f"training, got input of shape {tuple(input.shape)}"
             )
-        x = _dense(input)
+        x = F._dense(input)
         skipped = self.num_batches_skipped
         # check_finite waits for the device anyway: read the skip counter around the step.
         skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
