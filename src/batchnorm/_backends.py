@@ -255,14 +255,16 @@ _chosen: dict[tuple[str, bool, bool, torch.dtype], Backend] = {}
 os.register_at_fork(after_in_child=_chosen.clear)
 
 
-def select_backend(name: str, x: Tensor) -> Backend:
-    """Return the backend ``name`` for input ``x`` (see :func:`_select`)."""
+def select_backend(name: str, x: Tensor, *params: Tensor | None) -> Backend:
+    """Return the backend ``name`` for input ``x`` (see :func:`_select`) that can also
+    take ``params``, the call's weight, bias and running statistics (see
+    :func:`_for_params`)."""
     key = (name, x.is_cpu, x.is_cuda, x.dtype)
     backend = _chosen.get(key)
     if backend is None:
         backend = _select(name, x)
         _chosen[key] = backend
-    return backend
+    return _for_params(name, backend, params) if params else backend
 
 
 def _select(name: str, x: Tensor) -> Backend:
@@ -270,8 +272,9 @@ def _select(name: str, x: Tensor) -> Backend:
 
     ``"auto"`` takes Triton for CUDA tensors when Triton is installed, the numba CPU
     kernels for float32/float64 CPU tensors, and the pure-torch reference otherwise.
-    (For plain batch norm the functional then refines a numba choice per call:
-    :func:`prefer_aten`, :func:`prefer_composed_act`, :func:`select_for_params`.)
+    (:func:`select_backend` then checks the call's parameters, :func:`_for_params`,
+    and for plain batch norm the functional refines a numba choice per call:
+    :func:`prefer_aten`, :func:`prefer_composed_act`.)
     Naming a backend that cannot run on ``x`` is an error, never a silent fallback.
     """
     if name == "auto":
@@ -413,9 +416,7 @@ _CPU_KERNEL_BACKENDS = ("numba", "aten")
 _CPU_KERNEL_PARAM_DTYPES = (torch.float32, torch.float64)
 
 
-def select_for_params(
-    name: str, chosen: Backend, *params: Tensor | None
-) -> Backend:
+def _for_params(name: str, chosen: Backend, params: tuple[Tensor | None, ...]) -> Backend:
     """``chosen`` if it can take these weight/bias/running-statistics tensors, else:
     the reference under ``"auto"`` (a float32 input with float16 running statistics,
     say), a clear error when the backend was named. The numba and aten backends read

@@ -30,7 +30,6 @@ from batchnorm._backends import (
     prefer_aten,
     prefer_composed_act,
     select_backend,
-    select_for_params,
 )
 
 __all__ = ["ACTIVATIONS", "batch_norm", "batch_norm_act", "batch_stats"]
@@ -132,8 +131,7 @@ def batch_norm(
             shift = shift + bias
         return _reference.apply_affine(input, scale, shift)
 
-    chosen = select_backend(backend, input)
-    chosen = select_for_params(backend, chosen, weight, bias, running_mean, running_var)
+    chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=True)
     x = _dense(input)
@@ -263,8 +261,7 @@ def batch_norm_act(
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
     batch_stats_used = training or running_mean is None
     m = input.numel() // input.shape[1]
-    chosen = select_backend(backend, input)
-    chosen = select_for_params(backend, chosen, weight, bias, running_mean, running_var)
+    chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     kernels = act_kernels(chosen)
     if backend == "auto" and prefer_composed_act(chosen, input):
         kernels = None  # small input: aten's batch norm and in-place ops cost less
@@ -391,8 +388,7 @@ def _inference(
             weight, bias, running_mean.to(dtype), invstd
         )
         return _reference.apply_affine(input, scale, shift)
-    chosen = select_backend(backend, input)
-    chosen = select_for_params(backend, chosen, weight, bias, running_mean, running_var)
+    chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=False)
     return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, is_channels_last, select_backend, select_for_params
+from batchnorm._backends import Backend, is_channels_last, select_backend
 from batchnorm._reference import differentiable_backward, stats_dtype, update_running_stats
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -266,9 +266,9 @@ class _GhostBatchNorm(_BatchNormBase):
             # it joins the previous chunk, which then has v + tail examples.
             num_equal, tail = num_equal - 1, v + tail
         sizes = [v] * num_equal + ([tail] if tail else [])
-        backend = select_for_params(
-            self.backend, select_backend(self.backend, input), self.weight, self.bias,
-            self.running_mean, self.running_var,
+        backend = select_backend(
+            self.backend, input, self.weight, self.bias, self.running_mean,
+            self.running_var,
         )
         if hasattr(backend, "ghost_forward_train"):
             return self._fused_forward(input, tuple(sizes), backend)

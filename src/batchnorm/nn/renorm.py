@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from batchnorm import _reference
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, select_backend, select_for_params
+from batchnorm._backends import Backend, select_backend
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -230,9 +230,9 @@ class _BatchRenorm(_BatchNormBase):
         y = _RenormTrain.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
             self.eps, self.num_batches_tracked, skipped, self.r_max, self.d_max,
-            select_for_params(
-                self.backend, select_backend(self.backend, x), self.weight, self.bias,
-                self.running_mean, self.running_var,
+            select_backend(
+                self.backend, x, self.weight, self.bias, self.running_mean,
+                self.running_var,
             ),
         )
         if self.check_finite and skipped is not None and int(skipped) > skipped_before:
