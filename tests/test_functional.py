@@ -203,8 +203,8 @@ def test_float64_running_stats_stay_float64() -> None:
 
 
 EVAL_DTYPE_CASES = [
-    # (input, weight/bias, running stats): equal dtypes go to aten's eval kernel, mixed
-    # ones to the numba kernel; both must give the float64 reference's answer.
+    # (input, weight/bias, running stats): the numba eval kernel with equal and mixed
+    # dtypes must give the float64 reference's answer.
     (torch.float32, torch.float32, torch.float32),
     (torch.float64, torch.float64, torch.float64),
     (torch.float64, torch.float32, torch.float32),

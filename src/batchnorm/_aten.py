@@ -29,11 +29,10 @@ Double backward works: aten's backward is itself differentiable.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from batchnorm.kernels.numba_cpu import _update_running_from_invstd
+from batchnorm.kernels.numba_cpu import _counter, _update_running_from_invstd
 
 
 def _update(
@@ -56,10 +55,6 @@ def _update(
         0.0 if momentum is None else momentum, momentum is None,
         _counter(num_batches_tracked), _counter(num_batches_skipped),
     )
-
-
-def _counter(t: Tensor | None) -> np.ndarray:
-    return np.zeros((), dtype=np.int64) if t is None else t.numpy()
 
 
 def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
