@@ -635,6 +635,24 @@ def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
             )
 
 
+@_inline
+def _cl_output_rows(x, y, r0, r1, kk, sh, res, has_res, act, slope):  # pragma: no cover
+    """y[r0:r1] = act(x[r0:r1]·kk + sh + res[r0:r1]) over (M, C) rows, kk and sh per
+    channel; ``res`` None: the plain affine map (compiled apart, see _epilogue_args),
+    else the epilogue of _affine_act. Shared by the training and eval output passes."""
+    M, C = x.shape
+    if res is None:
+        xq, yq = x[r0:r1], y[r0:r1]
+        for r in range(xq.shape[0]):
+            for c in range(C):
+                yq[r, c] = xq[r, c] * kk[c] + sh[c]
+    else:  # rows as runs, for the shared helper
+        xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
+        rp = res.reshape(M, 1, C)[r0:r1]
+        for r in range(xp.shape[0]):
+            _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
+
+
 @_Kernel
 def _cl_forward_train(
     x, w, b, eps, bounds, T, y, mean_out, invstd_out, batch_out,
@@ -684,18 +702,8 @@ def _cl_forward_train(
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
-        kk = coef[j, 0].copy()  # fresh arrays: provably apart from y, so the loop vectorizes
-        sh = coef[j, 1].copy()
-        if res is None:
-            xq, yq = x[r0:r1], y[r0:r1]
-            for r in range(xq.shape[0]):
-                for c in range(C):
-                    yq[r, c] = xq[r, c] * kk[c] + sh[c]
-        else:  # rows as runs, for the shared helper
-            xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
-            rp = res.reshape(M, 1, C)[r0:r1]
-            for r in range(xp.shape[0]):
-                _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
+        # fresh arrays: provably apart from y, so the loop vectorizes
+        _cl_output_rows(x, y, r0, r1, coef[j, 0].copy(), coef[j, 1].copy(), res, has_res, act, slope)
     if update:
         _update_running(
             rm, rv, batch_out[0], batch_out[1], M, momentum, cumulative, tracked, skipped
@@ -833,18 +841,7 @@ def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # p
     for t in numba.prange(T):
         r0 = t * M // T
         r1 = (t + 1) * M // T
-        kk = coef[0].copy()
-        sh = coef[1].copy()
-        if res is None:
-            xq, yq = x[r0:r1], y[r0:r1]
-            for r in range(xq.shape[0]):
-                for c in range(C):
-                    yq[r, c] = xq[r, c] * kk[c] + sh[c]
-        else:  # rows as runs, for the shared helper
-            xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
-            rp = res.reshape(M, 1, C)[r0:r1]
-            for r in range(xp.shape[0]):
-                _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
+        _cl_output_rows(x, y, r0, r1, coef[0].copy(), coef[1].copy(), res, has_res, act, slope)
 
 
 # ----------------------------------------------------------------------------------------
