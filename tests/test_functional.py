@@ -255,7 +255,7 @@ AUTO_POLICY_CASES = [
     ((60, 100), False, True, "aten"),  # (N, C): channel-minor, aten at any size
     ((4096, 512), False, True, "aten"),
     ((16, 32, 16, 16), False, True, "aten"),  # NCHW below ATEN_CHANNEL_MAJOR_MAX
-    ((16, 64, 16, 16), False, True, "numba"),  # NCHW at the threshold: numba
+    ((16, 64, 16, 16), False, True, "numba+aten"),  # NCHW at the threshold: numba fwd, aten bwd
     ((16, 64, 16, 16), True, True, "aten"),  # channels_last: aten
     ((16, 64, 16, 16), False, False, "aten"),  # eval: aten
     ((4, 64, 1, 1), False, True, "aten"),  # spatial size 1 is (N, C)
@@ -273,6 +273,66 @@ def test_auto_policy_on_cpu(shape, channels_last, training, expected) -> None:
     # Named backends are never redirected, and other dtypes keep the reference.
     assert select_backend("numba", x).name == "numba"
     assert prefer_aten(select_backend("auto", x.half()), x.half(), training).name == "reference"
+
+
+BACKWARD_POLICY_CASES = [
+    # (shape, channels_last, backend whose backward "auto" runs after numba's forward)
+    ((8, 16, 8, 8), False, "numba+aten"),  # channel-major: aten's backward at any size
+    ((16, 64, 56, 56), False, "numba+aten"),
+    ((6, 4, 7), False, "numba+aten"),
+    ((60, 100), False, "numba+aten"),  # small channel-minor: aten's
+    ((8, 16, 8, 8), True, "numba+aten"),
+    ((256, 128), False, "numba"),  # channel-minor from ATEN_BACKWARD_CHANNEL_MINOR_MAX
+    ((16, 32, 16, 16), True, "numba"),
+]
+
+
+@pytest.mark.parametrize(("shape", "channels_last", "expected"), BACKWARD_POLICY_CASES)
+def test_auto_backward_policy_on_cpu(shape, channels_last, expected) -> None:
+    from batchnorm._backends import prefer_aten_backward, select_backend
+
+    x = torch.empty(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    split = prefer_aten_backward(select_backend("auto", x), x)
+    assert split.name == expected
+    # Everything but the plain backward is numba's: forward, eval and fused kernels.
+    numba = select_backend("numba", x)
+    assert split.forward_train == numba.forward_train
+    assert split.renorm_forward_train == numba.renorm_forward_train
+    # Other backends are never redirected.
+    reference_backend = select_backend("reference", x)
+    assert prefer_aten_backward(reference_backend, x) is reference_backend
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 16, 16), (32, 64, 128)], ids=["nchw", "ncl"])
+@pytest.mark.parametrize("loc", [0.5, 1e3])
+def test_split_backward_matches_reference(shape: tuple[int, ...], loc: float) -> None:
+    """Large channel-major training under "auto" (numba forward, aten backward)
+    against the float64 closed form: within float32 tolerances, and as precise as
+    numba's own backward (float64 sums), far from zero too (where both carry the
+    rounding of the saved float32 mean)."""
+    from batchnorm._backends import prefer_aten, select_backend
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen) * 2 + loc
+    dy = torch.randn(x.shape, generator=gen) + 0.3
+    assert prefer_aten(select_backend("auto", x), x, training=True).name == "numba+aten"
+    weight = torch.rand(64, generator=gen) + 0.5
+    expected = reference.backward_train(dy, x, weight, 1e-5)
+    errors = {}
+    for backend in ("auto", "numba"):
+        layer = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(64, backend=backend)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        xg = x.clone().requires_grad_()
+        layer(xg).backward(dy)
+        got = (xg.grad, layer.weight.grad, layer.bias.grad)
+        errors[backend] = [float((g.double() - e).abs().max() / e.abs().max()) for g, e in zip(got, expected)]
+    for name, auto, numba in zip(("dx", "dweight", "dbias"), errors["auto"], errors["numba"]):
+        assert auto <= 2 * numba + 1e-6, f"{name}: auto {auto:.2e} against numba {numba:.2e}"
+        if loc < 1:
+            assert auto < 1e-5, f"{name}: {auto:.2e}"
 
 
 def test_aten_backend_rejects_what_it_cannot_run() -> None:
@@ -310,7 +370,7 @@ def test_forked_child_after_parallel_kernels() -> None:
     if numba.threading_layer() == "omp":
         assert name == "reference"
     # "auto" never takes aten in a forked child: torch's own pool may not survive fork.
-    assert preferred != "aten"
+    assert "aten" not in preferred
 
 
 def test_threads_launch_concurrently() -> None:

@@ -74,7 +74,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "numba"])
+# "auto": numba's fused forward with aten's backward (prefer_aten_backward) on these.
+@pytest.mark.parametrize("backend", ["reference", "numba", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("name", "shape", "cl"), CASES, ids=[c[0] for c in CASES])
 def test_matches_reference_with_stop_gradient(name, shape, cl, dtype, backend) -> None:

@@ -78,12 +78,8 @@ num_batches_tracked, num_batches_skipped, r_max, d_max) -> (y, mean, invstd, r, 
     ``y = x_hat * (weight * r) + (weight * d + bias)`` with r, d (C,) computed from the
     batch statistics and the running statistics *before* this step's update (see
     :mod:`batchnorm.nn.renorm`); then the update as ``forward_train``. The backward
-    is ``backward_train`` with weight ``weight * r``.
-
-``renorm_backward_train(dy, x, weight, mean, invstd, r, d) -> (dx, dweight, dbias)``
-    That backward with the parameters' gradients of renorm, ``dweight = r·Σdy·x̂ +
-    d·Σdy`` and ``dbias = Σdy``, in the parameters' dtype (optional: callers compose
-    it from ``backward_train`` otherwise).
+    is ``backward_train`` with weight ``weight * r``, and ``dweight = r·Σdy·x̂ +
+    d·Σdy``, ``dbias = Σdy``.
 """
 
 from __future__ import annotations
@@ -384,14 +380,69 @@ def prefer_aten(chosen: Backend, x: Tensor, training: bool) -> Backend:
     """Under ``backend="auto"``, the backend for plain batch norm on ``x``: ``chosen``
     unless it is numba and aten is as fast or faster (eval always: a single streaming
     pass, whose threads torch's pool has awake after a convolution; training on small
-    or channel-minor inputs, see ``ATEN_CHANNEL_MAJOR_MAX``). The family's fused
-    kernels (Ghost, Renorm, BatchNormAct) are numba's and ask ``select_backend``."""
+    or channel-minor inputs, see ``ATEN_CHANNEL_MAJOR_MAX``). Large channel-major
+    training keeps numba's forward with aten's backward (:func:`prefer_aten_backward`).
+    The family's fused kernels (Ghost, Renorm, BatchNormAct) are numba's and ask
+    ``select_backend``."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return chosen
     if training and not channel_minor(x) and x.numel() >= ATEN_CHANNEL_MAJOR_MAX:
-        return chosen
+        return prefer_aten_backward(chosen, x)
     aten = _get("aten")
     return chosen if aten is None else aten
+
+
+class SplitBackend:
+    """One backend's forward kernels (and fused family kernels) with another's plain
+    training backward: what "auto" runs where numba's forward and aten's backward are
+    each the faster of the two. Every attribute but ``backward_train`` and ``name``
+    is the forward backend's."""
+
+    def __init__(self, forward: Backend, backward: Backend) -> None:
+        self._forward = forward
+        self._backward = backward
+        self.name = f"{forward.name}+{backward.name}"
+
+    def __getattr__(self, attribute: str) -> object:
+        # Only called for attributes not found on the instance: forward_train,
+        # forward_eval, the fused kernels, usable.
+        return getattr(self._forward, attribute)
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self._backward.backward_train(dy, x, weight, mean, invstd)
+
+
+# The batch-norm backward under "auto" goes to aten's kernel (a plain C++ call, no
+# autograd node of its own) where it beats numba's: every channel-major (NCHW-like)
+# input measured, and small channel-minor ones. Backward alone, float32, the 2-core
+# CPU of docs/benchmarks.md, aten / numba: 16x64x56x56 0.88, 16x512x28x28 0.86,
+# 16x1024x14x14 0.71, 16x2048x7x7 0.72, 16x64x16x16 0.61, 8x16x8x8 10 / 31 us;
+# channel-minor: (60, 100) 19 / 26 us, 8x16x8x8 channels_last 19 / 37 us, but
+# (256, 128) 1.26, 16x32x16x16 channels_last 1.08, 16x64x56x56 channels_last 1.36.
+# Its precision matched numba's float64-accumulated sums in every case measured
+# (tests pin it). Used by plain batch norm's large channel-major training (smaller
+# inputs take aten whole) and by batch renorm, whose backward is batch norm's.
+ATEN_BACKWARD_CHANNEL_MINOR_MAX = 1 << 14
+_split: dict[str, Backend] = {}
+
+
+def prefer_aten_backward(chosen: Backend, x: Tensor) -> Backend:
+    """Under ``backend="auto"``: ``chosen`` with aten's ``backward_train`` (a
+    :class:`SplitBackend`) where that is faster (see ATEN_BACKWARD_CHANNEL_MINOR_MAX);
+    ``chosen`` itself when it is not numba, in a forked child, or elsewhere."""
+    if chosen.name != "numba" or _IN_FORKED_CHILD:
+        return chosen
+    if channel_minor(x) and x.numel() >= ATEN_BACKWARD_CHANNEL_MINOR_MAX:
+        return chosen
+    split = _split.get(chosen.name)
+    if split is None:
+        aten = _get("aten")
+        if aten is None:
+            return chosen
+        split = _split[chosen.name] = SplitBackend(chosen, aten)  # type: ignore[assignment]
+    return split
 
 
 # BatchNormAct under "auto": below these sizes the composition aten batch norm + in-place

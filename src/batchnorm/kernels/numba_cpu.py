@@ -45,7 +45,7 @@ import os
 import threading
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -856,6 +856,46 @@ def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
     return "major", (x.shape[0], C, spatial)
 
 
+class _Plan(NamedTuple):
+    """How a training kernel runs on an input: everything the host derives from x's
+    shape and strides and the chunk sizes, computed once per distinct call."""
+
+    layout: str  # "major" or "minor"
+    shape: tuple[int, ...]  # (A, C, L) or (M, C)
+    bounds: np.ndarray  # chunk starts along A or M, int64 (K+1,)
+    T: int  # channel ranges (major) or row parts per chunk (minor)
+    B: int  # channels per block (major); 0 for minor
+
+
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_PLANS_MAX = 256  # distinct calls remembered (a cache, not a record)
+
+
+def _plan(x: Tensor, sizes: tuple[int, ...] | None) -> _Plan:
+    """The cached :class:`_Plan` for ``x`` split along N into chunks of ``sizes``
+    examples (None: one chunk). The host arithmetic and layout tests cost several
+    microseconds a call, a large share of a small layer's time. The thread count is
+    part of the key only where it matters (inputs large enough to be threaded)."""
+    numel = x.numel()
+    threads = numba.get_num_threads() if numel >= 2 * _MIN_WORK_PER_THREAD else 1
+    key = (x.shape, x.stride(), sizes, threads)
+    plan = _PLANS.get(key)
+    if plan is None:
+        layout, shape = _layout(x)
+        C = x.shape[1]
+        per = shape[0] // x.shape[0]  # rows (A or M) per example
+        counts = sizes or (x.shape[0],)
+        bounds = _bounds(sizes or x.shape[0], per)
+        if layout == "major":
+            T, B = _blocks(numel, C), _channel_block(max(counts) * per, shape[2])
+        else:
+            T, B = _parts_per_chunk(shape[0], C, len(counts), min(counts) * per), 0
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(layout, shape, bounds, T, B)
+    return plan
+
+
 def _as_array(t: Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     """A numpy view of ``t``'s memory in the layout's shape, never a copy (outputs are
     written through it). The axes are moved on the numpy side: a numpy transpose or
@@ -1010,12 +1050,9 @@ def _forward_train(
     """
     C = x.shape[1]
     numel = x.numel()
-    layout, shape = _layout(x)
+    layout, shape, bounds, T, B = _plan(x, sizes)
     xa = _as_array(x, layout, shape)
     y, ya = _empty_like(x, xa, layout, shape)
-    per = shape[0] // x.shape[0]  # rows (A or M) per example
-    counts = sizes or (x.shape[0],)
-    bounds = _bounds(sizes or x.shape[0], per)
     KC = (len(bounds) - 1) * C
     mean, invstd = np.empty(KC, dtype=xa.dtype), np.empty(KC, dtype=xa.dtype)
     batch = np.empty((2, C), dtype=np.float64)
@@ -1040,10 +1077,8 @@ def _forward_train(
     )
     with _LAUNCH_LOCK:
         if layout == "major":
-            T, B = _blocks(numel, C), _channel_block(max(counts) * per, shape[2])
             _cm_forward_train(numel, xa, w, b, eps, bounds, T, B, *args)
         else:
-            T = _parts_per_chunk(shape[0], C, len(counts), min(counts) * per)
             _cl_forward_train(numel, xa, w, b, eps, bounds, T, *args)
     return y, mean, invstd, rd
 
@@ -1070,12 +1105,9 @@ def _backward_train(
     """
     C = x.shape[1]
     numel = x.numel()
-    layout, shape = _layout(x)
+    layout, shape, bounds, T, B = _plan(x, sizes)
     xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
     dx, dxa = _empty_like(x, xa, layout, shape)
-    per = shape[0] // x.shape[0]  # rows (A or M) per example
-    counts = sizes or (x.shape[0],)
-    bounds = _bounds(sizes or x.shape[0], per)
     # dweight and dbias are written straight in the parameters' dtype (x's without
     # weight: one array type, one specialization).
     grad_dtype = xa.dtype if weight is None else _NP_DTYPES.get(weight.dtype, np.float64)
@@ -1100,10 +1132,8 @@ def _backward_train(
     )
     with _LAUNCH_LOCK:
         if layout == "major":
-            T, B = _blocks(numel, C), _channel_block(max(counts) * per, shape[2])
             _cm_backward_train(numel, dya, xa, w, b, bounds, T, B, *args)
         else:
-            T = _parts_per_chunk(shape[0], C, len(counts), min(counts) * per)
             _cl_backward_train(numel, dya, xa, w, b, bounds, T, *args)
     return dx, torch.from_numpy(dw), torch.from_numpy(db), dres
 
@@ -1316,27 +1346,6 @@ class _NumbaBackend:
         C = x.shape[1]
         r, d = torch.from_numpy(rd[:C]), torch.from_numpy(rd[C:])  # type: ignore[index]
         return y, torch.from_numpy(mean), torch.from_numpy(invstd), r, d
-
-    def renorm_backward_train(
-        self,
-        dy: Tensor,
-        x: Tensor,
-        weight: Tensor | None,
-        mean: Tensor,
-        invstd: Tensor,
-        r: Tensor,
-        d: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        # The few (C,) products in numpy: each is a fraction of a torch op's dispatch
-        # cost, which at (60, 100) is what the step is made of.
-        rn, dn = r.numpy(), d.numpy()
-        effective = rn if weight is None else (weight.detach().numpy() * rn).astype(rn.dtype, copy=False)
-        dx, sum_dy_xhat, sum_dy, _ = _backward_train(
-            dy, x, torch.from_numpy(effective), mean.numpy(), invstd.numpy()
-        )
-        dweight = rn * sum_dy_xhat.numpy() + dn * sum_dy.numpy()
-        dtype = _NP_DTYPES.get(weight.dtype, np.float64) if weight is not None else rn.dtype
-        return dx, torch.from_numpy(dweight.astype(dtype, copy=False)), sum_dy
 
 
 BACKEND = _NumbaBackend()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from batchnorm import _reference
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, select_backend
+from batchnorm._backends import Backend, prefer_aten_backward, select_backend
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -53,7 +53,9 @@ class _RenormTrain(torch.autograd.Function):
     Backward: with r and d constant, ``y = γ'·x̂ + β'`` with ``γ' = γr`` is batch norm,
     so the backend's backward with weight γr gives dx, ``Σ dy·x̂`` and ``Σ dy``, and
     ``dγ = r·Σ dy·x̂ + d·Σ dy``, ``dβ = Σ dy``: no pass beyond batch norm's. Under
-    ``create_graph`` the same formulas run on differentiable ops (double backward).
+    "auto" that backward may be aten's kernel (:func:`batchnorm._backends.
+    prefer_aten_backward`). Under ``create_graph`` the same formulas run on
+    differentiable ops (double backward).
     """
 
     @staticmethod
@@ -86,6 +88,9 @@ class _RenormTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd, r, d)
         ctx.backend = backend
         ctx.eps = eps
+        # The CPU kernel backends take float32/float64 parameters only, so their
+        # (C,) gradient arithmetic can run in numpy.
+        ctx.numpy_grads = fused is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -93,25 +98,22 @@ class _RenormTrain(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, mean, invstd, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        fused = getattr(ctx.backend, "renorm_backward_train", None)
-        if fused is not None and not torch.is_grad_enabled():
-            dx, dweight, dbias = fused(
-                dy.contiguous(memory_format=_memory_format(x)), x, weight, mean, invstd, r, d
-            )
-            return (
-                dx if need_x else None,
-                dweight if need_w else None,
-                dbias.to(ctx.bias_dtype) if need_b else None,
-                None, None, None, None, None, None, None, None, None,
-            )
-        effective = r if weight is None else weight.to(r.dtype) * r
         if torch.is_grad_enabled():
             # create_graph=True: differentiable ops, so second derivatives are exact.
+            effective = r if weight is None else weight.to(r.dtype) * r
             dx, sum_dy_xhat, sum_dy = _reference.differentiable_backward(dy, x, effective, ctx.eps)
         else:
-            dx, sum_dy_xhat, sum_dy = ctx.backend.backward_train(
-                dy.contiguous(memory_format=_memory_format(x)), x, effective, mean, invstd
-            )
+            dy = dy.contiguous(memory_format=_memory_format(x))
+            if ctx.numpy_grads:
+                dx, dweight, sum_dy = _backward_numpy(ctx.backend, dy, x, weight, mean, invstd, r, d)
+                return (
+                    dx if need_x else None,
+                    dweight if need_w else None,
+                    sum_dy.to(ctx.bias_dtype) if need_b else None,
+                    None, None, None, None, None, None, None, None, None,
+                )
+            effective = r if weight is None else weight.to(r.dtype) * r
+            dx, sum_dy_xhat, sum_dy = ctx.backend.backward_train(dy, x, effective, mean, invstd)
         dweight = r * sum_dy_xhat.to(r.dtype) + d * sum_dy.to(r.dtype) if need_w else None
         return (
             dx if need_x else None,
@@ -119,6 +121,30 @@ class _RenormTrain(torch.autograd.Function):
             sum_dy.to(ctx.bias_dtype) if need_b else None,
             None, None, None, None, None, None, None, None, None,
         )
+
+
+def _backward_numpy(
+    backend: Backend,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    r: Tensor,
+    d: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(dx, dγ, Σdy)`` for float32/float64 CPU statistics and parameters, with the
+    (C,) products in numpy: each costs a fraction of a torch op's dispatch, which on
+    small inputs is what the step is made of."""
+    rn, dn = r.numpy(), d.numpy()
+    effective = rn if weight is None else (weight.detach().numpy() * rn).astype(rn.dtype, copy=False)
+    dx, sum_dy_xhat, sum_dy = backend.backward_train(
+        dy, x, torch.from_numpy(effective), mean, invstd
+    )
+    if weight is None:
+        return dx, None, sum_dy
+    dweight = rn * sum_dy_xhat.numpy() + dn * sum_dy.numpy()
+    return dx, torch.from_numpy(dweight).to(weight.dtype), sum_dy
 
 
 def _renorm_composed(
@@ -227,13 +253,14 @@ class _BatchRenorm(_BatchNormBase):
         skipped = self.num_batches_skipped
         # check_finite waits for the device anyway: read the skip counter around the step.
         skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
+        backend = select_backend(
+            self.backend, x, self.weight, self.bias, self.running_mean, self.running_var
+        )
+        if self.backend == "auto":
+            backend = prefer_aten_backward(backend, x)
         y = _RenormTrain.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
-            self.eps, self.num_batches_tracked, skipped, self.r_max, self.d_max,
-            select_backend(
-                self.backend, x, self.weight, self.bias, self.running_mean,
-                self.running_var,
-            ),
+            self.eps, self.num_batches_tracked, skipped, self.r_max, self.d_max, backend,
         )
         if self.check_finite and skipped is not None and int(skipped) > skipped_before:
             raise FloatingPointError(
