@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -25,18 +26,24 @@ import torch
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, seed: int = 0
 ) -> dict[str, list[float]]:
     """Call each function ``warmup`` times, then ``repeats`` rounds of one call each,
-    in rotating order; return the seconds per call for each name."""
+    in a fresh random order every round; return the seconds per call for each name.
+
+    Why random rather than rotating: a call's time depends on what ran just before it
+    (on the 2-core VM of docs/benchmarks.md a layer called right after one of torch's
+    ops ran ~10 us slower at 8x16x8x8 than after a numba kernel), and in a rotating
+    order each function nearly always follows the same neighbour. Shuffled rounds
+    give every function every predecessor equally often on average."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(repeats):
-        # Rotate the order so neither implementation always runs right after the other.
-        order = names[i % len(names):] + names[: i % len(names)]
+    order = list(fns)
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        rng.shuffle(order)
         for name in order:
             t0 = time.perf_counter()
             fns[name]()

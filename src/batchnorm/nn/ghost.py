@@ -266,9 +266,10 @@ class _GhostBatchNorm(_BatchNormBase):
             # it joins the previous chunk, which then has v + tail examples.
             num_equal, tail = num_equal - 1, v + tail
         sizes = [v] * num_equal + ([tail] if tail else [])
+        params, buffers = self._parameters, self._buffers
         backend = select_backend(
-            self.backend, input, self.weight, self.bias, self.running_mean,
-            self.running_var,
+            self.backend, input, params["weight"], params["bias"], buffers["running_mean"],
+            buffers["running_var"],
         )
         if hasattr(backend, "ghost_forward_train"):
             return self._fused_forward(input, tuple(sizes), backend)
@@ -312,13 +313,16 @@ class _GhostBatchNorm(_BatchNormBase):
     def _fused_forward(self, input: Tensor, sizes: tuple[int, ...], backend: Backend) -> Tensor:
         """The whole step on the backend's ghost kernels: no copies, one kernel each way."""
         x = F._dense(input)
-        weight, bias = self.weight, self.bias
+        # Read the registries once: nn.Module's attribute lookup costs more than the
+        # arithmetic of a small layer.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
         update = self.training and self.track_running_stats
         spec = _GhostSpec(
-            sizes, self.eps, backend, self.running_mean if update else None,
-            self.running_var if update else None, self.momentum,
-            self.num_batches_tracked if update else None,
-            self.num_batches_skipped if update else None,
+            sizes, self.eps, backend, buffers["running_mean"] if update else None,
+            buffers["running_var"] if update else None, self.momentum,
+            buffers["num_batches_tracked"] if update else None,
+            buffers["num_batches_skipped"] if update else None,
             [] if self.check_finite else None,
         )
         if torch.is_grad_enabled() and (

@@ -10,7 +10,7 @@ function in expectation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,21 @@ def _check_limits(owner: str, r_max: float, d_max: float) -> None:
         raise ValueError(f"{owner}: d_max must be a number >= 0 (0 = plain batch norm), got {d_max!r}")
 
 
+class _RenormSpec(NamedTuple):
+    """The non-differentiated arguments of one training step: one argument to
+    ``Function.apply`` instead of nine keeps its per-call cost down."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    momentum: float | None
+    eps: float
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+    r_max: float
+    d_max: float
+    backend: Backend
+
+
 class _RenormTrain(torch.autograd.Function):
     """Training-mode batch renorm on a backend; r and d are constants for backprop.
 
@@ -60,34 +75,21 @@ class _RenormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor,
-        running_var: Tensor,
-        momentum: float | None,
-        eps: float,
-        num_batches_tracked: Tensor | None,
-        num_batches_skipped: Tensor | None,
-        r_max: float,
-        d_max: float,
-        backend: Backend,
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: _RenormSpec
     ) -> Tensor:
+        backend = spec.backend
         fused = getattr(backend, "renorm_forward_train", None)
+        args = (
+            x, weight, bias, spec.eps, spec.running_mean, spec.running_var, spec.momentum,
+            spec.num_batches_tracked, spec.num_batches_skipped, spec.r_max, spec.d_max,
+        )
         if fused is not None:
-            y, mean, invstd, r, d = fused(
-                x, weight, bias, eps, running_mean, running_var, momentum,
-                num_batches_tracked, num_batches_skipped, r_max, d_max,
-            )
+            y, mean, invstd, r, d = fused(*args)
         else:
-            y, mean, invstd, r, d = _renorm_composed(
-                x, weight, bias, eps, running_mean, running_var, momentum,
-                num_batches_tracked, num_batches_skipped, r_max, d_max, backend,
-            )
+            y, mean, invstd, r, d = _renorm_composed(*args, backend)
         ctx.save_for_backward(x, weight, mean, invstd, r, d)
         ctx.backend = backend
-        ctx.eps = eps
+        ctx.eps = spec.eps
         # The CPU kernel backends take float32/float64 parameters only, so their
         # (C,) gradient arithmetic can run in numpy.
         ctx.numpy_grads = fused is not None
@@ -110,7 +112,7 @@ class _RenormTrain(torch.autograd.Function):
                     dx if need_x else None,
                     dweight if need_w else None,
                     sum_dy.to(ctx.bias_dtype) if need_b else None,
-                    None, None, None, None, None, None, None, None, None,
+                    None,
                 )
             effective = r if weight is None else weight.to(r.dtype) * r
             dx, sum_dy_xhat, sum_dy = ctx.backend.backward_train(dy, x, effective, mean, invstd)
@@ -119,7 +121,7 @@ class _RenormTrain(torch.autograd.Function):
             dx if need_x else None,
             None if dweight is None else dweight.to(weight.dtype),
             sum_dy.to(ctx.bias_dtype) if need_b else None,
-            None, None, None, None, None, None, None, None, None,
+            None,
         )
 
 
@@ -238,7 +240,6 @@ class _BatchRenorm(_BatchNormBase):
         return self._renorm_forward(input)
 
     def _renorm_forward(self, input: Tensor) -> Tensor:
-        assert self.running_mean is not None and self.running_var is not None
         if not input.is_floating_point():
             raise TypeError(
                 f"{type(self).__name__}: input must be a floating-point tensor, got dtype "
@@ -250,18 +251,23 @@ class _BatchRenorm(_BatchNormBase):
                 f"training, got input of shape {tuple(input.shape)}"
             )
         x = F._dense(input)
-        skipped = self.num_batches_skipped
+        # Read the registries once: nn.Module's attribute lookup costs more than the
+        # arithmetic of a small layer.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        assert running_mean is not None and running_var is not None
+        skipped = buffers["num_batches_skipped"]
         # check_finite waits for the device anyway: read the skip counter around the step.
         skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
-        backend = select_backend(
-            self.backend, x, self.weight, self.bias, self.running_mean, self.running_var
-        )
+        backend = select_backend(self.backend, x, weight, bias, running_mean, running_var)
         if self.backend == "auto":
             backend = prefer_aten_backward(backend, x)
-        y = _RenormTrain.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
-            self.eps, self.num_batches_tracked, skipped, self.r_max, self.d_max, backend,
+        spec = _RenormSpec(
+            running_mean, running_var, self.momentum, self.eps,
+            buffers["num_batches_tracked"], skipped, self.r_max, self.d_max, backend,
         )
+        y = _RenormTrain.apply(x, weight, bias, spec)
         if self.check_finite and skipped is not None and int(skipped) > skipped_before:
             raise FloatingPointError(
                 f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} has "
