@@ -24,8 +24,8 @@ def _setup(case: Case, dtype: torch.dtype, backend: str, seed: int = 0):
     C = case.shape[1]
     # Half-precision inputs run through a float32 module: statistics stay float32.
     param_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    kwargs = dict(momentum=case.momentum, affine=case.affine,
-                  track_running_stats=case.track_running_stats, dtype=param_dtype)
+    kwargs = {"momentum": case.momentum, "affine": case.affine,
+              "track_running_stats": case.track_running_stats, "dtype": param_dtype}
     ours = OURS[case.module_dim](C, backend=backend, **kwargs)
     theirs = TORCH[case.module_dim](C, **kwargs)
     with torch.no_grad():

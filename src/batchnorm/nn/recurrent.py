@@ -289,7 +289,9 @@ class RecurrentBatchNorm(nn.Module):
                 )
             step = int(t.item())
         elif isinstance(t, bool):
-            raise ValueError(f"{name}: time index t must be an int, got bool {t}")
+            # ValueError for every bad time index or mask, type or shape alike: one
+            # exception to catch (the layer's documented contract).
+            raise ValueError(f"{name}: time index t must be an int, got bool {t}")  # noqa: TRY004
         else:
             try:
                 step = operator.index(t)  # type: ignore[arg-type]
@@ -306,7 +308,7 @@ class RecurrentBatchNorm(nn.Module):
         """The mask as a bool (N,) tensor on x's device."""
         name = type(self).__name__
         if not isinstance(mask, Tensor):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - see _time_index
                 f"{name}: mask must be a bool or floating-point tensor of shape "
                 f"({x.shape[0]},), got {type(mask).__name__}"
             )
