@@ -87,7 +87,10 @@ class _RenormTrain(torch.autograd.Function):
             y, mean, invstd, r, d = fused(*args)
         else:
             y, mean, invstd, r, d = _renorm_composed(*args, backend)
-        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        ctx.save_for_backward(x, weight)
+        # Our own (C,) tensors, never handed out, so never modified in place: kept as
+        # plain attributes, which is cheaper than saved tensors' unpacking.
+        ctx.stats = (mean, invstd, r, d)
         ctx.backend = backend
         ctx.eps = spec.eps
         # The CPU kernel backends take float32/float64 parameters only, so their
@@ -98,7 +101,8 @@ class _RenormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        mean, invstd, r, d = ctx.stats
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: differentiable ops, so second derivatives are exact.
