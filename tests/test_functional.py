@@ -124,15 +124,18 @@ def test_large_offset_is_stable(backend: str, fmt: str) -> None:
 
 PRECISION_CASES = [
     # (backend, bound on the running variance's relative error) for float32 input
-    # 1e4 + 0.1·N(0, 1): the numba kernels' corrected two-pass with float64 sums, and
-    # aten's float32 accumulation (torch's own precision), as docs/benchmarks.md says.
+    # 1e4 + 0.1·N(0, 1): the numba kernels' corrected two-pass (pieces of a row summed
+    # in float32, everything else in float64), and aten's float32 accumulation
+    # (torch's own precision), as docs/benchmarks.md says.
     ("numba", 1e-6),
     ("aten", 1e-3),
 ]
 
 
 @pytest.mark.parametrize(("backend", "bound"), PRECISION_CASES)
-@pytest.mark.parametrize("shape", [(4096, 8), (60, 100), (64, 8, 16, 16)])
+@pytest.mark.parametrize(
+    "shape", [(4096, 8), (60, 100), (64, 8, 16, 16), (4, 3, 65536)]  # the last: long rows
+)
 def test_variance_precision_far_from_zero(backend: str, bound: float, shape) -> None:
     gen = torch.Generator().manual_seed(0)
     x = (1e4 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
@@ -277,9 +280,11 @@ def test_auto_policy_on_cpu(shape, channels_last, training, expected) -> None:
 
 BACKWARD_POLICY_CASES = [
     # (shape, channels_last, backend whose backward "auto" runs after numba's forward)
-    ((8, 16, 8, 8), False, "numba+aten"),  # channel-major: aten's backward at any size
-    ((16, 64, 56, 56), False, "numba+aten"),
+    ((8, 16, 8, 8), False, "numba+aten"),  # channel-major, rows below ATEN_BACKWARD_MAX_ROW
+    ((16, 1024, 14, 14), False, "numba+aten"),
     ((6, 4, 7), False, "numba+aten"),
+    ((16, 64, 56, 56), False, "numba"),  # long rows: numba's
+    ((4, 3, 512), False, "numba"),
     ((60, 100), False, "numba+aten"),  # small channel-minor: aten's
     ((8, 16, 8, 8), True, "numba+aten"),
     ((256, 128), False, "numba"),  # channel-minor from ATEN_BACKWARD_CHANNEL_MINOR_MAX

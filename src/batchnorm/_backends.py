@@ -415,25 +415,31 @@ class SplitBackend:
 
 
 # The batch-norm backward under "auto" goes to aten's kernel (a plain C++ call, no
-# autograd node of its own) where it is as fast as numba's or faster: channel-major
-# (NCHW-like) inputs, and small channel-minor ones. Backward alone, float32, the 2-core
-# CPU of docs/benchmarks.md, aten / numba: ResNet shapes at N = 16 0.77–1.10 (median
-# 0.95), 16x64x16x16 0.71, 8x16x8x8 10 / 31 us; channel-minor: (60, 100) 19 / 26 us,
+# autograd node of its own) where it beats numba's: channel-major (NCHW-like) inputs
+# with short rows (spatial size L below ATEN_BACKWARD_MAX_ROW: numba's per-row
+# overhead shows there) and small channel-minor inputs. Backward alone, float32, the
+# 2-core CPU of docs/benchmarks.md, aten / numba: 16x2048x7x7 0.78, 16x1024x14x14
+# 0.91, 16x64x16x16 0.72, 8x16x8x8 10 / 31 us; but 16x128x28x28 1.03, 16x512x28x28
+# 1.08, 16x64x56x56 1.05, 16x256x56x56 1.20; channel-minor: (60, 100) 19 / 26 us,
 # 8x16x8x8 channels_last 19 / 37 us, but (256, 128) 1.26, 16x32x16x16 channels_last
-# 1.08, 16x64x56x56 channels_last 1.36. Its precision matches numba's (tests pin it).
-# Used by plain batch norm's large channel-major training (smaller inputs take aten
-# whole) and by batch renorm, whose backward is batch norm's.
+# 1.08. Its precision matches numba's (tests pin it). Used by plain batch norm's large
+# channel-major training (smaller inputs take aten whole) and by batch renorm, whose
+# backward is batch norm's.
+ATEN_BACKWARD_MAX_ROW = 512
 ATEN_BACKWARD_CHANNEL_MINOR_MAX = 1 << 14
 _split: dict[str, Backend] = {}
 
 
 def prefer_aten_backward(chosen: Backend, x: Tensor) -> Backend:
     """Under ``backend="auto"``: ``chosen`` with aten's ``backward_train`` (a
-    :class:`SplitBackend`) where that is faster (see ATEN_BACKWARD_CHANNEL_MINOR_MAX);
+    :class:`SplitBackend`) where that is faster (see ATEN_BACKWARD_MAX_ROW);
     ``chosen`` itself when it is not numba, in a forked child, or elsewhere."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return chosen
-    if channel_minor(x) and x.numel() >= ATEN_BACKWARD_CHANNEL_MINOR_MAX:
+    if channel_minor(x):
+        if x.numel() >= ATEN_BACKWARD_CHANNEL_MINOR_MAX:
+            return chosen
+    elif x.numel() >= ATEN_BACKWARD_MAX_ROW * x.shape[0] * x.shape[1]:  # L >= the limit
         return chosen
     split = _split.get(chosen.name)
     if split is None:

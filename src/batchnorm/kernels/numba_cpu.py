@@ -319,6 +319,43 @@ def _store(dst, a, c, src):  # pragma: no cover
 # one channel at a time would be A short runs far apart, too short for the hardware
 # prefetcher; a block keeps the streams long while its data stays in cache across the
 # passes.
+_SUM_PIECE = 256  # values summed in the data dtype before a float64 accumulation
+
+
+@_inline
+def _run_sum(v):  # pragma: no cover
+    """Σ v for a 1-d run: pieces of _SUM_PIECE in v's dtype (full-width vectors), the
+    pieces in float64 (the rounding error of a short sum at any run length)."""
+    n = v.shape[0]
+    total = 0.0
+    for p0 in range(0, n, _SUM_PIECE):
+        piece = v[p0:p0 + _SUM_PIECE]
+        acc = v.dtype.type(0)
+        for i in range(piece.shape[0]):
+            acc += piece[i]
+        total += acc
+    return total
+
+
+@_inline
+def _run_centred_sums(v, mid):  # pragma: no cover
+    """(Σ(v − mid), Σ(v − mid)²) for a 1-d run, summed as in _run_sum."""
+    n = v.shape[0]
+    s1 = 0.0
+    s2 = 0.0
+    for p0 in range(0, n, _SUM_PIECE):
+        piece = v[p0:p0 + _SUM_PIECE]
+        acc1 = v.dtype.type(0)
+        acc2 = v.dtype.type(0)
+        for i in range(piece.shape[0]):
+            d = piece[i] - mid
+            acc1 += d
+            acc2 += d * d
+        s1 += acc1
+        s2 += acc2
+    return s1, s2
+
+
 @_inline
 def _cm_block_stats(x, c0, nb, centre, sums):  # pragma: no cover
     """Mean and M2 of channels c0..c0+nb−1 over x[:, c, :], corrected two-pass (see the
@@ -329,23 +366,14 @@ def _cm_block_stats(x, c0, nb, centre, sums):  # pragma: no cover
     sums[0, :nb] = 0.0
     for a in range(A):
         for cc in range(nb):
-            acc = 0.0
-            for i in range(L):
-                acc += x[a, c0 + cc, i]
-            sums[0, cc] += acc
+            sums[0, cc] += _run_sum(x[a, c0 + cc])
     for cc in range(nb):
         centre[cc] = sums[0, cc] / n
     sums[0, :nb] = 0.0
     sums[1, :nb] = 0.0
     for a in range(A):
         for cc in range(nb):
-            mid = centre[cc]
-            acc1 = 0.0
-            acc2 = 0.0
-            for i in range(L):
-                d = x[a, c0 + cc, i] - mid
-                acc1 += d
-                acc2 += d * d
+            acc1, acc2 = _run_centred_sums(x[a, c0 + cc], centre[cc])
             sums[0, cc] += acc1
             sums[1, cc] += acc2
     for cc in range(nb):
@@ -432,20 +460,26 @@ def _cm_forward_train(
 
 @_inline
 def _cm_sums(dz, za, zc, x, a, c, mu):  # pragma: no cover
-    """(Σdz, Σdz·(x − mu)) along the run x[a, c, :], dz being dz[za, zc, :].
-
-    The run is summed in x's dtype, which vectorizes at full width (float64
-    accumulators halve it for float32 data: the loop was 10–40 % slower than aten's
-    backward with them), and the runs in float64 by the caller. A run is one row of
-    one channel (L values); with fastmath's reassociation the sum is split across the
-    vector lanes, which keeps its rounding error at that of a short sum (tests pin it
-    against float64 on runs of 65536)."""
-    s1 = x.dtype.type(0)
-    s2 = x.dtype.type(0)
-    for i in range(x.shape[2]):
-        s1 += dz[za, zc, i]
-        s2 += dz[za, zc, i] * (x[a, c, i] - mu)
-    return float(s1), float(s2)
+    """(Σdz, Σdz·(x − mu)) along the run x[a, c, :], dz being dz[za, zc, :], summed as
+    in _run_sum: pieces in x's dtype, the pieces in float64. (Whole-run float64
+    accumulators, as this loop had before, halve the vector width for float32 data
+    and made it 10–40 % slower than aten's backward.)"""
+    g = dz[za, zc]
+    v = x[a, c]
+    n = v.shape[0]
+    s1 = 0.0
+    s2 = 0.0
+    for p0 in range(0, n, _SUM_PIECE):
+        gp = g[p0:p0 + _SUM_PIECE]
+        vp = v[p0:p0 + _SUM_PIECE]
+        acc1 = v.dtype.type(0)
+        acc2 = v.dtype.type(0)
+        for i in range(vp.shape[0]):
+            acc1 += gp[i]
+            acc2 += gp[i] * (vp[i] - mu)
+        s1 += acc1
+        s2 += acc2
+    return s1, s2
 
 
 @_inline
