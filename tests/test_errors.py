@@ -100,3 +100,20 @@ def test_check_finite_module_raises() -> None:
         layer(x)
     assert torch.equal(layer.running_mean, torch.zeros(3))
     assert "check_finite=True" in repr(layer)
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "match"),
+    [
+        ("running_mean", torch.zeros(4), r"running_mean must have shape \(3,\).*got \(4,\)"),
+        ("running_var", torch.ones(2), r"running_var must have shape \(3,\).*got \(2,\)"),
+        ("running_mean", torch.zeros(3, dtype=torch.long), "running_mean must be floating point"),
+    ],
+)
+def test_bad_buffers_in_eval_are_named(buffer: str, value: torch.Tensor, match: str) -> None:
+    """Eval under "auto" takes aten's kernel without the functional's checks
+    (functional.eval_on_aten); a buffer it cannot take still gets the named error."""
+    layer = bn.BatchNorm1d(3).eval()
+    setattr(layer, buffer, value)
+    with torch.no_grad(), pytest.raises((ValueError, TypeError), match=match):
+        layer(torch.randn(5, 3))

@@ -152,3 +152,34 @@ def test_registry() -> None:
     assert layer.momentum == 0.3
     with pytest.raises(ValueError, match="unknown norm 'nope'; registered: .*batch"):
         bn.create_norm("nope", 8)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5, 5), (2, 4, 3, 3, 3)])
+def test_eval_fast_path_equals_functional(shape, dtype, affine) -> None:
+    """The layers' eval under "auto" (aten's kernel without the functional's checks)
+    gives batch_norm's output, with and without gradients wanted."""
+    layer = {2: bn.BatchNorm1d, 4: bn.BatchNorm2d, 5: bn.BatchNorm3d}[len(shape)](
+        4, affine=affine, dtype=dtype
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.running_mean.normal_(generator=gen)
+        layer.running_var.uniform_(0.5, 2.0, generator=gen)
+        if affine:
+            layer.weight.normal_(generator=gen)
+            layer.bias.normal_(generator=gen)
+    layer.eval()
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    expected = bn.functional.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False,
+        backend="reference",
+    )
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, expected)
+    assert not fast.requires_grad
+    with_grad = layer(x.requires_grad_())
+    torch.testing.assert_close(with_grad, expected)
+    assert with_grad.requires_grad

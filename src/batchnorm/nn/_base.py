@@ -173,6 +173,17 @@ class _BatchNormBase(nn.Module):
         params, buffers = self._parameters, self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         training = self.training
+        if (
+            not training
+            and running_mean is not None
+            and running_var is not None
+            and self.backend == "auto"
+        ):
+            y = F.eval_on_aten(
+                input, running_mean, running_var, params["weight"], params["bias"], self.eps
+            )
+            if y is not None:
+                return y
         update = training and self.track_running_stats
         # Running statistics are passed only to be updated (training with tracking) or
         # to normalize (eval with tracking); eval without them uses batch statistics.
