@@ -26,19 +26,33 @@ import torch
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, seed: int = 0
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 3,
+    seed: int = 0,
+    min_seconds: float = 0.1,
+    max_repeats: int = 2000,
 ) -> dict[str, list[float]]:
     """Call each function ``warmup`` times, then ``repeats`` rounds of one call each,
     in a fresh random order every round; return the seconds per call for each name.
+
+    Fast functions get more rounds, up to ``max_repeats``: enough for the slowest to
+    run ``min_seconds`` in all (25 samples of a 100 µs call make a median that moves
+    by 10 % between runs on a shared VM; a few hundred do not).
 
     Why random rather than rotating: a call's time depends on what ran just before it
     (on the 2-core VM of docs/benchmarks.md a layer called right after one of torch's
     ops ran ~10 us slower at 8x16x8x8 than after a numba kernel), and in a rotating
     order each function nearly always follows the same neighbour. Shuffled rounds
     give every function every predecessor equally often on average."""
+    slowest = 0.0
     for _ in range(warmup):
         for fn in fns.values():
+            t0 = time.perf_counter()
             fn()
+            slowest = max(slowest, time.perf_counter() - t0)
+    if slowest > 0:
+        repeats = max(repeats, min(max_repeats, int(min_seconds / slowest)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     rng = random.Random(seed)

@@ -74,7 +74,7 @@ def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[
         rows.append({
             "layer": name, "shape": "x".join(map(str, shape)), "layout": layout,
             "dtype": "float32", "mode": "train fwd+bwd", "ms": t, "baseline_ms": base,
-            "ratio": t / base, "repeats": repeats,
+            "ratio": t / base, "repeats": len(times[name]),
         })
     return rows
 
@@ -194,7 +194,7 @@ def bench_fold(
         "layer": f"fold {name} ({count} BN)", "shape": f"{batch}x3x32x32", "layout": "NCHW",
         "dtype": "float32", "mode": "eval fwd (model)", "device": device, "ms": t,
         "baseline_ms": base, "ratio": t / base, "floor_ms": floor, "floor_ratio": floor / base,
-        "repeats": repeats, "max_rel_error": err,
+        "repeats": len(times["folded"]), "max_rel_error": err,
     }]
 
 

@@ -146,3 +146,36 @@ def test_non_finite_batch_is_skipped(shape, with_residual) -> None:
     assert int(layer.num_batches_tracked) == 0 and int(layer.num_batches_skipped) == 1
     with pytest.raises(FloatingPointError, match="non-finite"):
         bn.BatchNormAct2d(shape[1], "relu", check_finite=True)(x, residual)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu", "identity"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_split_backward_matches_fused_numba(activation: str, with_residual: bool) -> None:
+    """Short rows under "auto": numba's fused forward, then dz and aten's backward
+    (SplitBackend.act_backward_train; silu stays fused). Same gradients as the
+    fused numba backward."""
+    from batchnorm._backends import prefer_aten_backward, select_backend
+    from batchnorm.functional import ACT_ATEN_BACKWARD_MAX_ROW
+
+    gen = torch.Generator().manual_seed(11)
+    shape = (64, 64, 8, 8)  # 2^18 values (not the composed path), rows of 64
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    res = torch.randn(shape, generator=gen)
+    dout = torch.randn(shape, generator=gen)
+    weight, bias = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen)
+    split = prefer_aten_backward(select_backend("auto", x), x, ACT_ATEN_BACKWARD_MAX_ROW)
+    assert split.name == "numba+aten"
+    grads = {}
+    for backend in ("auto", "numba"):
+        layer = bn.BatchNormAct2d(64, activation, backend=backend)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        xi = x.clone().requires_grad_()
+        ri = res.clone().requires_grad_() if with_residual else None
+        layer(xi, ri).backward(dout)
+        grads[backend] = [xi.grad, layer.weight.grad, layer.bias.grad] + (
+            [ri.grad] if with_residual else []
+        )
+    for name, a, b in zip(("dx", "dweight", "dbias", "dresidual"), *grads.values()):
+        assert_close(a, b, 1e-4, 1e-4, name)
