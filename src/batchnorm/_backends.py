@@ -452,17 +452,17 @@ class SplitBackend:
 
 # The batch-norm backward under "auto" goes to aten's kernel (a plain C++ call, no
 # autograd node of its own) where it beats numba's: channel-major (NCHW-like) inputs
-# with short rows (spatial size L below ATEN_BACKWARD_MAX_ROW: numba's per-row
-# overhead shows there) and small channel-minor inputs. Backward alone, float32, the
-# 2-core CPU of docs/benchmarks.md, aten / numba: 16x2048x7x7 0.78, 16x1024x14x14
-# 0.91, 16x64x16x16 0.72, 8x16x8x8 10 / 31 us; but 16x128x28x28 1.03, 16x512x28x28
-# 1.08, 16x64x56x56 1.05, 16x256x56x56 1.20; channel-minor: (60, 100) 19 / 26 us,
-# 8x16x8x8 channels_last 19 / 37 us, but (256, 128) 1.26, 16x32x16x16 channels_last
-# 1.08. Its precision matches numba's (tests pin it). Used by plain batch norm's large
-# channel-major training (smaller inputs take aten whole) and by batch renorm, whose
-# backward is batch norm's.
+# with short rows (spatial size L below ATEN_BACKWARD_MAX_ROW), where numba's per-row
+# overhead shows. Backward alone, float32, the 2-core CPU of docs/benchmarks.md, aten
+# / numba: 16x2048x7x7 0.78, 16x1024x14x14 0.91, 16x64x16x16 0.72, 8x16x8x8 10 / 31 us;
+# but 16x128x28x28 1.03, 16x512x28x28 1.08, 16x64x56x56 1.05, 16x256x56x56 1.20.
+# Channel-minor inputs keep numba's: alone, aten's looked faster on the smallest
+# ((60, 100): 19 / 26 us), but in a whole batch-renorm step it was slower (1.23 against
+# 1.11-1.16 the core layer's time, two runs of 1500 steps) and no faster at 8x16x8x8
+# channels_last. Its precision matches numba's (tests pin it). Used by plain batch
+# norm's large channel-major training (smaller inputs take aten whole), by batch renorm,
+# whose backward is batch norm's, and by BatchNormAct (ACT_ATEN_BACKWARD_MAX_ROW).
 ATEN_BACKWARD_MAX_ROW = 512
-ATEN_BACKWARD_CHANNEL_MINOR_MAX = 1 << 14
 _split: dict[str, Backend] = {}
 
 
@@ -478,14 +478,11 @@ def prefer_aten_backward(
 ) -> Backend:
     """Under ``backend="auto"``: ``chosen`` with aten's ``backward_train`` (a
     :class:`SplitBackend`) where that is faster: channel-major rows (spatial size)
-    shorter than ``max_row`` (see ATEN_BACKWARD_MAX_ROW), small channel-minor inputs;
-    ``chosen`` itself when it is not numba, in a forked child, or elsewhere."""
-    if chosen.name != "numba" or _IN_FORKED_CHILD:
+    shorter than ``max_row`` (see ATEN_BACKWARD_MAX_ROW); ``chosen`` itself when it
+    is not numba, in a forked child, or elsewhere."""
+    if chosen.name != "numba" or _IN_FORKED_CHILD or channel_minor(x):
         return chosen
-    if channel_minor(x):
-        if x.numel() >= ATEN_BACKWARD_CHANNEL_MINOR_MAX:
-            return chosen
-    elif x.numel() >= max_row * x.shape[0] * x.shape[1]:  # rows of max_row or more
+    if x.numel() >= max_row * x.shape[0] * x.shape[1]:  # rows of max_row or more
         return chosen
     split = _split.get(chosen.name)
     if split is None:
