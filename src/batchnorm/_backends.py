@@ -80,6 +80,10 @@ num_batches_tracked, num_batches_skipped, r_max, d_max) -> (y, mean, invstd, r, 
     :mod:`batchnorm.nn.renorm`); then the update as ``forward_train``. The backward
     is ``backward_train`` with weight ``weight * r``, and ``dweight = r·Σdy·x̂ +
     d·Σdy``, ``dbias = Σdy``.
+
+``renorm_backward_train(dy, x, weight, mean, invstd, r, d) -> (dx, dweight, dbias)``
+    That backward in one call (optional; the numba backend's keeps the (C,)
+    arithmetic in numpy).
 """
 
 from __future__ import annotations

@@ -972,12 +972,17 @@ _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float1
 _FILLS: dict[tuple[int, float, np.dtype], np.ndarray] = {}
 
 
-def _vec(t: Tensor | None, fill: float, num_channels: int, dtype: np.dtype) -> np.ndarray:
-    """``t`` as an array, or a cached constant vector of x's ``dtype`` when ``t`` is None.
+def _vec(
+    t: Tensor | np.ndarray | None, fill: float, num_channels: int, dtype: np.dtype
+) -> np.ndarray:
+    """``t`` as an array (an array passes through), or a cached constant vector of x's
+    ``dtype`` when ``t`` is None.
 
     The constant is left writable (the kernels never write it) so that it has the
     array type of a parameter of x's dtype: numba compiles one specialization for both.
     """
+    if isinstance(t, np.ndarray):
+        return t
     if t is not None:
         return t.numpy(force=True)
     key = (num_channels, fill, dtype)
@@ -1127,7 +1132,7 @@ def _forward_train(
 def _backward_train(
     dy: Tensor,
     x: Tensor,
-    weight: Tensor | None,
+    weight: Tensor | np.ndarray | None,
     mean: np.ndarray,
     invstd: np.ndarray,
     sizes: tuple[int, ...] | None = None,
@@ -1137,9 +1142,10 @@ def _backward_train(
     activation: str = "identity",
     negative_slope: float = 0.0,
     write_dres: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    arrays: bool = False,
+) -> tuple[Tensor, Any, Any, Tensor | None]:
     """Every training backward: ``(dx, Σdz·x̂, Σdz, dres or None)``; mean, invstd:
-    (K·C,) chunk statistics.
+    (K·C,) chunk statistics; the two sums as tensors, or as arrays with ``arrays``.
 
     relu / leaky ReLU (slope >= 0) read the sign of ``out``; silu and a negative slope
     rebuild z from x, the statistics, ``weight``, ``bias`` and ``residual``.
@@ -1151,7 +1157,12 @@ def _backward_train(
     dx, dxa = _empty_like(x, xa, layout, shape)
     # dweight and dbias are written straight in the parameters' dtype (x's without
     # weight: one array type, one specialization).
-    grad_dtype = xa.dtype if weight is None else _NP_DTYPES.get(weight.dtype, np.float64)
+    if weight is None:
+        grad_dtype = xa.dtype
+    elif isinstance(weight, np.ndarray):
+        grad_dtype = weight.dtype
+    else:
+        grad_dtype = _NP_DTYPES.get(weight.dtype, np.float64)
     dw, db = np.empty(C, dtype=grad_dtype), np.empty(C, dtype=grad_dtype)
     from_out = out is not None and _reads_output(activation, negative_slope)
     has_res = residual is not None
@@ -1176,6 +1187,8 @@ def _backward_train(
             _cm_backward_train(numel, dya, xa, w, b, bounds, T, B, *args)
         else:
             _cl_backward_train(numel, dya, xa, w, b, bounds, T, *args)
+    if arrays:
+        return dx, dw, db, dres
     return dx, torch.from_numpy(dw), torch.from_numpy(db), dres
 
 
@@ -1387,6 +1400,31 @@ class _NumbaBackend:
         C = x.shape[1]
         r, d = torch.from_numpy(rd[:C]), torch.from_numpy(rd[C:])  # type: ignore[index]
         return y, torch.from_numpy(mean), torch.from_numpy(invstd), r, d
+
+    def renorm_backward_train(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        r: Tensor,
+        d: Tensor,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Batch renorm's backward, ``(dx, dγ, dβ)``: batch norm's with weight γr, and
+        ``dγ = r·Σdy·x̂ + d·Σdy``, ``dβ = Σdy``. The (C,) arithmetic stays in numpy
+        end to end: on small inputs each torch↔numpy crossing is a visible cost."""
+        rn, dn = r.numpy(), d.numpy()
+        effective = rn if weight is None else np.multiply(
+            weight.numpy(force=True), rn, dtype=rn.dtype
+        )
+        dx, sum_dy_xhat, sum_dy, _ = _backward_train(
+            dy, x, effective, mean.numpy(), invstd.numpy(), arrays=True
+        )
+        if weight is None:
+            return dx, None, torch.from_numpy(sum_dy)
+        dweight = rn * sum_dy_xhat + dn * sum_dy
+        return dx, torch.from_numpy(dweight).to(weight.dtype), torch.from_numpy(sum_dy)
 
 
 BACKEND = _NumbaBackend()

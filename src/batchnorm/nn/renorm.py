@@ -111,7 +111,14 @@ class _RenormTrain(torch.autograd.Function):
         else:
             dy = dy.contiguous(memory_format=_memory_format(x))
             if ctx.numpy_grads:
-                dx, dweight, sum_dy = _backward_numpy(ctx.backend, dy, x, weight, mean, invstd, r, d)
+                if ctx.backend.name == "numba":  # numba's kernel runs the whole backward
+                    dx, dweight, sum_dy = ctx.backend.renorm_backward_train(
+                        dy, x, weight, mean, invstd, r, d
+                    )
+                else:  # aten's backward kernel after numba's forward
+                    dx, dweight, sum_dy = _backward_numpy(
+                        ctx.backend, dy, x, weight, mean, invstd, r, d
+                    )
                 return (
                     dx if need_x else None,
                     dweight if need_w else None,
