@@ -82,8 +82,8 @@ num_batches_tracked, num_batches_skipped, r_max, d_max) -> (y, mean, invstd, r, 
     d·Σdy``, ``dbias = Σdy``.
 
 ``renorm_backward_train(dy, x, weight, mean, invstd, r, d) -> (dx, dweight, dbias)``
-    That backward in one call (optional; the numba backend's keeps the (C,)
-    arithmetic in numpy).
+    That backward in one call; a backend with ``renorm_forward_train`` has it too
+    (the numba backend's keeps the (C,) arithmetic in numpy).
 """
 
 from __future__ import annotations
@@ -148,6 +148,22 @@ class ActKernels(Protocol):
         activation: str = "relu",
         negative_slope: float = 0.01,
     ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def renorm_backward_train(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        r: Tensor,
+        d: Tensor,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Batch renorm's backward (the forward backend's) on the backward backend's
+        batch-norm kernel."""
+        return self._forward.renorm_backward_train(  # type: ignore[attr-defined]
+            dy, x, weight, mean, invstd, r, d, backward=self._backward
+        )
 
     def act_backward_train(
         self,

@@ -386,14 +386,7 @@ def _inference(
     backend: str,
 ) -> Tensor:
     """``y = x * scale + shift`` with the running statistics: a fixed affine map."""
-    needs_grad = torch.is_grad_enabled() and (
-        input.requires_grad
-        or running_mean.requires_grad
-        or running_var.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
-    if needs_grad:
+    if _wants_grad(input, running_mean, running_var, weight, bias):
         # Differentiable composition: autograd derives every gradient (and higher ones).
         dtype = _reference.stats_dtype(input)
         invstd = torch.rsqrt(running_var.to(dtype) + eps)
@@ -405,6 +398,11 @@ def _inference(
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=False)
     return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd is recording and any of ``tensors`` requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def eval_on_aten(
@@ -428,13 +426,7 @@ def eval_on_aten(
     """
     if not input.is_floating_point() or not (0.0 <= eps < math.inf):
         return None
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-        or running_mean.requires_grad
-        or running_var.requires_grad
-    ):
+    if _wants_grad(input, running_mean, running_var, weight, bias):
         return None
     chosen = prefer_aten(
         select_backend("auto", input, weight, bias, running_mean, running_var), input,

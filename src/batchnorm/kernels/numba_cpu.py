@@ -1410,17 +1410,24 @@ class _NumbaBackend:
         invstd: Tensor,
         r: Tensor,
         d: Tensor,
+        backward: Any = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Batch renorm's backward, ``(dx, dγ, dβ)``: batch norm's with weight γr, and
-        ``dγ = r·Σdy·x̂ + d·Σdy``, ``dβ = Σdy``. The (C,) arithmetic stays in numpy
-        end to end: on small inputs each torch↔numpy crossing is a visible cost."""
+        ``dγ = r·Σdy·x̂ + d·Σdy``, ``dβ = Σdy``, on this backend's kernel or on
+        ``backward``'s ``backward_train`` (a Backend: aten's, under "auto"). The (C,)
+        arithmetic stays in numpy: on small inputs each torch↔numpy crossing or small
+        torch op is a visible cost."""
         rn, dn = r.numpy(), d.numpy()
         effective = rn if weight is None else np.multiply(
             weight.numpy(force=True), rn, dtype=rn.dtype
         )
-        dx, sum_dy_xhat, sum_dy, _ = _backward_train(
-            dy, x, effective, mean.numpy(), invstd.numpy(), arrays=True
-        )
+        if backward is None:
+            dx, sum_dy_xhat, sum_dy, _ = _backward_train(
+                dy, x, effective, mean.numpy(), invstd.numpy(), arrays=True
+            )
+        else:
+            dx, s1, s2 = backward.backward_train(dy, x, torch.from_numpy(effective), mean, invstd)
+            sum_dy_xhat, sum_dy = s1.numpy(), s2.numpy()
         if weight is None:
             return dx, None, torch.from_numpy(sum_dy)
         dweight = rn * sum_dy_xhat + dn * sum_dy

@@ -93,9 +93,9 @@ class _RenormTrain(torch.autograd.Function):
         ctx.stats = (mean, invstd, r, d)
         ctx.backend = backend
         ctx.eps = spec.eps
-        # The CPU kernel backends take float32/float64 parameters only, so their
-        # (C,) gradient arithmetic can run in numpy.
-        ctx.numpy_grads = fused is not None
+        # A backend with a renorm forward kernel has the backward too (numba's, or
+        # numba's with aten's batch-norm kernel under "auto").
+        ctx.fused_backward = fused is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -110,15 +110,10 @@ class _RenormTrain(torch.autograd.Function):
             dx, sum_dy_xhat, sum_dy = _reference.differentiable_backward(dy, x, effective, ctx.eps)
         else:
             dy = dy.contiguous(memory_format=_memory_format(x))
-            if ctx.numpy_grads:
-                if ctx.backend.name == "numba":  # numba's kernel runs the whole backward
-                    dx, dweight, sum_dy = ctx.backend.renorm_backward_train(
-                        dy, x, weight, mean, invstd, r, d
-                    )
-                else:  # aten's backward kernel after numba's forward
-                    dx, dweight, sum_dy = _backward_numpy(
-                        ctx.backend, dy, x, weight, mean, invstd, r, d
-                    )
+            if ctx.fused_backward:
+                dx, dweight, sum_dy = ctx.backend.renorm_backward_train(
+                    dy, x, weight, mean, invstd, r, d
+                )
                 return (
                     dx if need_x else None,
                     dweight if need_w else None,
@@ -134,30 +129,6 @@ class _RenormTrain(torch.autograd.Function):
             sum_dy.to(ctx.bias_dtype) if need_b else None,
             None,
         )
-
-
-def _backward_numpy(
-    backend: Backend,
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    r: Tensor,
-    d: Tensor,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(dx, dγ, Σdy)`` for float32/float64 CPU statistics and parameters, with the
-    (C,) products in numpy: each costs a fraction of a torch op's dispatch, which on
-    small inputs is what the step is made of."""
-    rn, dn = r.numpy(), d.numpy()
-    effective = rn if weight is None else (weight.detach().numpy() * rn).astype(rn.dtype, copy=False)
-    dx, sum_dy_xhat, sum_dy = backend.backward_train(
-        dy, x, torch.from_numpy(effective), mean, invstd
-    )
-    if weight is None:
-        return dx, None, sum_dy
-    dweight = rn * sum_dy_xhat.numpy() + dn * sum_dy.numpy()
-    return dx, torch.from_numpy(dweight).to(weight.dtype), sum_dy
 
 
 def _renorm_composed(
