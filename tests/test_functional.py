@@ -442,3 +442,17 @@ def test_family_layers_with_half_precision_statistics(kind) -> None:
     layer(x).sum().backward()
     assert layer.running_mean.dtype == torch.float16 and int(layer.num_batches_tracked) == 1
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_split_backend_copies_and_keeps_private_names() -> None:
+    """SplitBackend delegates public attributes only: copying works (no recursion
+    through __getattr__ before _forward exists) and private lookups fail cleanly."""
+    import copy
+
+    from batchnorm._backends import prefer_aten_backward, select_backend
+
+    x = torch.empty(8, 16, 8, 8)
+    split = prefer_aten_backward(select_backend("auto", x), x)
+    assert copy.copy(split).name == "numba+aten"
+    assert copy.deepcopy(split).name == "numba+aten"
+    assert not hasattr(split, "_not_there")

@@ -425,7 +425,10 @@ class SplitBackend:
 
     def __getattr__(self, attribute: str) -> object:
         # Only called for attributes not found on the instance: forward_train,
-        # forward_eval, the fused kernels, usable.
+        # forward_eval, the fused kernels, usable. Private names are never delegated
+        # (while copying or unpickling, _forward itself is not set yet).
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
         return getattr(self._forward, attribute)
 
     def backward_train(
