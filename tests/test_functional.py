@@ -304,6 +304,8 @@ def test_auto_backward_policy_on_cpu(shape, channels_last, expected) -> None:
     numba = select_backend("numba", x)
     assert split.forward_train == numba.forward_train
     assert split.renorm_forward_train == numba.renorm_forward_train
+    if expected == "numba+aten":  # renorm's backward runs on aten's kernel
+        assert split.renorm_backward_train != numba.renorm_backward_train
     # Other backends are never redirected.
     reference_backend = select_backend("reference", x)
     assert prefer_aten_backward(reference_backend, x) is reference_backend

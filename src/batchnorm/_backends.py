@@ -149,22 +149,6 @@ class ActKernels(Protocol):
         negative_slope: float = 0.01,
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
-    def renorm_backward_train(
-        self,
-        dy: Tensor,
-        x: Tensor,
-        weight: Tensor | None,
-        mean: Tensor,
-        invstd: Tensor,
-        r: Tensor,
-        d: Tensor,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Batch renorm's backward (the forward backend's) on the backward backend's
-        batch-norm kernel."""
-        return self._forward.renorm_backward_train(  # type: ignore[attr-defined]
-            dy, x, weight, mean, invstd, r, d, backward=self._backward
-        )
-
     def act_backward_train(
         self,
         dout: Tensor,
@@ -435,6 +419,22 @@ class SplitBackend:
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self._backward.backward_train(dy, x, weight, mean, invstd)
+
+    def renorm_backward_train(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        r: Tensor,
+        d: Tensor,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Batch renorm's backward (the forward backend's) on the backward backend's
+        batch-norm kernel."""
+        return self._forward.renorm_backward_train(  # type: ignore[attr-defined]
+            dy, x, weight, mean, invstd, r, d, backward=self._backward
+        )
 
     def act_backward_train(
         self,

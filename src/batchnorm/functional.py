@@ -266,22 +266,17 @@ def batch_norm_act(
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
     batch_stats_used = training or running_mean is None
     m = input.numel() // input.shape[1]
-    chosen: Backend | None = select_backend(
-        backend, input, weight, bias, running_mean, running_var
-    )
-    if backend == "auto":
-        if prefer_composed_act(chosen, input):  # type: ignore[arg-type]
-            chosen = None  # small input: aten's batch norm and in-place ops cost less
-        else:  # aten's backward kernel after the fused forward where it is faster
-            chosen = prefer_aten_backward(  # type: ignore[arg-type]
-                chosen, input, max_row=ACT_ATEN_BACKWARD_MAX_ROW
-            )
-    kernels = None if chosen is None else act_kernels(chosen)
+    chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
+    # Small input under "auto": aten's batch norm and in-place ops cost less.
+    composed = backend == "auto" and prefer_composed_act(chosen, input)
+    if backend == "auto" and not composed:
+        # aten's backward kernel after the fused forward where it is faster
+        chosen = prefer_aten_backward(chosen, input, max_row=ACT_ATEN_BACKWARD_MAX_ROW)
+    kernels = None if composed else act_kernels(chosen)
     if kernels is not None and (m > 1 or not batch_stats_used):
         return _fused_act(
             input, running_mean, running_var, weight, bias, batch_stats_used, momentum, eps,
-            residual, activation, negative_slope, chosen, kernels,  # type: ignore[arg-type]
-            num_batches_tracked,
+            residual, activation, negative_slope, chosen, kernels, num_batches_tracked,
             num_batches_skipped, check_finite,
         )
     y = batch_norm(

@@ -54,7 +54,7 @@ from numba.core import types as nbtypes
 from numba.extending import overload
 from torch import Tensor
 
-from batchnorm._backends import channel_minor
+from batchnorm._backends import Backend, channel_minor
 
 # Reassociate sums (vectorization) and fuse multiply-adds, but keep NaN/Inf semantics.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
@@ -1410,7 +1410,7 @@ class _NumbaBackend:
         invstd: Tensor,
         r: Tensor,
         d: Tensor,
-        backward: Any = None,
+        backward: Backend | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Batch renorm's backward, ``(dx, dγ, dβ)``: batch norm's with weight γr, and
         ``dγ = r·Σdy·x̂ + d·Σdy``, ``dβ = Σdy``, on this backend's kernel or on
