@@ -419,7 +419,9 @@ def eval_on_aten(
     (a layer) has already checked that ``input`` is a tensor with the right number of
     dims and channels.
     """
-    if not input.is_floating_point() or not (0.0 <= eps < math.inf):
+    # aten is a CPU path: other devices go straight back, without a second backend
+    # choice on their hot path.
+    if not input.is_cpu or not input.is_floating_point() or not (0.0 <= eps < math.inf):
         return None
     if _wants_grad(input, running_mean, running_var, weight, bias):
         return None
