@@ -71,11 +71,15 @@ CASES = [
     ("4d", (4, 5, 3, 3), False),
     ("4d_channels_last", (4, 6, 3, 5), True),
     ("5d", (3, 4, 2, 3, 2), False),
+    # 2^15 values: "auto" takes numba's fused forward with aten's backward (rows of 256).
+    ("4d_large", (16, 8, 16, 16), False),
+    ("4d_large_channels_last", (8, 16, 16, 16), True),
 ]
 
 
-# "auto": numba's fused forward with aten's backward (prefer_aten_backward) on these.
-@pytest.mark.parametrize("backend", ["reference", "numba", "auto"])
+# "auto" on the small 3d+ cases: the aten composition (prefer_aten_renorm); on 2d and
+# the large cases numba's fused kernels.
+@pytest.mark.parametrize("backend", ["reference", "numba", "aten", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("name", "shape", "cl"), CASES, ids=[c[0] for c in CASES])
 def test_matches_reference_with_stop_gradient(name, shape, cl, dtype, backend) -> None:
@@ -126,7 +130,7 @@ def test_stop_gradient_matters() -> None:
     assert_close(xg.grad, grads[0], 1e-10, 1e-9, "dx with stop-gradient")
 
 
-@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("backend", ["reference", "numba", "aten"])
 @pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5, 5)])
 def test_r_max_1_d_max_0_is_batch_norm_exactly(shape, backend) -> None:
     layer, x, dy = _setup(shape, torch.float32, r_max=1.0, d_max=0.0, backend=backend)
@@ -176,10 +180,13 @@ def test_without_running_stats_is_batch_norm() -> None:
     assert torch.equal(layer(x), plain(x))
 
 
-def test_gradcheck_and_gradgradcheck() -> None:
+@pytest.mark.parametrize("backend", ["numba", "aten", "reference"])
+def test_gradcheck_and_gradgradcheck(backend) -> None:
     """The renorm path's autograd (stop-gradient r and d) is exact where r and d are
     locally constant, i.e. clipped in every channel, so finite differences agree."""
-    layer, x, _ = _setup((6, 4, 2, 2), torch.float64, r_max=1.5, d_max=1.0, momentum=0.0)
+    layer, x, _ = _setup(
+        (6, 4, 2, 2), torch.float64, r_max=1.5, d_max=1.0, momentum=0.0, backend=backend
+    )
     dims = [0, 2, 3]
     with torch.no_grad():
         layer.running_var.copy_(x.var(dims, unbiased=False) * 4)  # r = 0.5 -> clipped at 1/1.5
@@ -276,3 +283,52 @@ def test_state_dict_is_torch_batch_norm() -> None:
     torch.nn.BatchNorm2d(4).load_state_dict(layer.state_dict(), strict=True)
     assert "r_max=3.0, d_max=5.0" in repr(layer)
     assert isinstance(bn.create_norm("renorm", 4, dim=1, r_max=2.0), bn.BatchRenorm1d)
+
+
+def test_auto_policy_for_renorm() -> None:
+    """Under "auto": aten's composition for 3d+ inputs below RENORM_ATEN_MAX values, the
+    numba kernels (with aten's backward on short rows) above, and on (N, C)."""
+    from batchnorm import _backends
+
+    numba = _backends.select_backend("numba", torch.empty(1, 1))
+    small = torch.empty(8, 16, 8, 8)
+    assert _backends.prefer_aten_renorm(numba, small).name == "aten"
+    assert _backends.prefer_aten_renorm(numba, small.to(memory_format=torch.channels_last)).name == "aten"
+    assert _backends.prefer_aten_renorm(numba, torch.empty(16, 8, 16, 16)).name == "numba+aten"
+    assert _backends.prefer_aten_renorm(numba, torch.empty(60, 100)).name == "numba"
+    reference = _backends.select_backend("reference", small)
+    assert _backends.prefer_aten_renorm(reference, small) is reference
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 4, 4), (16, 6)])
+def test_aten_path_with_float64_parameters(shape) -> None:
+    """float32 input, float64 weight/bias/statistics on the aten composition: gradients
+    come back in the parameters' dtype and match the float64 reference."""
+    layer, x, dy = _setup(shape, torch.float64, backend="aten")
+    x, dy = x.float(), dy.float()
+    rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.backward(dy)
+    assert y.dtype == torch.float32 and layer.weight.grad.dtype == torch.float64
+    w0 = layer.weight.detach().clone().requires_grad_()
+    b0 = layer.bias.detach().clone().requires_grad_()
+    y_ref = renorm_reference(x.double(), w0, b0, rm0, rv0, 2.0, 1.0, layer.eps)
+    y_ref.backward(dy.double())
+    tol = TOLERANCES[torch.float32]
+    assert_close(y, y_ref, tol.atol, tol.rtol, "output")
+    assert_close(layer.weight.grad, w0.grad, tol.grad_atol * 4, tol.grad_rtol, "dweight")
+    assert_close(layer.bias.grad, b0.grad, tol.grad_atol * 4, tol.grad_rtol, "dbias")
+
+
+@pytest.mark.parametrize("backend", ["aten", "auto", "numba"])
+def test_non_finite_batch_is_skipped_on_every_path(backend) -> None:
+    layer = bn.BatchRenorm2d(3, backend=backend)
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    y = layer(x)
+    assert torch.isnan(y[:, 1]).all()
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
+    assert int(layer.num_batches_tracked) == 0 and int(layer.num_batches_skipped) == 1
+    layer(torch.randn(4, 3, 2, 2))
+    assert int(layer.num_batches_tracked) == 1 and int(layer.num_batches_skipped) == 1

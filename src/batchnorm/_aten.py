@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchnorm.kernels.numba_cpu import _counter, _update_running_from_invstd
+from batchnorm.kernels.numba_cpu import _counter, _update_running_from_invstd, renorm_constants
 
 
 def _update(
@@ -89,6 +89,47 @@ class _AtenBackend:
             num_batches_skipped,
         )
         return y, mean.detach(), invstd.detach()
+
+    def renorm_autograd_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        num_batches_skipped: Tensor | None,
+        r_max: float,
+        d_max: float,
+    ) -> Tensor:
+        """Batch renorm's training output, differentiable by autograd (to any order),
+        with r and d constants (see :mod:`batchnorm.nn.renorm`).
+
+        With r and d fixed, ``y = γ(x̂·r + d) + β`` is batch norm with weight ``γr``
+        and bias ``γd + β``. r and d come first, from this package's statistics pass
+        (:func:`batchnorm.kernels.numba_cpu.renorm_constants`, which also makes the
+        guarded running-statistics update); aten's batch norm then normalizes with
+        those coefficients, and autograd carries ``dγ = r·Σdy·x̂ + d·Σdy``, ``dβ =
+        Σdy`` through the two (C,) products. No Python Function sits in the graph: on
+        small inputs its per-call cost (~15 µs each way) is most of the step.
+        """
+        rd = renorm_constants(
+            x, eps, running_mean, running_var, momentum, num_batches_tracked,
+            num_batches_skipped, r_max, d_max,
+        )
+        C = x.shape[1]
+        r, d = torch.from_numpy(rd[:C]), torch.from_numpy(rd[C:])
+        if weight is None:
+            scale = r
+            shift = d if bias is None else bias + d
+        else:
+            scale = weight * r
+            shift = weight * d if bias is None else torch.addcmul(bias, weight, d)
+        return torch.native_batch_norm(
+            x, _like(scale, x), _like(shift, x), None, None, True, 0.0, eps
+        )[0]
 
     def forward_train(
         self,

@@ -516,6 +516,34 @@ def prefer_aten_backward(
     return split
 
 
+# Batch renorm under "auto": on 3d+ inputs below RENORM_ATEN_MAX values the aten
+# backend's composition (r and d from a statistics-only numba pass, then aten's batch
+# norm with weight γr and bias γd + β, all in autograd's C++ graph) beats the fused
+# numba kernels behind a Python Function, whose per-call cost (~15 us each way) is
+# most of a small step. Forward+backward against the core layer, the 2-core CPU of
+# docs/benchmarks.md, composed vs fused: 8x16x8x8 1.35-1.38 vs 1.56-1.59 (NCHW),
+# 1.38 vs 1.52-1.53 (channels_last); 16x16x8x8 1.36 vs 1.53; (16, 32, 16) 1.39 vs 1.57;
+# at 2^15 NCHW a tie (8x64x8x8 1.33 vs 1.34), channels_last still ahead (8x16x16x16
+# 1.42 vs 1.57); 16x32x16x16 NCHW 1.23 vs 0.91. (N, C) stays fused: (60, 100) 1.32 vs
+# 1.15, (128, 32) 1.35 vs 1.39 (aten's 2-d kernel costs more there).
+RENORM_ATEN_MAX = 1 << 15
+
+
+def prefer_aten_renorm(chosen: Backend, x: Tensor) -> Backend:
+    """Under ``backend="auto"``, the backend for batch renorm's training step on ``x``:
+    aten's composition (:meth:`batchnorm._aten._AtenBackend.renorm_autograd_train`)
+    for inputs below RENORM_ATEN_CHANNEL_MAJOR_MAX / _MINOR_MAX elements, else
+    ``chosen`` with aten's backward kernel where that is faster
+    (:func:`prefer_aten_backward`); ``chosen`` itself when it is not numba or in a
+    forked child."""
+    if chosen.name != "numba" or _IN_FORKED_CHILD:
+        return chosen
+    if x.dim() > 2 and x.numel() < RENORM_ATEN_MAX:
+        aten = _get("aten")
+        return chosen if aten is None else aten
+    return prefer_aten_backward(chosen, x)
+
+
 # BatchNormAct under "auto": below these sizes the composition aten batch norm + in-place
 # add + in-place activation (three C++ autograd nodes) beats the fused numba kernels
 # behind a Python Function. Measured (forward+backward, relu with a residual, against

@@ -886,6 +886,77 @@ def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # p
 
 
 # ----------------------------------------------------------------------------------------
+# batch renorm's constants alone (no output pass), for a transform done elsewhere
+# ----------------------------------------------------------------------------------------
+@_inline
+def _renorm_constants(batch, eps, r_max, d_max, rm, rv, rd_out):  # pragma: no cover
+    """rd_out[:C] = r, rd_out[C:] = d from the batch's (mean, biased var) in ``batch``
+    (2, C) float64 and the running statistics from before the update (_coefficients
+    with w = 1, b = 0, so the clipping is the fused kernels' own)."""
+    C = rm.shape[0]
+    for c in range(C):
+        _, _, _, r, d = _coefficients(
+            1.0, 0.0, batch[0, c], batch[1, c], eps, r_max, d_max, float(rm[c]), float(rv[c])
+        )
+        rd_out[c] = r
+        rd_out[C + c] = d
+
+
+@_Kernel
+def _cm_renorm_stats(
+    x, T, B, eps, r_max, d_max, rd_out, batch_out, rm, rv, momentum, cumulative, tracked,
+    skipped,
+):  # pragma: no cover
+    """Batch renorm's r and d (rd_out, (2·C,)) and the guarded running-statistics update
+    for a channel-major x (A, C, L): the statistics of _cm_forward_train (corrected
+    two-pass, channels in T ranges walked in blocks of B) without its output pass.
+    batch_out: (2, C) float64, receives the batch's mean and biased variance."""
+    A, C, L = x.shape
+    n = A * L
+    for t in numba.prange(T):
+        centre = np.empty(B, x.dtype)
+        sums = np.empty((2, B))
+        c_end = (t + 1) * C // T
+        for c0 in range(t * C // T, c_end, B):
+            nb = min(B, c_end - c0)
+            _cm_block_stats(x, c0, nb, centre, sums)
+            for cc in range(nb):
+                batch_out[0, c0 + cc] = sums[0, cc]
+                batch_out[1, c0 + cc] = sums[1, cc] / n
+    _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
+    _update_running(rm, rv, batch_out[0], batch_out[1], n, momentum, cumulative, tracked, skipped)
+
+
+@_Kernel
+def _cl_renorm_stats(
+    x, T, eps, r_max, d_max, rd_out, batch_out, rm, rv, momentum, cumulative, tracked,
+    skipped,
+):  # pragma: no cover
+    """The channel-minor _cm_renorm_stats: x (M, C), rows in T parts merged with Chan's
+    formula, as in _cl_forward_train."""
+    M, C = x.shape
+    bounds = np.zeros(2, np.int64)
+    bounds[1] = M
+    starts = _part_starts(bounds, T)
+    part_mean = np.zeros((T, C))
+    part_m2 = np.zeros((T, C))
+    for p in numba.prange(T):
+        _cl_part_stats(x[starts[p]:starts[p + 1]], part_mean[p], part_m2[p])
+    for c in range(C):
+        n = 0
+        mu = 0.0
+        m2 = 0.0
+        for p in range(T):
+            rows = starts[p + 1] - starts[p]
+            mu, m2 = _chan_merge(n, mu, m2, rows, part_mean[p, c], part_m2[p, c])
+            n += rows
+        batch_out[0, c] = mu
+        batch_out[1, c] = m2 / M
+    _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
+    _update_running(rm, rv, batch_out[0], batch_out[1], M, momentum, cumulative, tracked, skipped)
+
+
+# ----------------------------------------------------------------------------------------
 # host side: tensors in, tensors out
 # ----------------------------------------------------------------------------------------
 def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
@@ -1127,6 +1198,42 @@ def _forward_train(
         else:
             _cl_forward_train(numel, xa, w, b, eps, bounds, T, *args)
     return y, mean, invstd, rd
+
+
+def renorm_constants(
+    x: Tensor,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    r_max: float,
+    d_max: float,
+) -> np.ndarray:
+    """Batch renorm's constants for a training batch ``x`` without normalizing it:
+    ``rd`` (2·C,) in x's dtype, r then d (see _coefficients), from this package's
+    corrected two-pass statistics and the running statistics from before the step;
+    then the guarded running-statistics update, as every forward kernel does it.
+
+    For a transform computed elsewhere (the aten backend's batch renorm: aten's batch
+    norm with weight γr and bias γd + β)."""
+    layout, shape, _, T, B = _plan(x, None)
+    xa = _as_array(x, layout, shape)
+    C = x.shape[1]
+    rd = np.empty(2 * C, dtype=xa.dtype)
+    batch = np.empty((2, C), dtype=np.float64)
+    args = (
+        eps, r_max, d_max, rd, batch, running_mean.numpy(force=True),
+        running_var.numpy(force=True), 0.0 if momentum is None else momentum,
+        momentum is None, _counter(num_batches_tracked), _counter(num_batches_skipped),
+    )
+    with _LAUNCH_LOCK:
+        if layout == "major":
+            _cm_renorm_stats(x.numel(), xa, T, B, *args)
+        else:
+            _cl_renorm_stats(x.numel(), xa, T, *args)
+    return rd
 
 
 def _backward_train(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from batchnorm import _reference
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, prefer_aten_backward, select_backend
+from batchnorm._backends import Backend, prefer_aten_renorm, select_backend
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -58,6 +58,9 @@ class _RenormSpec(NamedTuple):
 class _RenormTrain(torch.autograd.Function):
     """Training-mode batch renorm on a backend; r and d are constants for backprop.
 
+    (The aten backend does not come here: its ``renorm_autograd_train`` composes the
+    same formulas in autograd's own graph, see :mod:`batchnorm._aten`.)
+
     Forward: on a backend with a renorm kernel (numba), r and d are folded into the
     affine coefficients, ``y = x̂·(γr) + (γd + β)``, computed in the same pass as batch
     norm's output, from the batch statistics and the running statistics from before
@@ -69,7 +72,7 @@ class _RenormTrain(torch.autograd.Function):
     so the backend's backward with weight γr gives dx, ``Σ dy·x̂`` and ``Σ dy``, and
     ``dγ = r·Σ dy·x̂ + d·Σ dy``, ``dβ = Σ dy``: no pass beyond batch norm's. Under
     "auto" that backward may be aten's kernel (:func:`batchnorm._backends.
-    prefer_aten_backward`). Under ``create_graph`` the same formulas run on
+    prefer_aten_renorm`). Under ``create_graph`` the same formulas run on
     differentiable ops (double backward).
     """
 
@@ -244,12 +247,20 @@ class _BatchRenorm(_BatchNormBase):
         skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
         backend = select_backend(self.backend, x, weight, bias, running_mean, running_var)
         if self.backend == "auto":
-            backend = prefer_aten_backward(backend, x)
-        spec = _RenormSpec(
-            running_mean, running_var, self.momentum, self.eps,
-            buffers["num_batches_tracked"], skipped, self.r_max, self.d_max, backend,
-        )
-        y = _RenormTrain.apply(x, weight, bias, spec)
+            backend = prefer_aten_renorm(backend, x)
+        composed = getattr(backend, "renorm_autograd_train", None)
+        if composed is not None:
+            # aten's batch norm with γr and γd + β: autograd's own graph, no Function.
+            y = composed(
+                x, weight, bias, self.eps, running_mean, running_var, self.momentum,
+                buffers["num_batches_tracked"], skipped, self.r_max, self.d_max,
+            )
+        else:
+            spec = _RenormSpec(
+                running_mean, running_var, self.momentum, self.eps,
+                buffers["num_batches_tracked"], skipped, self.r_max, self.d_max, backend,
+            )
+            y = _RenormTrain.apply(x, weight, bias, spec)
         if self.check_finite and skipped is not None and int(skipped) > skipped_before:
             raise FloatingPointError(
                 f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} has "
