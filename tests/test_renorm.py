@@ -71,9 +71,9 @@ CASES = [
     ("4d", (4, 5, 3, 3), False),
     ("4d_channels_last", (4, 6, 3, 5), True),
     ("5d", (3, 4, 2, 3, 2), False),
-    # 2^15 values: "auto" takes numba's fused forward with aten's backward (rows of 256).
+    # "auto" takes numba's fused kernels here (NCHW: with aten's backward, rows of 256).
     ("4d_large", (16, 8, 16, 16), False),
-    ("4d_large_channels_last", (8, 16, 16, 16), True),
+    ("4d_large_channels_last", (8, 16, 32, 32), True),
 ]
 
 
@@ -295,6 +295,11 @@ def test_auto_policy_for_renorm() -> None:
     assert _backends.prefer_aten_renorm(numba, small).name == "aten"
     assert _backends.prefer_aten_renorm(numba, small.to(memory_format=torch.channels_last)).name == "aten"
     assert _backends.prefer_aten_renorm(numba, torch.empty(16, 8, 16, 16)).name == "numba+aten"
+    mid = torch.empty(8, 16, 16, 16)  # 2^15: channels_last keeps the composition longer
+    assert _backends.prefer_aten_renorm(numba, mid).name == "numba+aten"
+    assert _backends.prefer_aten_renorm(numba, mid.to(memory_format=torch.channels_last)).name == "aten"
+    big = torch.empty(16, 64, 16, 16).to(memory_format=torch.channels_last)
+    assert _backends.prefer_aten_renorm(numba, big).name == "numba"
     assert _backends.prefer_aten_renorm(numba, torch.empty(60, 100)).name == "numba"
     reference = _backends.select_backend("reference", small)
     assert _backends.prefer_aten_renorm(reference, small) is reference

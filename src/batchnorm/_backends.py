@@ -524,21 +524,26 @@ def prefer_aten_backward(
 # docs/benchmarks.md, composed vs fused: 8x16x8x8 1.35-1.38 vs 1.56-1.59 (NCHW),
 # 1.38 vs 1.52-1.53 (channels_last); 16x16x8x8 1.36 vs 1.53; (16, 32, 16) 1.39 vs 1.57;
 # at 2^15 NCHW a tie (8x64x8x8 1.33 vs 1.34), channels_last still ahead (8x16x16x16
-# 1.42 vs 1.57); 16x32x16x16 NCHW 1.23 vs 0.91. (N, C) stays fused: (60, 100) 1.32 vs
-# 1.15, (128, 32) 1.35 vs 1.39 (aten's 2-d kernel costs more there).
+# 1.42 vs 1.57, hence a higher limit for channels_last); 16x32x16x16 NCHW 1.23 vs 0.91,
+# channels_last a tie (1.38 vs 1.36); 16x64x16x16 channels_last 1.35 vs 1.23. (N, C)
+# stays fused: (60, 100) 1.32 vs 1.15, (128, 32) 1.35 vs 1.39 (aten's 2-d kernel costs
+# more there).
 RENORM_ATEN_MAX = 1 << 15
+RENORM_ATEN_CHANNELS_LAST_MAX = 1 << 17
 
 
 def prefer_aten_renorm(chosen: Backend, x: Tensor) -> Backend:
     """Under ``backend="auto"``, the backend for batch renorm's training step on ``x``:
     aten's composition (:meth:`batchnorm._aten._AtenBackend.renorm_autograd_train`)
-    for inputs below RENORM_ATEN_CHANNEL_MAJOR_MAX / _MINOR_MAX elements, else
+    for 3d+ inputs below RENORM_ATEN_MAX values (RENORM_ATEN_CHANNELS_LAST_MAX for
+    channels_last), else
     ``chosen`` with aten's backward kernel where that is faster
     (:func:`prefer_aten_backward`); ``chosen`` itself when it is not numba or in a
     forked child."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return chosen
-    if x.dim() > 2 and x.numel() < RENORM_ATEN_MAX:
+    limit = RENORM_ATEN_CHANNELS_LAST_MAX if is_channels_last(x) else RENORM_ATEN_MAX
+    if x.dim() > 2 and x.numel() < limit:
         aten = _get("aten")
         return chosen if aten is None else aten
     return prefer_aten_backward(chosen, x)
