@@ -105,6 +105,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "numpy": numpy.__version__,
     }
+    info.update(_cpu_model())
     try:
         import numba
 
@@ -126,6 +127,29 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
+
+
+def _cpu_model() -> dict[str, Any]:
+    """The CPU's model name, family/model numbers and widest vector ISA, from
+    /proc/cpuinfo (Linux; empty elsewhere). Shared VMs of one name can sit on different
+    CPU generations, which moves kernel-vs-kernel ratios (AVX-512 or not)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return {
+        "cpu_model": fields.get("model name", ""),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "cpu_vector_isa": isa,
+    }
 
 
 def write_results(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> tuple[Path, Path]:

@@ -1,0 +1,108 @@
+"""Markdown tables of ratios from one or more result files of the same benchmark.
+
+Each run's JSON (``{"environment": ..., "rows": [...]}`` from _harness.write_results)
+contributes one ratio per row key; a cell shows the range over the runs ("1.02–1.05",
+or one value), so repeat runs can be quoted together as docs/benchmarks.md does.
+
+    python benchmarks/tables.py family results/run1/family.json results/run2/family.json
+    python benchmarks/tables.py cpu results/run1/cpu.json results/run2/cpu.json
+    python benchmarks/tables.py fold results/run1/family.json results/run2/family.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+FAMILY_LAYERS = ("Ghost(N/4)", "Renorm", "BNAct(relu,+res)")
+
+
+def _load(paths: list[Path]) -> list[list[dict[str, Any]]]:
+    return [json.loads(p.read_text())["rows"] for p in paths]
+
+
+def _span(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    if f"{lo:.{digits}f}" == f"{hi:.{digits}f}":
+        return f"{lo:.{digits}f}"
+    return f"{lo:.{digits}f}–{hi:.{digits}f}"
+
+
+def family_table(runs: list[list[dict[str, Any]]]) -> str:
+    """Shape × layout rows, one column per family layer: family / core ratios."""
+    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    order: list[tuple[str, str]] = []
+    for rows in runs:
+        for row in rows:
+            if row["layer"] not in FAMILY_LAYERS:
+                continue
+            key = (row["shape"].replace("x", "×"), row["layout"])
+            if key not in order:
+                order.append(key)
+            cells[key][row["layer"]].append(row["ratio"])
+    lines = [
+        "| shape | layout | Ghost (N/4) | Renorm | BNAct (relu, +res) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for key in order:
+        ratios = [_span(cells[key][layer]) for layer in FAMILY_LAYERS]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def cpu_table(runs: list[list[dict[str, Any]]]) -> str:
+    """The core benchmark: first run's times, every run's ratio."""
+    first = runs[0]
+    lines = [
+        "| shape | layout | mode | path | batchnorm ms | torch ms | ratio (runs) |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for i, row in enumerate(first):
+        ratios = [rows[i]["ratio"] for rows in runs if i < len(rows)]
+        lines.append(
+            f"| {row['shape'].replace('x', '×')} | {row['layout']} | {row['mode']} | "
+            f"{row['path']} | {row['batchnorm_ms']:.3f} | {row['torch_ms']:.3f} | "
+            f"{_span(ratios)} |"
+        )
+    return "\n".join(lines)
+
+
+def fold_table(runs: list[list[dict[str, Any]]]) -> str:
+    """fold rows: folded / unfolded and the no-BN floor, ranges over the runs."""
+    cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rows in runs:
+        for row in rows:
+            if row["layer"].startswith("fold"):
+                cell = cells[row["layer"]]
+                cell["unfolded"].append(row["baseline_ms"])
+                cell["folded"].append(row["ratio"])
+                cell["floor"].append(row["floor_ratio"])
+    lines = [
+        "| model | unfolded ms | folded / unfolded | floor / unfolded |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, cell in cells.items():
+        lines.append(
+            f"| {name.removeprefix('fold ')} | {_span(cell['unfolded'], 1)} | "
+            f"{_span(cell['folded'])} | {_span(cell['floor'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["family", "cpu", "fold"])
+    parser.add_argument("files", type=Path, nargs="+")
+    args = parser.parse_args()
+    runs = _load(args.files)
+    table = {"family": family_table, "cpu": cpu_table, "fold": fold_table}[args.kind](runs)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
