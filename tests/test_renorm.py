@@ -74,6 +74,8 @@ CASES = [
     # "auto" takes numba's fused kernels here (NCHW: with aten's backward, rows of 256).
     ("4d_large", (16, 8, 16, 16), False),
     ("4d_large_channels_last", (8, 16, 32, 32), True),
+    # 2^16 values: the threaded kernels (statistics pass of the aten path included).
+    ("4d_threaded", (8, 8, 32, 32), False),
 ]
 
 
