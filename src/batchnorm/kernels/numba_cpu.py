@@ -694,6 +694,20 @@ def _cl_output_rows(x, y, r0, r1, kk, sh, res, has_res, act, slope):  # pragma: 
             _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
 
 
+@_inline
+def _cl_merge_parts(starts, part_mean, part_m2, p0, p1, c):  # pragma: no cover
+    """(n, mean, M2) of channel c over the row parts p0..p1−1 (rows starts[p] to
+    starts[p+1]), their statistics merged with Chan's formula."""
+    n = 0
+    mu = 0.0
+    m2 = 0.0
+    for p in range(p0, p1):
+        rows = starts[p + 1] - starts[p]
+        mu, m2 = _chan_merge(n, mu, m2, rows, part_mean[p, c], part_m2[p, c])
+        n += rows
+    return n, mu, m2
+
+
 @_Kernel
 def _cl_forward_train(
     x, w, b, eps, bounds, T, y, mean_out, invstd_out, batch_out,
@@ -718,13 +732,7 @@ def _cl_forward_train(
         mean_all = 0.0
         m2_all = 0.0
         for j in range(K):
-            n = 0
-            mu = 0.0
-            m2 = 0.0
-            for p in range(j * T, (j + 1) * T):
-                rows = starts[p + 1] - starts[p]
-                mu, m2 = _chan_merge(n, mu, m2, rows, part_mean[p, c], part_m2[p, c])
-                n += rows
+            n, mu, m2 = _cl_merge_parts(starts, part_mean, part_m2, j * T, (j + 1) * T, c)
             invstd, k, sh, r, d = _coefficients(
                 float(w[c]), float(b[c]), mu, m2 / n, eps, r_max, d_max, float(rm[c]),
                 float(rv[c]),
@@ -943,13 +951,7 @@ def _cl_renorm_stats(
     for p in numba.prange(T):
         _cl_part_stats(x[starts[p]:starts[p + 1]], part_mean[p], part_m2[p])
     for c in range(C):
-        n = 0
-        mu = 0.0
-        m2 = 0.0
-        for p in range(T):
-            rows = starts[p + 1] - starts[p]
-            mu, m2 = _chan_merge(n, mu, m2, rows, part_mean[p, c], part_m2[p, c])
-            n += rows
+        _, mu, m2 = _cl_merge_parts(starts, part_mean, part_m2, 0, T, c)
         batch_out[0, c] = mu
         batch_out[1, c] = m2 / M
     _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
