@@ -264,8 +264,8 @@ def make_case(torch, F, H, shape, dtype, layout, mode, dev="cuda"):
 
         return ours, theirs, check
     if mode == "act-backward":
-        out, mean, invstd = H.act_forward_train(x, w, b, eps, None, None, 0.1,
-                                                residual=res, activation="relu")
+        out, mean, invstd, _ = H.act_forward_train(x, w, b, eps, None, None, 0.1,
+                                                   residual=res, activation="relu")
         xr = x.detach().requires_grad_()
         wr, br = wd.detach().requires_grad_(), bd.detach().requires_grad_()
         rr = res.detach().requires_grad_()

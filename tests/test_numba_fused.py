@@ -141,24 +141,34 @@ def test_act_eval_matches_float64(activation, layout) -> None:
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
 def test_act_backward_rebuilds_z_without_output(activation, layout) -> None:
-    """Without the saved output, relu and leaky ReLU rebuild z from x, the statistics,
-    weight, bias and residual, like silu: same gradients as reading the output."""
+    """Without the forward's mask, relu and leaky ReLU rebuild z from x, the statistics,
+    weight, bias and residual, like silu; or they read the mask off the output's sign:
+    the same gradients all three ways. The mask is the bool z > 0 in x's layout."""
     shape, fmt = LAYOUTS[layout]
     x, r, dout, p = _tensors(shape, fmt, torch.float64, seed=2)
     w, b = p["weight"], p["bias"]
-    out, mean, invstd = BACKEND.act_forward_train(
+    out, mean, invstd, sign = BACKEND.act_forward_train(
         x, w, b, EPS, None, None, None, residual=r, activation=activation,
         negative_slope=SLOPE,
     )
+    if activation == "silu":
+        assert sign is None
+        saved_forms = [None]
+    else:
+        z = F.batch_norm(x, None, None, w, b, training=True, eps=EPS) + r
+        assert sign.dtype == torch.bool and torch.equal(sign, z > 0)
+        assert sign.is_contiguous(memory_format=fmt)
+        saved_forms = [sign, out, None]
     grads = [
         BACKEND.act_backward_train(
             dout, saved, x, w, b, mean, invstd, residual=r, activation=activation,
             negative_slope=SLOPE, has_residual=True,
         )
-        for saved in (out, None)
+        for saved in saved_forms
     ]
-    for a, e, what in zip(grads[0], grads[1], ["dx", "dweight", "dbias", "dresidual"]):
-        assert_close(a, e, 1e-12, 1e-10, f"{activation}: {what}")
+    for other in grads[1:]:
+        for a, e, what in zip(grads[0], other, ["dx", "dweight", "dbias", "dresidual"]):
+            assert_close(a, e, 1e-12, 1e-10, f"{activation}: {what}")
 
 
 def test_act_identity_is_plain_batch_norm_and_residual_gradient_on_demand() -> None:
@@ -167,15 +177,16 @@ def test_act_identity_is_plain_batch_norm_and_residual_gradient_on_demand() -> N
     x, r, dout, p = _tensors((4, 5, 3, 4), torch.contiguous_format, torch.float32, seed=3)
     w, b = p["weight"], p["bias"]
     y, mean, invstd = BACKEND.forward_train(x, w, b, EPS, None, None, None, None, None)
-    out, mean2, invstd2 = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
-                                                    activation="identity")
+    out, mean2, invstd2, sign = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
+                                                          activation="identity")
     assert torch.equal(y, out) and torch.equal(mean, mean2) and torch.equal(invstd, invstd2)
+    assert sign is None
     *_, dres = BACKEND.act_backward_train(dout, out, x, w, b, mean, invstd, residual=r,
                                           activation="identity", has_residual=True)
     assert dres is dout
-    out, mean, invstd = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
-                                                  residual=r, activation="relu")
-    *_, dres = BACKEND.act_backward_train(dout, out, x, w, b, mean, invstd,
+    out, mean, invstd, sign = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
+                                                        residual=r, activation="relu")
+    *_, dres = BACKEND.act_backward_train(dout, sign, x, w, b, mean, invstd,
                                           activation="relu", has_residual=False)
     assert dres is None
     layer = bn.BatchNormAct2d(5, "relu")

@@ -431,9 +431,11 @@ def test_act_train(config, act, slope, with_residual, case):
     w, b = make_params(C)
     res = make_x(shape, layout, seed=4) if with_residual else None
     rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
-    out, mean, invstd = H.act_forward_train(x, w, b, 1e-5, rm, rv, 0.1, None, None,
-                                            residual=res, activation=act,
-                                            negative_slope=slope)
+    out, mean, invstd, sign = H.act_forward_train(x, w, b, 1e-5, rm, rv, 0.1, None, None,
+                                                  residual=res, activation=act,
+                                                  negative_slope=slope)
+    reads_sign = act == "relu" or (act == "leaky_relu" and slope >= 0)
+    assert (sign is out) if reads_sign else (sign is None)
     # reference: separate float64 ops, differentiated by autograd
     xd = x.double().requires_grad_()
     wd = w.double().requires_grad_()
@@ -472,8 +474,8 @@ def test_act_relu_backward_reads_output_not_residual(config):
     x = make_x((3, 4, 5, 2))
     res = make_x((3, 4, 5, 2), seed=8)
     w, b = make_params(4)
-    out, mean, invstd = H.act_forward_train(x, w, b, 1e-5, None, None, 0.1,
-                                            residual=res, activation="relu")
+    out, mean, invstd, _ = H.act_forward_train(x, w, b, 1e-5, None, None, 0.1,
+                                               residual=res, activation="relu")
     dout = torch.randn_like(x)
     dx, _, _, dres = H.act_backward_train(dout, out, x, w, None, mean, invstd,
                                           residual=None, activation="relu",
@@ -494,8 +496,8 @@ def test_act_train_half(config, dtype):
     x = make_x((2, 3, 4, 5), "channels_last", dtype=dtype)
     res = make_x((2, 3, 4, 5), "channels_last", dtype=dtype, seed=2)
     w, b = make_params(3)
-    out, mean, invstd = H.act_forward_train(x, w, b, 1e-5, None, None, 0.1,
-                                            residual=res, activation="relu")
+    out, mean, invstd, _ = H.act_forward_train(x, w, b, 1e-5, None, None, 0.1,
+                                               residual=res, activation="relu")
     # the separate ops in the same dtype: BN output rounded, then add, then relu
     y = ref_bn(x, w, b, 1e-5).to(dtype)
     e = torch.relu(y.double() + res.double())

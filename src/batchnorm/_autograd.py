@@ -108,7 +108,8 @@ def _act_backward_reads_output(activation: str, negative_slope: float) -> bool:
 class BatchNormActTrain(torch.autograd.Function):
     """``out = act(BN(x) + residual)`` through a backend's fused kernels (training).
 
-    Saves ``out`` instead of a mask for relu/leaky ReLU; silu (and a negative slope)
+    For relu/leaky ReLU saves the kernels' ``sign`` (a bool mask z > 0 from the numba
+    kernels, the output itself from the Triton ones); silu (and a negative slope)
     rebuilds its input from ``x``, the statistics, ``bias`` and ``residual``. The
     residual's gradient is computed only when autograd asks for it. Under
     ``create_graph`` the backward is made of differentiable ops instead
@@ -125,7 +126,7 @@ class BatchNormActTrain(torch.autograd.Function):
         spec: ActSpec,
     ) -> Tensor:
         t = spec.train
-        out, mean, invstd = spec.kernels.act_forward_train(
+        out, mean, invstd, sign = spec.kernels.act_forward_train(
             x, weight, bias, t.eps, t.running_mean, t.running_var, t.momentum,
             t.num_batches_tracked, t.num_batches_skipped, residual=residual,
             activation=spec.activation, negative_slope=spec.negative_slope,
@@ -134,7 +135,7 @@ class BatchNormActTrain(torch.autograd.Function):
         keep_inputs = not from_out and spec.activation != "identity"
         ctx.save_for_backward(
             x, weight, bias if keep_inputs else None, residual if keep_inputs else None,
-            mean, invstd, out if from_out else None,
+            mean, invstd, sign if from_out else None,
         )
         ctx.spec = spec
         ctx.param_dtypes = (
@@ -147,17 +148,17 @@ class BatchNormActTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, residual, mean, invstd, out = ctx.saved_tensors
+        x, weight, bias, residual, mean, invstd, sign = ctx.saved_tensors
         spec: ActSpec = ctx.spec
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():
             # create_graph=True: build the backward from differentiable ops.
             dx, dweight, dbias, dresidual = _act_differentiable_backward(
-                dout, x, weight, bias, residual, out, spec
+                dout, x, weight, bias, residual, sign, spec
             )
         else:
             dx, dweight, dbias, dresidual = spec.kernels.act_backward_train(
-                dout.contiguous(memory_format=_memory_format(x)), out, x, weight, bias, mean,
+                dout.contiguous(memory_format=_memory_format(x)), sign, x, weight, bias, mean,
                 invstd, residual=residual, activation=spec.activation,
                 negative_slope=spec.negative_slope, has_residual=need_r,
             )
@@ -177,22 +178,22 @@ def _act_differentiable_backward(
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
-    out: Tensor | None,
+    sign: Tensor | None,
     spec: ActSpec,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BatchNormActTrain's backward in differentiable ops: ``dz = dout·act'(z)``, then
     :func:`batchnorm._reference.differentiable_backward` of dz; ``dresidual = dz``.
 
-    relu and leaky ReLU (slope >= 0) take the mask from ``out``: its derivative is zero
-    almost everywhere. silu and a negative slope rebuild z = BN(x) + residual from
+    relu and leaky ReLU (slope >= 0) take the mask from ``sign`` (the forward's bool
+    mask, or its output): its derivative is zero almost everywhere. silu and a negative slope rebuild z = BN(x) + residual from
     differentiable ops, so the second derivatives through act' are exact.
     """
     activation = spec.activation
     slope = 0.0 if activation == "relu" else spec.negative_slope
     if activation == "identity":
         dz = dout
-    elif out is not None:  # relu, leaky ReLU with slope >= 0
-        dz = torch.where(out > 0, dout, dout * slope)
+    elif sign is not None:  # relu, leaky ReLU with slope >= 0
+        dz = torch.where(sign > 0, dout, dout * slope)
     else:
         mean, var = _reference.batch_stats(x)
         scale, shift = _reference.affine_coefficients(

@@ -45,16 +45,20 @@ A backend may also provide fused versions of the family's layers; callers look t
 
 ``act_forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
 num_batches_tracked, num_batches_skipped, residual, activation, negative_slope)
--> (out, mean, invstd)``
+-> (out, mean, invstd, sign)``
     ``out = act(y + residual)`` with ``y`` and everything else as ``forward_train``
-    (``residual``: x's shape, or None).
+    (``residual``: x's shape, or None). ``sign``: for relu and leaky ReLU with a
+    slope >= 0, what their backward reads act' from, a tensor whose positive entries
+    are those of z = y + residual: a bool mask ``z > 0`` (the numba kernels write
+    one, a byte per value) or ``out`` itself (the Triton kernels); None otherwise.
 
 ``act_backward_train(dout, out, x, weight, bias, mean, invstd, residual, activation,
 negative_slope, has_residual) -> (dx, dweight, dbias, dresidual)``
     With ``dz = dout * act'(z)``, z = y + residual, the batch-norm backward of dz, and
     ``dresidual = dz`` when ``has_residual`` (else None). relu and leaky ReLU with a
-    slope >= 0 read the mask off the saved ``out`` (``out > 0``); silu and a negative
-    slope rebuild z from ``x``, the statistics, ``weight``, ``bias`` and ``residual``.
+    slope >= 0 read the mask off ``out``: the forward's ``sign``, or any tensor with
+    z's positive entries (the output itself, say); silu and a negative slope (``out``
+    None) rebuild z from ``x``, the statistics, ``weight``, ``bias`` and ``residual``.
 
 ``act_forward_eval(x, weight, bias, running_mean, running_var, eps, residual,
 activation, negative_slope) -> out``
@@ -147,7 +151,7 @@ class ActKernels(Protocol):
         residual: Tensor | None = None,
         activation: str = "relu",
         negative_slope: float = 0.01,
-    ) -> tuple[Tensor, Tensor, Tensor]: ...
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
 
     def act_backward_train(
         self,
@@ -451,19 +455,26 @@ class SplitBackend:
         has_residual: bool | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """BatchNormAct's backward as ``dz = dout·act'(z)`` (one elementwise pass: relu
-        and leaky ReLU read the sign of ``out``) and the backward backend's batch-norm
-        backward of dz; ``dresidual = dz``. The same bytes as the fused kernel (which
-        recomputes dz in both of its passes), on the faster backward kernel. silu and
-        a negative slope, which rebuild z, stay on the forward backend's fused kernel."""
+        and leaky ReLU read the forward's mask, ``out`` here) and the backward
+        backend's batch-norm backward of dz; ``dresidual = dz``. The same bytes as the
+        fused kernel (which recomputes dz in both of its passes), on the faster
+        backward kernel. silu and a negative slope, which rebuild z, stay on the
+        forward backend's fused kernel."""
         if has_residual is None:
             has_residual = residual is not None
+        reads_mask = out is not None and (
+            activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
+        )
         if activation == "identity":
             dz = dout
-        elif out is not None and activation == "relu":
-            # One pass, no mask tensor: relu's own backward from its output.
-            dz = torch.ops.aten.threshold_backward(dout, out, 0)
-        elif out is not None and activation == "leaky_relu" and negative_slope >= 0:
-            dz = torch.ops.aten.leaky_relu_backward(dout, out, negative_slope, True)
+        elif reads_mask:
+            mask = out if out.dtype == torch.bool else out > 0  # type: ignore[union-attr]
+            # dout·act' as the fused kernels form it (a NaN dout stays NaN where the
+            # mask is off, as in the reference): one pass for relu.
+            if activation == "relu":
+                dz = dout * mask
+            else:
+                dz = torch.where(mask, dout, dout * negative_slope)
         else:
             return self._forward.act_backward_train(  # type: ignore[attr-defined]
                 dout, out, x, weight, bias, mean, invstd, residual, activation,

@@ -346,7 +346,7 @@ def _fused_act(
         if check_finite:
             _raise_if_not_finite(input, *train.stats_out)  # type: ignore[misc]
     else:
-        out, mean, invstd = kernels.act_forward_train(
+        out, mean, invstd, _ = kernels.act_forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, residual=res, activation=activation,
             negative_slope=negative_slope,

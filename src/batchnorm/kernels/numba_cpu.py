@@ -34,8 +34,9 @@ than separate copies of the passes:
 * **renorm** (batch renorm): r and d are folded into the affine coefficients.
 
 The backward kernels mirror them: dz = dout·act'(z) on the fly (relu and leaky ReLU
-read the saved output's sign; silu rebuilds z), per-chunk Σdz and Σdz·(x − μ), then
-dx (and the residual's gradient dz when it is needed) in the second pass.
+read a bool mask z > 0 that the forward's output pass writes, a byte per value where
+the output would be four; silu rebuilds z), per-chunk Σdz and Σdz·(x − μ), then dx
+(and the residual's gradient dz when it is needed) in the second pass.
 """
 
 from __future__ import annotations
@@ -238,6 +239,22 @@ def _affine_leaky(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope):  # 
 
 
 @_inline
+def _affine_leaky_mask(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope, m):  # pragma: no cover
+    """_affine_leaky that also writes m[ya, yc, :] = z > 0 (bool): the sign the backward
+    reads act' from, one byte per value instead of the output's four."""
+    if has_res:
+        for i in range(y.shape[2]):
+            z = x[xa, xc, i] * _at(k, i) + _at(sh, i) + res[ra, rc, i]
+            y[ya, yc, i] = z if z > 0 else z * slope
+            m[ya, yc, i] = z > 0
+    else:
+        for i in range(y.shape[2]):
+            z = x[xa, xc, i] * _at(k, i) + _at(sh, i)
+            y[ya, yc, i] = z if z > 0 else z * slope
+            m[ya, yc, i] = z > 0
+
+
+@_inline
 def _affine_silu(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res):  # pragma: no cover
     """As _affine_leaky with silu(z) = z·sigmoid(z) = z / (1 + exp(−z)), exp in x's dtype."""
     if has_res:
@@ -263,10 +280,9 @@ def _affine_act(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope): 
 
 @_inline
 def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
-    """g[0, 0, :] = dout[a, c, :]·act'(z) (act != identity).
+    """g[0, 0, :] = dout[a, c, :]·act'(z) (act != identity), z being src[sa, sc, :].
 
-    leaky ReLU / relu read the sign of src[sa, sc, :], which is either the saved output
-    (same sign as z for a slope >= 0) or z; silu needs z itself:
+    leaky ReLU / relu: 1 where z > 0, else slope; silu:
     silu'(z) = s·(1 + z·(1 − s)) with s = sigmoid(z).
     """
     n = g.shape[2]
@@ -281,22 +297,15 @@ def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
 
 
 @_inline
-def _dz(dy, x, a, c, k, sh, res, has_res, act, slope, from_out, src, g, v):  # pragma: no cover
-    """g[0, 0, :] = dz = dy·act'(z) for the run (row) at [a, c] (act != identity).
-
-    ``src`` is the saved output when ``from_out`` (its sign is z's), else the scratch v,
-    into which z = x·k + sh (+ res) is rebuilt here, as the forward computed it. The
-    callers pick ``src`` once, outside their loops, and pass ``from_out`` as a constant
-    (one call site each way): a run-time test here kept their loops from vectorizing.
-    """
-    sa = a
-    sc = c
-    if not from_out:
-        one = x.dtype.type(1)  # leaky ReLU with slope 1: the identity, in x's dtype
-        _affine_leaky(x, a, c, k, sh, res, a, c, v, 0, 0, has_res, one)  # z
-        sa = 0
-        sc = 0
-    _grad(dy, a, c, src, sa, sc, act, slope, g)
+def _dz(dy, x, a, c, k, sh, res, has_res, act, slope, g, v):  # pragma: no cover
+    """g[0, 0, :] = dz = dy·act'(z) for the run (row) at [a, c] (act != identity), z
+    rebuilt into the scratch run v as x·k + sh (+ res), as the forward computed it: for
+    silu and leaky ReLU with a negative slope, whose act' needs z itself, or when no
+    mask was kept. (relu and leaky ReLU with a slope >= 0 read the forward's mask
+    instead: _cm_sums_masked and its kin.)"""
+    one = x.dtype.type(1)  # leaky ReLU with slope 1: the identity, in x's dtype
+    _affine_leaky(x, a, c, k, sh, res, a, c, v, 0, 0, has_res, one)  # z
+    _grad(dy, a, c, v, 0, 0, act, slope, g)
 
 
 @_inline
@@ -385,7 +394,7 @@ def _cm_block_stats(x, c0, nb, centre, sums):  # pragma: no cover
 @_Kernel
 def _cm_forward_train(
     x, w, b, eps, bounds, T, B, y, mean_out, invstd_out, batch_out,
-    res, has_res, act, slope, r_max, d_max, rd_out,
+    res, has_res, act, slope, mask, write_mask, r_max, d_max, rd_out,
     rm, rv, momentum, cumulative, tracked, skipped, update,
 ):  # pragma: no cover
     """y = act(x·k + sh + res) per chunk and channel, with the chunk's statistics.
@@ -396,7 +405,9 @@ def _cm_forward_train(
     batch_out: (2, C) float64, receives the whole batch's mean and biased variance
     (chunks merged exactly, Chan et al.). ``res`` None: plain batch norm; else the
     epilogue of _affine_act with ``has_res``/``act``/``slope`` (res is a same-shaped
-    dummy when has_res is False). ``r_max > 0``: batch renorm's coefficients (see
+    dummy when has_res is False); with ``write_mask`` (relu and leaky ReLU with a
+    slope >= 0) also mask = z > 0, a bool (A, C, L) array (a same-typed dummy
+    otherwise; None with ``res``). ``r_max > 0``: batch renorm's coefficients (see
     _coefficients), r and d written to rd_out (2·C,). With ``update``, the running
     statistics rm, rv and the counters follow the whole batch (see _update_running).
     """
@@ -441,6 +452,16 @@ def _cm_forward_train(
                             sh = coef[2, cc]
                             for i in range(L):
                                 yj[a, c, i] = xj[a, c, i] * kk + sh
+                elif write_mask:
+                    rj = res[bounds[j]:bounds[j + 1]]
+                    mj = mask[bounds[j]:bounds[j + 1]]
+                    for a in range(xj.shape[0]):
+                        for cc in range(nb):
+                            c = c0 + cc
+                            _affine_leaky_mask(
+                                xj, a, c, coef[1, cc], coef[2, cc], rj, a, c, yj, a, c,
+                                has_res, slope, mj,
+                            )
                 else:
                     rj = res[bounds[j]:bounds[j + 1]]
                     for a in range(xj.shape[0]):
@@ -489,6 +510,48 @@ def _cm_dx(dz, za, zc, x, a, c, mu, k, bx, cx, dx):  # pragma: no cover
         dx[a, c, i] = dz[za, zc, i] * k + (x[a, c, i] - mu) * bx + cx
 
 
+@_inline
+def _cm_sums_masked(dy, m, x, a, c, mu, slope):  # pragma: no cover
+    """_cm_sums with dz = dy·act'(z) formed in the same loop from the bool mask m = z > 0
+    (relu, leaky ReLU with a slope >= 0): act' is 1 where m, else slope, as arithmetic
+    on m's 0/1 (see _cl_sums_masked)."""
+    g = dy[a, c]
+    v = x[a, c]
+    mm = m[a, c]
+    n = v.shape[0]
+    rest = v.dtype.type(1) - slope
+    s1 = 0.0
+    s2 = 0.0
+    for p0 in range(0, n, _SUM_PIECE):
+        gp = g[p0:p0 + _SUM_PIECE]
+        vp = v[p0:p0 + _SUM_PIECE]
+        mp = mm[p0:p0 + _SUM_PIECE]
+        acc1 = v.dtype.type(0)
+        acc2 = v.dtype.type(0)
+        for i in range(vp.shape[0]):
+            dz = gp[i] * (slope + v.dtype.type(mp[i]) * rest)
+            acc1 += dz
+            acc2 += dz * (vp[i] - mu)
+        s1 += acc1
+        s2 += acc2
+    return s1, s2
+
+
+@_inline
+def _cm_dx_masked(dy, m, x, a, c, mu, slope, k, bx, cx, dx, dres, write_dres):  # pragma: no cover
+    """_cm_dx with dz formed as in _cm_sums_masked; dres = dz too when write_dres."""
+    rest = x.dtype.type(1) - slope
+    if write_dres:
+        for i in range(x.shape[2]):
+            dz = dy[a, c, i] * (slope + x.dtype.type(m[a, c, i]) * rest)
+            dx[a, c, i] = dz * k + (x[a, c, i] - mu) * bx + cx
+            dres[a, c, i] = dz
+    else:
+        for i in range(x.shape[2]):
+            dz = dy[a, c, i] * (slope + x.dtype.type(m[a, c, i]) * rest)
+            dx[a, c, i] = dz * k + (x[a, c, i] - mu) * bx + cx
+
+
 @_Kernel
 def _cm_backward_train(
     dy, x, w, b, bounds, T, B, mean, invstd, dx, dw, db,
@@ -505,8 +568,10 @@ def _cm_backward_train(
 
     and dres = dz when ``write_dres``. ``out`` None: plain batch norm, dz = dy (res,
     dres None too); else act != identity and ``out``, ``res``, ``dres`` are arrays
-    (same-shaped dummies where unused). dz is recomputed in the second pass rather
-    than stored: a compare (or an exp) costs less than writing and reading a tensor.
+    (dummies where unused): ``out`` is the forward's bool mask z > 0 when
+    ``from_out`` (relu, leaky ReLU with a slope >= 0). dz is recomputed in the second
+    pass rather than stored: a compare (or an exp) costs less than writing and
+    reading a tensor.
     """
     C, L = x.shape[1], x.shape[2]
     K = bounds.shape[0] - 1
@@ -521,8 +586,7 @@ def _cm_backward_train(
             a1 = bounds[j + 1]
             dyj, xj, dxj = dy[a0:a1], x[a0:a1], dx[a0:a1]
             if out is not None:
-                rj, dresj = res[a0:a1], dres[a0:a1]
-                src = out[a0:a1] if from_out else v
+                rj, dresj, mj = res[a0:a1], dres[a0:a1], out[a0:a1]
             n = xj.shape[0] * L
             c_end = (t + 1) * C // T
             for c0 in range(t * C // T, c_end, B):
@@ -540,12 +604,10 @@ def _cm_backward_train(
                         if out is None:
                             s1, s2 = _cm_sums(dyj, a, c, xj, a, c, coef[0, cc])
                         elif from_out:
-                            _dz(dyj, xj, a, c, coef[1, cc], coef[2, cc], rj, has_res, act,
-                                slope, True, src, g, v)
-                            s1, s2 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
+                            s1, s2 = _cm_sums_masked(dyj, mj, xj, a, c, coef[0, cc], slope)
                         else:
                             _dz(dyj, xj, a, c, coef[1, cc], coef[2, cc], rj, has_res, act,
-                                slope, False, src, g, v)
+                                slope, g, v)
                             s1, s2 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
                         sums[0, cc] += s1
                         sums[1, cc] += s2
@@ -563,13 +625,12 @@ def _cm_backward_train(
                         mu, kk, bx, cx = coef[0, cc], coef[1, cc], coef[3, cc], coef[4, cc]
                         if out is None:
                             _cm_dx(dyj, a, c, xj, a, c, mu, kk, bx, cx, dxj)
+                        elif from_out:
+                            _cm_dx_masked(dyj, mj, xj, a, c, mu, slope, kk, bx, cx, dxj,
+                                          dresj, write_dres)
                         else:
-                            if from_out:
-                                _dz(dyj, xj, a, c, kk, coef[2, cc], rj, has_res, act, slope,
-                                    True, src, g, v)
-                            else:
-                                _dz(dyj, xj, a, c, kk, coef[2, cc], rj, has_res, act, slope,
-                                    False, src, g, v)
+                            _dz(dyj, xj, a, c, kk, coef[2, cc], rj, has_res, act, slope,
+                                g, v)
                             _cm_dx(g, 0, 0, xj, a, c, mu, kk, bx, cx, dxj)
                             if write_dres:
                                 _store(dresj, a, c, g)
@@ -677,21 +738,27 @@ def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
 
 
 @_inline
-def _cl_output_rows(x, y, r0, r1, kk, sh, res, has_res, act, slope):  # pragma: no cover
+def _cl_output_rows(x, y, r0, r1, kk, sh, res, has_res, act, slope, mask, write_mask):  # pragma: no cover
     """y[r0:r1] = act(x[r0:r1]·kk + sh + res[r0:r1]) over (M, C) rows, kk and sh per
     channel; ``res`` None: the plain affine map (compiled apart, see _epilogue_args),
-    else the epilogue of _affine_act. Shared by the training and eval output passes."""
+    else the epilogue of _affine_act, and with ``write_mask`` also mask = z > 0
+    (``mask`` None: never, as in eval). Shared by the training and eval output passes."""
     M, C = x.shape
     if res is None:
         xq, yq = x[r0:r1], y[r0:r1]
         for r in range(xq.shape[0]):
             for c in range(C):
                 yq[r, c] = xq[r, c] * kk[c] + sh[c]
-    else:  # rows as runs, for the shared helper
+    else:  # rows as runs, for the shared helpers
         xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
         rp = res.reshape(M, 1, C)[r0:r1]
-        for r in range(xp.shape[0]):
-            _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
+        if mask is not None and write_mask:
+            mp = mask.reshape(M, 1, C)[r0:r1]
+            for r in range(xp.shape[0]):
+                _affine_leaky_mask(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, slope, mp)
+        else:
+            for r in range(xp.shape[0]):
+                _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
 
 
 @_inline
@@ -711,7 +778,7 @@ def _cl_merge_parts(starts, part_mean, part_m2, p0, p1, c):  # pragma: no cover
 @_Kernel
 def _cl_forward_train(
     x, w, b, eps, bounds, T, y, mean_out, invstd_out, batch_out,
-    res, has_res, act, slope, r_max, d_max, rd_out,
+    res, has_res, act, slope, mask, write_mask, r_max, d_max, rd_out,
     rm, rv, momentum, cumulative, tracked, skipped, update,
 ):  # pragma: no cover
     """The channel-minor _cm_forward_train: x, y, res: (M, C); chunk j is the rows
@@ -752,7 +819,10 @@ def _cl_forward_train(
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
         # fresh arrays: provably apart from y, so the loop vectorizes
-        _cl_output_rows(x, y, r0, r1, coef[j, 0].copy(), coef[j, 1].copy(), res, has_res, act, slope)
+        _cl_output_rows(
+            x, y, r0, r1, coef[j, 0].copy(), coef[j, 1].copy(), res, has_res, act, slope,
+            mask, write_mask,
+        )
     if update:
         _update_running(
             rm, rv, batch_out[0], batch_out[1], M, momentum, cumulative, tracked, skipped
@@ -775,13 +845,45 @@ def _cl_dx(dz, zr, x, r, mu, k, bx, cx, dx):  # pragma: no cover
         dx[r, c] = dz[zr, 0, c] * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
 
 
+@_inline
+def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2):  # pragma: no cover
+    """_cl_sums with dz = dy·act'(z) formed in the same loop from ``out``, the forward's
+    bool mask z > 0 (relu, leaky ReLU with a slope >= 0): act' is 1 where set, else slope.
+
+    One loop over the row, no scratch row of dz (the shared _dz), and act' as arithmetic
+    on the mask's 0/1 rather than a select: in isolation, on AVX-512 (Zen 4), the
+    select in its own scratch-row loop ran ~1.4x slower. A NaN z has a False mask, so
+    slope, as the select gave."""
+    rest = x.dtype.type(1) - slope
+    for c in range(x.shape[1]):
+        g = dy[r, c] * (slope + x.dtype.type(out[r, c]) * rest)
+        acc1[c] += g
+        acc2[c] += g * (x[r, c] - mu[c])
+
+
+@_inline
+def _cl_dx_masked(dy, out, r, x, mu, slope, k, bx, cx, dx, dres, write_dres):  # pragma: no cover
+    """_cl_dx with dz formed as in _cl_sums_masked; dres = dz too when write_dres."""
+    rest = x.dtype.type(1) - slope
+    if write_dres:
+        for c in range(x.shape[1]):
+            g = dy[r, c] * (slope + x.dtype.type(out[r, c]) * rest)
+            dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
+            dres[r, c] = g
+    else:
+        for c in range(x.shape[1]):
+            g = dy[r, c] * (slope + x.dtype.type(out[r, c]) * rest)
+            dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
+
+
 @_Kernel
 def _cl_backward_train(
     dy, x, w, b, bounds, T, mean, invstd, dx, dw, db,
     out, res, has_res, act, slope, from_out, dres, write_dres,
 ):  # pragma: no cover
     """The channel-minor _cm_backward_train: (M, C) arrays, chunks of rows as in
-    _cl_forward_train; ``out`` None for plain batch norm, as there."""
+    _cl_forward_train; ``out`` None for plain batch norm, else as there (the bool mask
+    z > 0 when ``from_out``)."""
     M, C = x.shape
     K = bounds.shape[0] - 1
     P = K * T
@@ -807,7 +909,6 @@ def _cl_backward_train(
             g = np.empty((1, 1, C), x.dtype)  # scratch rows: dz, z
             v = np.empty((1, 1, C), x.dtype)
             rp = res.reshape(M, 1, C)[r0:r1]
-            src = out.reshape(M, 1, C)[r0:r1] if from_out else v
         acc1 = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
         for s0 in range(0, xp.shape[0], _ROW_BLOCK):
@@ -818,12 +919,12 @@ def _cl_backward_train(
                 for r in range(s0, s1):
                     _cl_sums(dyp, r, xp, r, mu, acc1, acc2)
             elif from_out:
+                outp = out[r0:r1]
                 for r in range(s0, s1):
-                    _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, True, src, g, v)
-                    _cl_sums(g, 0, xp, r, mu, acc1, acc2)
+                    _cl_sums_masked(dy[r0:r1], outp, r, xp, mu, slope, acc1, acc2)
             else:
                 for r in range(s0, s1):
-                    _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, False, src, g, v)
+                    _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
                     _cl_sums(g, 0, xp, r, mu, acc1, acc2)
             for c in range(C):
                 part_dy[p, c] += acc1[c]
@@ -859,19 +960,16 @@ def _cl_backward_train(
             g = np.empty((1, 1, C), x.dtype)
             v = np.empty((1, 1, C), x.dtype)
             rp, dresp = res.reshape(M, 1, C)[r0:r1], dres.reshape(M, 1, C)[r0:r1]
-            src = out.reshape(M, 1, C)[r0:r1] if from_out else v
         if out is None:
             for r in range(xp.shape[0]):
                 _cl_dx(dyp, r, xp, r, mu, kk, bx, cx, dxp)
         elif from_out:
+            dy2p, outp, dres2p = dy[r0:r1], out[r0:r1], dres[r0:r1]
             for r in range(xp.shape[0]):
-                _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, True, src, g, v)
-                _cl_dx(g, 0, xp, r, mu, kk, bx, cx, dxp)
-                if write_dres:
-                    _store(dresp, r, 0, g)
+                _cl_dx_masked(dy2p, outp, r, xp, mu, slope, kk, bx, cx, dxp, dres2p, write_dres)
         else:
             for r in range(xp.shape[0]):
-                _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, False, src, g, v)
+                _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
                 _cl_dx(g, 0, xp, r, mu, kk, bx, cx, dxp)
                 if write_dres:
                     _store(dresp, r, 0, g)
@@ -890,7 +988,10 @@ def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # p
     for t in numba.prange(T):
         r0 = t * M // T
         r1 = (t + 1) * M // T
-        _cl_output_rows(x, y, r0, r1, coef[0].copy(), coef[1].copy(), res, has_res, act, slope)
+        _cl_output_rows(
+            x, y, r0, r1, coef[0].copy(), coef[1].copy(), res, has_res, act, slope, None,
+            False,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -1029,15 +1130,21 @@ def _as_array(t: Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _empty_like(
-    x: Tensor, xa: np.ndarray, layout: str, shape: tuple[int, ...]
+    x: Tensor, xa: np.ndarray, layout: str, shape: tuple[int, ...], boolean: bool = False
 ) -> tuple[Tensor, np.ndarray]:
-    """An uninitialized tensor with ``x``'s shape, dtype and memory format, and its
-    array view in the layout's shape. (N, C) inputs take the cheaper numpy allocation."""
+    """An uninitialized tensor with ``x``'s shape, dtype (bool with ``boolean``) and
+    memory format, and its array view in the layout's shape. (N, C) inputs take the
+    cheaper numpy allocation."""
     if x.dim() == 2:
-        array = np.empty_like(xa)
+        array = np.empty(xa.shape, np.bool_) if boolean else np.empty_like(xa)
         return torch.from_numpy(array), array
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=torch.bool) if boolean else torch.empty_like(x)
     return out, _as_array(out, layout, shape)
+
+
+# Stand-ins for the mask array where none is written (write_mask False): bool arrays of
+# the layouts' ranks, so every call has one mask type and one specialization.
+_NO_MASK = {"major": np.zeros((1, 1, 1), np.bool_), "minor": np.zeros((1, 1), np.bool_)}
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -1160,12 +1267,14 @@ def _forward_train(
     activation: str = "identity",
     negative_slope: float = 0.0,
     limits: tuple[float, float] | None = None,
-) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray | None, Tensor | None]:
     """Every training forward: ghost chunks (``sizes`` along N; None: one chunk),
     ``act(BN(x) + residual)``, and batch renorm's (r_max, d_max) ``limits``.
 
-    Returns ``(y, mean, invstd, rd)``: the (K·C,) chunk statistics and, for renorm,
-    (2·C,) r then d (else None).
+    Returns ``(y, mean, invstd, rd, mask)``: the (K·C,) chunk statistics, for renorm
+    (2·C,) r then d (else None), and for relu and leaky ReLU with a slope >= 0 the
+    bool tensor z > 0 (x's shape and memory format) that their backward reads act'
+    from (else None).
     """
     C = x.shape[1]
     numel = x.numel()
@@ -1188,8 +1297,13 @@ def _forward_train(
     else:
         rd, (r_max, d_max) = np.empty(2 * C, dtype=xa.dtype), limits
     res, code, slope = _epilogue_args(residual, activation, negative_slope, xa, layout, shape)
+    if _reads_output(activation, negative_slope):
+        mask, ma = _empty_like(x, xa, layout, shape, boolean=True)
+    else:
+        mask, ma = None, _NO_MASK[layout]
     args = (
-        ya, mean, invstd, batch, res, residual is not None, code, slope, r_max, d_max,
+        ya, mean, invstd, batch, res, residual is not None, code, slope, ma,
+        mask is not None, r_max, d_max,
         mean if rd is None else rd,  # a same-typed stand-in, never written
         rm, rv, 0.0 if momentum is None else momentum, momentum is None,
         _counter(num_batches_tracked), _counter(num_batches_skipped), update,
@@ -1199,7 +1313,7 @@ def _forward_train(
             _cm_forward_train(numel, xa, w, b, eps, bounds, T, B, *args)
         else:
             _cl_forward_train(numel, xa, w, b, eps, bounds, T, *args)
-    return y, mean, invstd, rd
+    return y, mean, invstd, rd, mask
 
 
 def renorm_constants(
@@ -1256,8 +1370,10 @@ def _backward_train(
     """Every training backward: ``(dx, Σdz·x̂, Σdz, dres or None)``; mean, invstd:
     (K·C,) chunk statistics; the two sums as tensors, or as arrays with ``arrays``.
 
-    relu / leaky ReLU (slope >= 0) read the sign of ``out``; silu and a negative slope
-    rebuild z from x, the statistics, ``weight``, ``bias`` and ``residual``.
+    relu / leaky ReLU (slope >= 0) read act' from ``out``: the forward's bool mask
+    z > 0, or the output itself (its sign is z's; turned into the mask here, one
+    extra pass); silu and a negative slope rebuild z from x, the statistics,
+    ``weight``, ``bias`` and ``residual``.
     """
     C = x.shape[1]
     numel = x.numel()
@@ -1281,7 +1397,11 @@ def _backward_train(
         b, oa, ra, dresa, code, slope = w, None, None, None, _IDENTITY, 1.0  # b: unread
     else:  # x's array stands in for what is not read
         b = _vec(bias, 0.0, C, xa.dtype)
-        oa = _as_array(out, layout, shape) if from_out else xa  # type: ignore[arg-type]
+        if from_out:
+            mask = out if out.dtype == torch.bool else out > 0  # type: ignore[union-attr]
+            oa = _as_array(mask, layout, shape)
+        else:
+            oa = _NO_MASK[layout]
         ra = _as_array(residual, layout, shape) if has_res else xa  # type: ignore[arg-type]
         dresa = dxa
         if write_dres:
@@ -1355,7 +1475,7 @@ class _NumbaBackend:
         num_batches_tracked: Tensor | None,
         num_batches_skipped: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, invstd, _ = _forward_train(
+        y, mean, invstd, *_ = _forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped,
         )
@@ -1396,13 +1516,16 @@ class _NumbaBackend:
         residual: Tensor | None = None,
         activation: str = "relu",
         negative_slope: float = 0.01,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        out, mean, invstd, _ = _forward_train(
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(out, mean, invstd, mask)``: mask, the bool tensor z > 0 that the backward
+        of relu and leaky ReLU (slope >= 0) reads, in one byte per value (None for
+        the other activations)."""
+        out, mean, invstd, _, mask = _forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, residual=residual, activation=activation,
             negative_slope=negative_slope,
         )
-        return out, torch.from_numpy(mean), torch.from_numpy(invstd)
+        return out, torch.from_numpy(mean), torch.from_numpy(invstd), mask
 
     def act_backward_train(
         self,
@@ -1467,7 +1590,7 @@ class _NumbaBackend:
         num_batches_tracked: Tensor | None,
         num_batches_skipped: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, invstd, _ = _forward_train(
+        y, mean, invstd, *_ = _forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, sizes=sizes,
         )
@@ -1502,7 +1625,7 @@ class _NumbaBackend:
         r_max: float,
         d_max: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        y, mean, invstd, rd = _forward_train(
+        y, mean, invstd, rd, _ = _forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, limits=(r_max, d_max),
         )

@@ -642,19 +642,24 @@ def act_forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
                       momentum: float | None, num_batches_tracked: Tensor | None = None,
                       num_batches_skipped: Tensor | None = None,
                       residual: Tensor | None = None, activation: str = "relu",
-                      negative_slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
+                      negative_slope: float = 0.01,
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``out = act(BN(x) + residual)`` in one pass, with batch statistics.
 
     Same statistics, running-statistics update and counters as
     ``BACKEND.forward_train``; ``residual`` (x's shape; cast to x's dtype) is added
     before the activation (``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"silu"``).
-    Returns ``(out, mean, invstd)``, out in x's dtype and memory format, mean/invstd
-    float32. For the backward, keep ``out`` (relu, leaky_relu with a slope >= 0) or
-    ``bias`` and ``residual`` (silu, leaky_relu with a negative slope).
+    Returns ``(out, mean, invstd, sign)``, out in x's dtype and memory format,
+    mean/invstd float32; ``sign`` is ``out`` itself for relu and leaky_relu with a
+    slope >= 0 (their backward reads the mask off its sign: no mask tensor is
+    written), else None, and those keep ``bias`` and ``residual`` for the backward.
     """
-    return _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
-                          num_batches_tracked, num_batches_skipped, residual,
-                          _act_code(activation), negative_slope)
+    act = _act_code(activation)
+    out, mean, invstd = _forward_train(x, weight, bias, eps, running_mean, running_var,
+                                       momentum, num_batches_tracked, num_batches_skipped,
+                                       residual, act, negative_slope)
+    reads_sign = act == _k.ACT_RELU or (act == _k.ACT_LEAKY_RELU and negative_slope >= 0)
+    return out, mean, invstd, out if reads_sign else None
 
 
 def act_backward_train(dout: Tensor, out: Tensor | None, x: Tensor, weight: Tensor | None,
