@@ -440,49 +440,6 @@ class SplitBackend:
             dy, x, weight, mean, invstd, r, d, backward=self._backward
         )
 
-    def act_backward_train(
-        self,
-        dout: Tensor,
-        out: Tensor | None,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        mean: Tensor,
-        invstd: Tensor,
-        residual: Tensor | None = None,
-        activation: str = "relu",
-        negative_slope: float = 0.01,
-        has_residual: bool | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """BatchNormAct's backward as ``dz = dout·act'(z)`` (one elementwise pass: relu
-        and leaky ReLU read the forward's mask, ``out`` here) and the backward
-        backend's batch-norm backward of dz; ``dresidual = dz``. The same bytes as the
-        fused kernel (which recomputes dz in both of its passes), on the faster
-        backward kernel. silu and a negative slope, which rebuild z, stay on the
-        forward backend's fused kernel."""
-        if has_residual is None:
-            has_residual = residual is not None
-        reads_mask = out is not None and (
-            activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
-        )
-        if activation == "identity":
-            dz = dout
-        elif reads_mask:
-            mask = out if out.dtype == torch.bool else out > 0  # type: ignore[union-attr]
-            # dout·act' as the fused kernels form it (a NaN dout stays NaN where the
-            # mask is off, as in the reference): one pass for relu.
-            if activation == "relu":
-                dz = dout * mask
-            else:
-                dz = torch.where(mask, dout, dout * negative_slope)
-        else:
-            return self._forward.act_backward_train(  # type: ignore[attr-defined]
-                dout, out, x, weight, bias, mean, invstd, residual, activation,
-                negative_slope, has_residual,
-            )
-        dx, dweight, dbias = self._backward.backward_train(dz, x, weight, mean, invstd)
-        return dx, dweight, dbias, dz if has_residual else None
-
 
 # The batch-norm backward under "auto" goes to aten's kernel (a plain C++ call, no
 # autograd node of its own) where it beats numba's: channel-major (NCHW-like) inputs
@@ -494,17 +451,13 @@ class SplitBackend:
 # ((60, 100): 19 / 26 us), but in a whole batch-renorm step it was slower (1.23 against
 # 1.11-1.16 the core layer's time, two runs of 1500 steps) and no faster at 8x16x8x8
 # channels_last. Its precision matches numba's (tests pin it). Used by plain batch
-# norm's large channel-major training (smaller inputs take aten whole), by batch renorm,
-# whose backward is batch norm's, and by BatchNormAct (ACT_ATEN_BACKWARD_MAX_ROW).
+# norm's large channel-major training (smaller inputs take aten whole) and by batch
+# renorm, whose backward is batch norm's. Not by BatchNormAct: since its backward reads
+# the forward's one-byte mask, the fused kernel beats dz = dout·mask plus aten's
+# backward on short rows too (forward+backward against the plain layer, same process:
+# 16x2048x7x7 1.12-1.18 against 1.64-1.73, 64x64x8x8 1.31 against 1.56-1.61).
 ATEN_BACKWARD_MAX_ROW = 512
 _split: dict[str, Backend] = {}
-
-
-# BatchNormAct's backward composed as dz = act'(z)·dout, then aten's backward of dz
-# (SplitBackend.act_backward_train), against the fused numba kernel, forward+backward
-# against the plain layer, two runs: 16x2048x7x7 1.37-1.38 vs 1.45-1.51, but
-# 16x1024x14x14 1.36-1.56 vs 1.20-1.41 and 16x64x16x16 1.28-1.34 vs 1.25-1.27.
-ACT_ATEN_BACKWARD_MAX_ROW = 128
 
 
 def prefer_aten_backward(

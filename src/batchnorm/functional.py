@@ -22,14 +22,12 @@ from batchnorm._autograd import (
     forward_train,
 )
 from batchnorm._backends import (
-    ACT_ATEN_BACKWARD_MAX_ROW,
     BACKEND_NAMES,
     ActKernels,
     Backend,
     act_kernels,
     is_channels_last,
     prefer_aten,
-    prefer_aten_backward,
     prefer_composed_act,
     select_backend,
 )
@@ -269,9 +267,6 @@ def batch_norm_act(
     chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     # Small input under "auto": aten's batch norm and in-place ops cost less.
     composed = backend == "auto" and prefer_composed_act(chosen, input)
-    if backend == "auto" and not composed:
-        # aten's backward kernel after the fused forward where it is faster
-        chosen = prefer_aten_backward(chosen, input, max_row=ACT_ATEN_BACKWARD_MAX_ROW)
     kernels = None if composed else act_kernels(chosen)
     if kernels is not None and (m > 1 or not batch_stats_used):
         return _fused_act(
