@@ -831,18 +831,19 @@ def _cl_forward_train(
 
 @_inline
 def _cl_sums(dz, zr, x, r, mu, acc1, acc2):  # pragma: no cover
-    """acc1 += dz, acc2 += dz·(x − mu) along row r, dz being dz[zr, 0, :]."""
+    """acc1 += dz, acc2 += dz·(x − mu) along row r, dz being dz[zr, :] (2-d: the row
+    views of the scratch runs are taken once per part, not per row)."""
     for c in range(x.shape[1]):
-        acc1[c] += dz[zr, 0, c]
-        acc2[c] += dz[zr, 0, c] * (x[r, c] - mu[c])
+        acc1[c] += dz[zr, c]
+        acc2[c] += dz[zr, c] * (x[r, c] - mu[c])
 
 
 @_inline
 def _cl_dx(dz, zr, x, r, mu, k, bx, cx, dx):  # pragma: no cover
     """dx = k·dz + bx·(x − mu) + cx along row r (per-channel vectors), dz being
-    dz[zr, 0, :]."""
+    dz[zr, :] (2-d, as in _cl_sums)."""
     for c in range(x.shape[1]):
-        dx[r, c] = dz[zr, 0, c] * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
+        dx[r, c] = dz[zr, c] * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
 
 
 @_inline
@@ -916,16 +917,18 @@ def _cl_backward_train(
             acc1[:] = 0
             acc2[:] = 0
             if out is None:
+                dy2p = dy[r0:r1]
                 for r in range(s0, s1):
-                    _cl_sums(dyp, r, xp, r, mu, acc1, acc2)
+                    _cl_sums(dy2p, r, xp, r, mu, acc1, acc2)
             elif from_out:
                 outp = out[r0:r1]
                 for r in range(s0, s1):
                     _cl_sums_masked(dy[r0:r1], outp, r, xp, mu, slope, acc1, acc2)
             else:
+                g2 = g.reshape(1, C)
                 for r in range(s0, s1):
                     _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
-                    _cl_sums(g, 0, xp, r, mu, acc1, acc2)
+                    _cl_sums(g2, 0, xp, r, mu, acc1, acc2)
             for c in range(C):
                 part_dy[p, c] += acc1[c]
                 part_dyx[p, c] += acc2[c]
@@ -961,16 +964,18 @@ def _cl_backward_train(
             v = np.empty((1, 1, C), x.dtype)
             rp, dresp = res.reshape(M, 1, C)[r0:r1], dres.reshape(M, 1, C)[r0:r1]
         if out is None:
+            dy2p = dy[r0:r1]
             for r in range(xp.shape[0]):
-                _cl_dx(dyp, r, xp, r, mu, kk, bx, cx, dxp)
+                _cl_dx(dy2p, r, xp, r, mu, kk, bx, cx, dxp)
         elif from_out:
             dy2p, outp, dres2p = dy[r0:r1], out[r0:r1], dres[r0:r1]
             for r in range(xp.shape[0]):
                 _cl_dx_masked(dy2p, outp, r, xp, mu, slope, kk, bx, cx, dxp, dres2p, write_dres)
         else:
+            g2 = g.reshape(1, C)
             for r in range(xp.shape[0]):
                 _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
-                _cl_dx(g, 0, xp, r, mu, kk, bx, cx, dxp)
+                _cl_dx(g2, 0, xp, r, mu, kk, bx, cx, dxp)
                 if write_dres:
                     _store(dresp, r, 0, g)
 
