@@ -101,7 +101,8 @@ class ActSpec(NamedTuple):
 
 
 def _act_backward_reads_output(activation: str, negative_slope: float) -> bool:
-    """relu and leaky ReLU with a slope >= 0 recover their mask from the output's sign."""
+    """relu and leaky ReLU with a slope >= 0 take act' from a mask of z > 0 (the
+    kernels' ``sign``), not from z itself."""
     return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
 
 
@@ -185,8 +186,9 @@ def _act_differentiable_backward(
     :func:`batchnorm._reference.differentiable_backward` of dz; ``dresidual = dz``.
 
     relu and leaky ReLU (slope >= 0) take the mask from ``sign`` (the forward's bool
-    mask, or its output): its derivative is zero almost everywhere. silu and a negative slope rebuild z = BN(x) + residual from
-    differentiable ops, so the second derivatives through act' are exact.
+    mask, or its output): its derivative is zero almost everywhere. silu and a
+    negative slope rebuild z = BN(x) + residual from differentiable ops, so the second
+    derivatives through act' are exact.
     """
     activation = spec.activation
     slope = 0.0 if activation == "relu" else spec.negative_slope

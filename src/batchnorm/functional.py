@@ -238,8 +238,8 @@ def batch_norm_act(
     ``negative_slope`` for leaky ReLU). On a backend with act kernels (numba on the
     CPU, Triton on CUDA; see :func:`batchnorm._backends.act_kernels`) the three run as
     one fused pass structure in each direction: no intermediate tensor, ReLU's backward
-    reads its mask off the saved output, and the residual's gradient is written only
-    when it is needed. Elsewhere (the reference backend, and under ``"auto"`` small
+    reads a mask kept by the forward (one byte per value on numba; the output's sign
+    on Triton), and the residual's gradient is written only when it is needed. Elsewhere (the reference backend, and under ``"auto"`` small
     CPU inputs, see :func:`batchnorm._backends.prefer_composed_act`) they are composed,
     with the add and the activation in place on the fresh batch-norm output.
     """

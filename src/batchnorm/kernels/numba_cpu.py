@@ -279,6 +279,17 @@ def _affine_act(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope): 
 
 
 @_inline
+def _affine_act_train(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope, m, write_mask):  # pragma: no cover
+    """The training forward's epilogue: _affine_act, and with ``write_mask`` (relu,
+    leaky ReLU with a slope >= 0) the mask as well (_affine_leaky_mask). ``m`` is an
+    array here, a dummy when unused: a None would need a copy of the caller's loop."""
+    if write_mask:
+        _affine_leaky_mask(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope, m)
+    else:
+        _affine_act(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope)
+
+
+@_inline
 def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
     """g[0, 0, :] = dout[a, c, :]·act'(z) (act != identity), z being src[sa, sc, :].
 
@@ -452,24 +463,15 @@ def _cm_forward_train(
                             sh = coef[2, cc]
                             for i in range(L):
                                 yj[a, c, i] = xj[a, c, i] * kk + sh
-                elif write_mask:
+                else:
                     rj = res[bounds[j]:bounds[j + 1]]
                     mj = mask[bounds[j]:bounds[j + 1]]
                     for a in range(xj.shape[0]):
                         for cc in range(nb):
                             c = c0 + cc
-                            _affine_leaky_mask(
+                            _affine_act_train(
                                 xj, a, c, coef[1, cc], coef[2, cc], rj, a, c, yj, a, c,
-                                has_res, slope, mj,
-                            )
-                else:
-                    rj = res[bounds[j]:bounds[j + 1]]
-                    for a in range(xj.shape[0]):
-                        for cc in range(nb):
-                            c = c0 + cc
-                            _affine_act(
-                                xj, a, c, coef[1, cc], coef[2, cc], rj, a, c, yj, a, c,
-                                has_res, act, slope,
+                                has_res, act, slope, mj, write_mask,
                             )
     for c in range(C):
         batch_out[1, c] /= A * L  # M2 -> biased variance
@@ -752,13 +754,16 @@ def _cl_output_rows(x, y, r0, r1, kk, sh, res, has_res, act, slope, mask, write_
     else:  # rows as runs, for the shared helpers
         xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
         rp = res.reshape(M, 1, C)[r0:r1]
-        if mask is not None and write_mask:
-            mp = mask.reshape(M, 1, C)[r0:r1]
-            for r in range(xp.shape[0]):
-                _affine_leaky_mask(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, slope, mp)
-        else:
+        if mask is None:  # eval
             for r in range(xp.shape[0]):
                 _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
+        else:
+            # the dummy (write_mask False) has one element: never reshaped to (M, 1, C)
+            mp = mask.reshape(M, 1, C)[r0:r1] if write_mask else mask.reshape(1, 1, 1)[0:1]
+            for r in range(xp.shape[0]):
+                _affine_act_train(
+                    xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope, mp, write_mask
+                )
 
 
 @_inline
@@ -1253,7 +1258,8 @@ def _epilogue_args(
 
 
 def _reads_output(activation: str, negative_slope: float) -> bool:
-    """relu and leaky ReLU with a slope >= 0 take their mask from the output's sign."""
+    """relu and leaky ReLU with a slope >= 0 take act' from a mask of z > 0 (the output's
+    sign, or the bool mask the forward writes), not from z itself."""
     return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
 
 

@@ -2,8 +2,9 @@
 
 ``act(BN(x) + residual)`` is the tail of almost every convolutional block. As one layer
 it can become one kernel in each direction: the normalized value never goes back to
-memory before the activation, ReLU's backward reads its mask off the saved output, and
-the residual's gradient is written only when it is needed.
+memory before the activation, ReLU's backward reads a one-byte mask that the forward
+writes (on the numba kernels; the Triton ones read the output's sign), and the
+residual's gradient is written only when it is needed.
 :meth:`_BatchNormAct._forward_fused` hands the op to
 :func:`batchnorm.functional.batch_norm_act`: the fused numba kernels for float32/float64
 CPU tensors, the fused Triton kernels on CUDA, composed torch ops elsewhere (the
