@@ -4,7 +4,10 @@
 it can become one kernel in each direction: the normalized value never goes back to
 memory before the activation, ReLU's backward reads a one-byte mask that the forward
 writes (on the numba kernels; the Triton ones read the output's sign), and the
-residual's gradient is written only when it is needed.
+residual's gradient is written only when it is needed. The mask is memory kept until
+backward, a quarter of a float32 output, where the output itself would usually be
+kept anyway by the next layer (a convolution saves its input): the price of reading
+one byte instead of four in both backward passes.
 :meth:`_BatchNormAct._forward_fused` hands the op to
 :func:`batchnorm.functional.batch_norm_act`: the fused numba kernels for float32/float64
 CPU tensors, the fused Triton kernels on CUDA, composed torch ops elsewhere (the
