@@ -342,3 +342,36 @@ def test_renorm_kernel_matches_composed_path(layout) -> None:
         assert_close(a, e, 1e-12, 1e-10, f"renorm {what}")
     r, d = results[0][3], results[0][4]
     assert float(r.min()) == 0.5 and float(d.abs().max()) == 1.0, "the limits were hit"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_act_backward_non_finite_dout_where_mask_is_off(activation, layout) -> None:
+    """An Inf in dout where z <= 0: dz there is exactly 0 for relu (torch's relu
+    backward, not Inf·0 = NaN) and Inf·slope for leaky ReLU, whose Inf then reaches
+    that channel's dx through the batch sums: the same non-finite positions and the
+    same finite values as the reference backend's composition of torch ops."""
+    shape, fmt = LAYOUTS[layout]
+    x, r, dout, p = _tensors(shape, fmt, torch.float64, seed=5)
+    w, b = p["weight"], p["bias"]
+    z = F.batch_norm(x, None, None, w, b, training=True, eps=EPS) + r
+    off = (z <= 0).nonzero()[0].tolist()  # one position with the mask off
+    dout = dout.clone()
+    dout[tuple(off)] = float("inf")
+    grads = {}
+    cls = bn.BatchNormAct2d if len(shape) == 4 else bn.BatchNormAct1d
+    for backend in ("numba", "reference"):
+        layer = cls(shape[1], activation, negative_slope=SLOPE, backend=backend).double()
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        layer(xi, ri).backward(dout)
+        grads[backend] = (xi.grad, ri.grad, layer.weight.grad, layer.bias.grad)
+    for name, a, e in zip(("dx", "dresidual", "dweight", "dbias"), *grads.values()):
+        assert torch.equal(a.isnan(), e.isnan()), name
+        assert torch.equal(a.isinf(), e.isinf()), name
+        finite = a.isfinite()
+        assert_close(a[finite], e[finite], 1e-10, 1e-9, name)
+    dres_off = grads["numba"][1][tuple(off)]
+    assert dres_off == 0 if activation == "relu" else dres_off.isinf()

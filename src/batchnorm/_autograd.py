@@ -195,7 +195,8 @@ def _act_differentiable_backward(
     if activation == "identity":
         dz = dout
     elif sign is not None:  # relu, leaky ReLU with slope >= 0
-        dz = torch.where(sign > 0, dout, dout * slope)
+        # relu: exactly 0 where off, as torch's relu backward (dout·0 is NaN for Inf)
+        dz = torch.where(sign > 0, dout, dout * slope if slope else 0.0)
     else:
         mean, var = _reference.batch_stats(x)
         scale, shift = _reference.affine_coefficients(
