@@ -136,7 +136,7 @@ class BatchNormActTrain(torch.autograd.Function):
         keep_inputs = not from_out and spec.activation != "identity"
         ctx.save_for_backward(
             x, weight, bias if keep_inputs else None, residual if keep_inputs else None,
-            mean, invstd, sign if from_out else None,
+            mean, invstd, sign,  # None unless the activation reads it
         )
         ctx.spec = spec
         ctx.param_dtypes = (

@@ -239,11 +239,13 @@ def _affine_leaky(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope):  # 
 
 
 @_inline
-def _off(d, slope, zero):  # pragma: no cover
-    """dz where the mask is off: d·slope for leaky ReLU, and exactly 0 for relu (slope
-    0), as torch's relu backward gives it: a select, not d·0, which is NaN for an
-    infinite d. (The condition is loop-invariant: the loops still vectorize, as fast
-    as the product alone in isolation.)"""
+def _leaky_dz(d, on, slope, zero):  # pragma: no cover
+    """dz = d·act'(z) for leaky ReLU and relu, ``on`` being z > 0: d where on, else
+    d·slope, and exactly 0 for relu (slope 0), as torch's relu backward gives it: a
+    select, not d·0, which is NaN for an infinite d. (The slope test is loop-invariant:
+    the loops still vectorize, as fast as the product alone in isolation.)"""
+    if on:
+        return d
     return zero if slope == 0 else d * slope
 
 
@@ -302,7 +304,7 @@ def _affine_act_train(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, sl
 def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
     """g[0, 0, :] = dout[a, c, :]·act'(z) (act != identity), z being src[sa, sc, :].
 
-    leaky ReLU / relu: 1 where z > 0, else slope (see _off); silu:
+    leaky ReLU / relu: see _leaky_dz; silu:
     silu'(z) = s·(1 + z·(1 − s)) with s = sigmoid(z).
     """
     n = g.shape[2]
@@ -314,7 +316,7 @@ def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
     else:
         zero = g.dtype.type(0)
         for i in range(n):
-            g[0, 0, i] = dout[a, c, i] if src[sa, sc, i] > 0 else _off(dout[a, c, i], slope, zero)
+            g[0, 0, i] = _leaky_dz(dout[a, c, i], src[sa, sc, i] > 0, slope, zero)
 
 
 @_inline
@@ -525,7 +527,7 @@ def _cm_dx(dz, za, zc, x, a, c, mu, k, bx, cx, dx):  # pragma: no cover
 @_inline
 def _cm_sums_masked(dy, m, x, a, c, mu, slope):  # pragma: no cover
     """_cm_sums with dz = dy·act'(z) formed in the same loop from the bool mask m = z > 0
-    (relu, leaky ReLU with a slope >= 0): dy where m, else _off (see _cl_sums_masked)."""
+    (relu, leaky ReLU with a slope >= 0), by _leaky_dz (see _cl_sums_masked)."""
     g = dy[a, c]
     v = x[a, c]
     mm = m[a, c]
@@ -540,7 +542,7 @@ def _cm_sums_masked(dy, m, x, a, c, mu, slope):  # pragma: no cover
         acc1 = v.dtype.type(0)
         acc2 = v.dtype.type(0)
         for i in range(vp.shape[0]):
-            dz = gp[i] if mp[i] else _off(gp[i], slope, zero)
+            dz = _leaky_dz(gp[i], mp[i], slope, zero)
             acc1 += dz
             acc2 += dz * (vp[i] - mu)
         s1 += acc1
@@ -554,12 +556,12 @@ def _cm_dx_masked(dy, m, x, a, c, mu, slope, k, bx, cx, dx, dres, write_dres):  
     zero = x.dtype.type(0)
     if write_dres:
         for i in range(x.shape[2]):
-            dz = dy[a, c, i] if m[a, c, i] else _off(dy[a, c, i], slope, zero)
+            dz = _leaky_dz(dy[a, c, i], m[a, c, i], slope, zero)
             dx[a, c, i] = dz * k + (x[a, c, i] - mu) * bx + cx
             dres[a, c, i] = dz
     else:
         for i in range(x.shape[2]):
-            dz = dy[a, c, i] if m[a, c, i] else _off(dy[a, c, i], slope, zero)
+            dz = _leaky_dz(dy[a, c, i], m[a, c, i], slope, zero)
             dx[a, c, i] = dz * k + (x[a, c, i] - mu) * bx + cx
 
 
@@ -863,14 +865,14 @@ def _cl_dx(dz, zr, x, r, mu, k, bx, cx, dx):  # pragma: no cover
 @_inline
 def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2):  # pragma: no cover
     """_cl_sums with dz = dy·act'(z) formed in the same loop from ``out``, the forward's
-    bool mask z > 0 (relu, leaky ReLU with a slope >= 0): dy where set, else _off.
+    bool mask z > 0 (relu, leaky ReLU with a slope >= 0), by _leaky_dz.
 
     One loop over the row, no scratch row of dz (the shared _dz): in isolation, on
     AVX-512 (Zen 4), dz staged in a scratch row from the float output ran 1.3-1.7x
     slower than this loop over the bool mask. A NaN z has a False mask."""
     zero = x.dtype.type(0)
     for c in range(x.shape[1]):
-        g = dy[r, c] if out[r, c] else _off(dy[r, c], slope, zero)
+        g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
         acc1[c] += g
         acc2[c] += g * (x[r, c] - mu[c])
 
@@ -881,12 +883,12 @@ def _cl_dx_masked(dy, out, r, x, mu, slope, k, bx, cx, dx, dres, write_dres):  #
     zero = x.dtype.type(0)
     if write_dres:
         for c in range(x.shape[1]):
-            g = dy[r, c] if out[r, c] else _off(dy[r, c], slope, zero)
+            g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
             dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
             dres[r, c] = g
     else:
         for c in range(x.shape[1]):
-            g = dy[r, c] if out[r, c] else _off(dy[r, c], slope, zero)
+            g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
             dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
 
 
@@ -915,14 +917,14 @@ def _cl_backward_train(
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
-        dyp, xp, x3p = dy3[r0:r1], x[r0:r1], x3[r0:r1]
+        dyp, dy2p, xp, x3p = dy3[r0:r1], dy[r0:r1], x[r0:r1], x3[r0:r1]
         mu = coef[j, 0].copy()
         if out is not None:
             kk = coef[j, 1].copy()
             zsh = coef[j, 2].copy()
             g = np.empty((1, 1, C), x.dtype)  # scratch rows: dz, z
             v = np.empty((1, 1, C), x.dtype)
-            rp = res.reshape(M, 1, C)[r0:r1]
+            rp, outp = res.reshape(M, 1, C)[r0:r1], out[r0:r1]
         acc1 = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
         for s0 in range(0, xp.shape[0], _ROW_BLOCK):
@@ -930,13 +932,11 @@ def _cl_backward_train(
             acc1[:] = 0
             acc2[:] = 0
             if out is None:
-                dy2p = dy[r0:r1]
                 for r in range(s0, s1):
                     _cl_sums(dy2p, r, xp, r, mu, acc1, acc2)
             elif from_out:
-                outp = out[r0:r1]
                 for r in range(s0, s1):
-                    _cl_sums_masked(dy[r0:r1], outp, r, xp, mu, slope, acc1, acc2)
+                    _cl_sums_masked(dy2p, outp, r, xp, mu, slope, acc1, acc2)
             else:
                 g2 = g.reshape(1, C)
                 for r in range(s0, s1):
@@ -966,7 +966,7 @@ def _cl_backward_train(
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
-        dyp, xp, x3p, dxp = dy3[r0:r1], x[r0:r1], x3[r0:r1], dx[r0:r1]
+        dyp, dy2p, xp, x3p, dxp = dy3[r0:r1], dy[r0:r1], x[r0:r1], x3[r0:r1], dx[r0:r1]
         mu = coef[j, 0].copy()
         kk = coef[j, 1].copy()
         bx = coef[j, 3].copy()
@@ -976,12 +976,11 @@ def _cl_backward_train(
             g = np.empty((1, 1, C), x.dtype)
             v = np.empty((1, 1, C), x.dtype)
             rp, dresp = res.reshape(M, 1, C)[r0:r1], dres.reshape(M, 1, C)[r0:r1]
+            outp, dres2p = out[r0:r1], dres[r0:r1]
         if out is None:
-            dy2p = dy[r0:r1]
             for r in range(xp.shape[0]):
                 _cl_dx(dy2p, r, xp, r, mu, kk, bx, cx, dxp)
         elif from_out:
-            dy2p, outp, dres2p = dy[r0:r1], out[r0:r1], dres[r0:r1]
             for r in range(xp.shape[0]):
                 _cl_dx_masked(dy2p, outp, r, xp, mu, slope, kk, bx, cx, dxp, dres2p, write_dres)
         else:

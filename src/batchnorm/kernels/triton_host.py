@@ -368,6 +368,11 @@ def _act_code(activation: str | None) -> int:
     return _ACTIVATIONS[key]
 
 
+def _reads_sign(act: int, slope: float) -> bool:
+    """relu and leaky_relu with a slope >= 0 read act' off the output's sign (z's)."""
+    return act == _k.ACT_RELU or (act == _k.ACT_LEAKY_RELU and slope >= 0)
+
+
 def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
                    num_batches_tracked, num_batches_skipped, residual, act, slope):
     _check(x)
@@ -658,8 +663,7 @@ def act_forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
     out, mean, invstd = _forward_train(x, weight, bias, eps, running_mean, running_var,
                                        momentum, num_batches_tracked, num_batches_skipped,
                                        residual, act, negative_slope)
-    reads_sign = act == _k.ACT_RELU or (act == _k.ACT_LEAKY_RELU and negative_slope >= 0)
-    return out, mean, invstd, out if reads_sign else None
+    return out, mean, invstd, out if _reads_sign(act, negative_slope) else None
 
 
 def act_backward_train(dout: Tensor, out: Tensor | None, x: Tensor, weight: Tensor | None,
@@ -680,9 +684,7 @@ def act_backward_train(dout: Tensor, out: Tensor | None, x: Tensor, weight: Tens
     act = _act_code(activation)
     if has_residual is None:
         has_residual = residual is not None
-    from_out = out is not None and (
-        act == _k.ACT_RELU or (act == _k.ACT_LEAKY_RELU and negative_slope >= 0)
-    )
+    from_out = out is not None and _reads_sign(act, negative_slope)
     needs_z = act != _k.ACT_IDENTITY and not from_out
     if needs_z and has_residual and residual is None:
         raise ValueError(
