@@ -375,3 +375,90 @@ def test_act_backward_non_finite_dout_where_mask_is_off(activation, layout) -> N
         assert_close(a[finite], e[finite], 1e-10, 1e-9, name)
     dres_off = grads["numba"][1][tuple(off)]
     assert dres_off == 0 if activation == "relu" else dres_off.isinf()
+
+
+# ----------------------------------------------------------------------------------------
+# tensors by address
+# ----------------------------------------------------------------------------------------
+ADDRESS_CASES = {
+    # name: (shape, memory format, ghost chunk sizes or None)
+    "nchw": ((4, 5, 3, 4), torch.contiguous_format, None),
+    "channels_last_ghost": ((7, 6, 2, 3), torch.channels_last, (3, 3, 1)),
+    "nc": ((12, 5), torch.contiguous_format, None),
+    "ncl_ghost": ((6, 3, 7), torch.contiguous_format, (2, 2, 2)),
+    # 2^16 values: the threaded kernels
+    "channels_last_threaded": ((8, 8, 32, 32), torch.channels_last, (4, 4)),
+}
+
+
+def _every_kernel(x, dy, res, p, sizes, only_training=False):
+    """Every numba kernel once (training forward and backward, plain or ghost; with
+    the relu epilogue and a residual; eval; renorm's statistics pass; the first two
+    alone with ``only_training``), from fresh copies of the buffers: all outputs, and
+    the buffers and counters after."""
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    tracked, skipped = torch.tensor(3), torch.tensor(0)
+    w, b = p["weight"], p["bias"]
+    out = []
+    if sizes is None:
+        y, mean, invstd = BACKEND.forward_train(x, w, b, EPS, rm, rv, MOMENTUM, tracked, skipped)
+        out += [y, mean, invstd, *BACKEND.backward_train(dy, x, w, mean, invstd)]
+    else:
+        y, mean, invstd = BACKEND.ghost_forward_train(
+            x, w, b, EPS, sizes, rm, rv, MOMENTUM, tracked, skipped
+        )
+        out += [y, mean, invstd, *BACKEND.ghost_backward_train(dy, x, w, mean, invstd, sizes)]
+    if only_training:
+        return [*out, rm, rv, tracked, skipped]
+    a, am, ai, mask = BACKEND.act_forward_train(
+        x, w, b, EPS, rm, rv, None, tracked, skipped, residual=res, activation="relu"
+    )
+    grads = BACKEND.act_backward_train(dy, mask, x, w, b, am, ai, res, activation="relu")
+    out += [a, am, ai, mask, *grads, BACKEND.forward_eval(x, w, b, rm, rv, EPS)]
+    out.append(torch.from_numpy(numba_cpu.renorm_constants(
+        x, EPS, rm, rv, MOMENTUM, tracked, skipped, 2.0, 1.0
+    )))
+    return [*out, rm, rv, tracked, skipped]
+
+
+@pytest.mark.parametrize("name", list(ADDRESS_CASES))
+def test_tensors_by_address_equal_tensors_as_arrays(name, monkeypatch) -> None:
+    """The kernels take dense tensors by address (data pointer, shape, dtype) and
+    anything else as numpy views. Both give the same bits, in every kernel; and
+    tensors that cannot go by address (a strided weight, a dy with other strides than
+    x) take the array path within the same call."""
+    shape, fmt, sizes = ADDRESS_CASES[name]
+    x, res, dy, p = _tensors(shape, fmt, torch.float32, seed=9)
+    threaded = x.numel() >= 1 << 16  # (the threaded kernels compile slowly)
+    by_address = _every_kernel(x, dy, res, p, sizes, only_training=threaded)
+
+    # All arrays: no dtype may go by address. The same array types, the same bits.
+    with monkeypatch.context() as patch:
+        patch.setattr(numba_cpu, "_WITNESSES", {})
+        patch.setattr(numba_cpu, "_PLANS", {})
+        arrays = _every_kernel(x, dy, res, p, sizes, only_training=threaded)
+        _assert_same(by_address, arrays, "arrays", exact=True)
+
+    if not threaded:
+        # Mixed: a strided weight and (for 4d inputs) a dy in the other memory format
+        # go as arrays, the rest by address. Other array types are another compilation,
+        # whose contractions (fused multiply-adds) may round differently.
+        mixed = dict(p, weight=torch.stack([p["weight"], p["weight"]], 1)[:, 0])
+        assert not mixed["weight"].is_contiguous()
+        other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+        dy_other = dy.contiguous(memory_format=other) if dy.dim() == 4 else dy
+        _assert_same(by_address, _every_kernel(x, dy_other, res, mixed, sizes), "mixed",
+                     exact=False)
+
+
+def _assert_same(actual, expected, what, exact) -> None:
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if a is None or e is None:
+            assert a is None and e is None, f"{what}: output {i}"
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}: output {i}"
+        if exact or not a.is_floating_point():
+            assert torch.equal(a, e), f"{what}: output {i} differs"
+        else:
+            assert_close(a, e, *TOL[torch.float32], f"{what}: output {i}")

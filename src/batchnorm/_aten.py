@@ -32,7 +32,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchnorm.kernels.numba_cpu import _counter, _update_running_from_invstd, renorm_constants
+from batchnorm.kernels.numba_cpu import (
+    _counter,
+    _update_running_from_invstd,
+    _vector,
+    renorm_constants,
+)
 
 
 def _update(
@@ -49,9 +54,10 @@ def _update(
     """The guarded running-statistics update from aten's (mean, invstd)."""
     if running_mean is None or running_var is None:
         return
+    shape = (x.shape[1],)
     _update_running_from_invstd(
-        running_mean.detach().numpy(), running_var.detach().numpy(),
-        mean.detach().numpy(), invstd.detach().numpy(), eps, x.numel() // x.shape[1],
+        _vector(running_mean, shape), _vector(running_var, shape), _vector(mean, shape),
+        _vector(invstd, shape), eps, x.numel() // x.shape[1],
         0.0 if momentum is None else momentum, momentum is None,
         _counter(num_batches_tracked), _counter(num_batches_skipped),
     )

@@ -52,7 +52,7 @@ import numba
 import numpy as np
 import torch
 from numba.core import types as nbtypes
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from batchnorm._backends import Backend, channel_minor
@@ -143,6 +143,39 @@ def _at_overload(k, i):  # pragma: no cover
     return lambda k, i: k
 
 
+# Tensors by address. ``Tensor.numpy()`` costs ~0.8 µs a tensor and a layout view
+# (transpose, reshape) as much again, about a third of a small layer's host time; a
+# data pointer costs 0.06 µs. So the host passes each dense tensor as a triple
+# ``(address, shape, witness)``, the witness a numpy scalar of its dtype, and the kernels
+# turn it into a C-contiguous array of that shape over the same memory with _view
+# (their first statement). numpy arrays (and None) pass through _view unchanged, so
+# every argument may also come as an array; arguments that may be None stay arrays:
+# numba compiles an ``x is None`` case apart only for an argument, not for a variable
+# made from one, and a triple cannot be referenced inside a parallel loop.
+@intrinsic
+def _typed_pointer(typingctx, address, witness):  # pragma: no cover
+    """The integer ``address`` as a pointer to the witness's type."""
+    signature = nbtypes.CPointer(witness)(address, witness)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+def _view(a):  # pragma: no cover
+    """An array over the memory of an ``(address, shape, witness)`` triple; an array
+    or None itself. Compiled code only."""
+    raise NotImplementedError("_view is only called from numba-compiled code")
+
+
+@overload(_view, inline="always")
+def _view_overload(a):  # pragma: no cover
+    if isinstance(a, nbtypes.BaseTuple) and len(a) == 3 and isinstance(a[1], nbtypes.BaseTuple):
+        return lambda a: numba.carray(_typed_pointer(a[0], a[2]), a[1])
+    return lambda a: a
+
+
 @_inline
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # pragma: no cover
     """Chan et al.: (mean, M2) of the union of two groups of n_a and n_b values, where
@@ -200,6 +233,8 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
     """:func:`_update_running` from (mean, invstd = 1/sqrt(var + eps)) of any float
     dtype, as aten saves them: var = invstd⁻² − eps in float64 (a NaN or zero invstd
     gives a non-finite var, and the batch is skipped)."""
+    rm, rv, mean, invstd = _view(rm), _view(rv), _view(mean), _view(invstd)
+    tracked, skipped = _view(tracked), _view(skipped)
     C = rm.shape[0]
     mean64 = np.empty(C, np.float64)
     var64 = np.empty(C, np.float64)
@@ -434,6 +469,8 @@ def _cm_forward_train(
     _coefficients), r and d written to rd_out (2·C,). With ``update``, the running
     statistics rm, rv and the counters follow the whole batch (see _update_running).
     """
+    x, w, b, y, mask = _view(x), _view(w), _view(b), _view(y), _view(mask)
+    rm, rv, tracked, skipped = _view(rm), _view(rv), _view(tracked), _view(skipped)
     A, C, L = x.shape
     K = bounds.shape[0] - 1
     for t in numba.prange(T):
@@ -586,6 +623,8 @@ def _cm_backward_train(
     pass rather than stored: a compare (or an exp) costs less than writing and
     reading a tensor.
     """
+    dy, x, w, b, dx = _view(dy), _view(x), _view(w), _view(b), _view(dx)
+    mean, invstd = _view(mean), _view(invstd)
     C, L = x.shape[1], x.shape[2]
     K = bounds.shape[0] - 1
     totals = np.zeros((2, C))  # Σdz and Σdz·x̂ over the chunks
@@ -656,6 +695,7 @@ def _cm_backward_train(
 def _cm_forward_eval(x, w, b, rm, rv, eps, y, res, has_res, act, slope):  # pragma: no cover
     """y = act(x·scale + shift + res) over (A, C, L); ``res`` None: the plain affine
     map, else the epilogue of _affine_act."""
+    x, w, b, rm, rv, y = _view(x), _view(w), _view(b), _view(rm), _view(rv), _view(y)
     A, C, L = x.shape
     coef = np.empty((C, 2), x.dtype)
     for c in range(C):
@@ -800,6 +840,8 @@ def _cl_forward_train(
     """The channel-minor _cm_forward_train: x, y, res: (M, C); chunk j is the rows
     bounds[j]:bounds[j+1], split in T parts (K·T parts in all, over the threads); the
     other arguments as there (``res`` None: plain batch norm)."""
+    x, w, b, y, mask = _view(x), _view(w), _view(b), _view(y), _view(mask)
+    rm, rv, tracked, skipped = _view(rm), _view(rv), _view(tracked), _view(skipped)
     M, C = x.shape
     K = bounds.shape[0] - 1
     P = K * T
@@ -900,6 +942,8 @@ def _cl_backward_train(
     """The channel-minor _cm_backward_train: (M, C) arrays, chunks of rows as in
     _cl_forward_train; ``out`` None for plain batch norm, else as there (the bool mask
     z > 0 when ``from_out``)."""
+    dy, x, w, b, dx = _view(dy), _view(x), _view(w), _view(b), _view(dx)
+    mean, invstd = _view(mean), _view(invstd)
     M, C = x.shape
     K = bounds.shape[0] - 1
     P = K * T
@@ -996,6 +1040,7 @@ def _cl_backward_train(
 def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # pragma: no cover
     """y = act(x·scale + shift + res) over (M, C) in T row parts; ``res`` as in
     _cm_forward_eval."""
+    x, w, b, rm, rv, y = _view(x), _view(w), _view(b), _view(rm), _view(rv), _view(y)
     M, C = x.shape
     coef = np.empty((2, C), x.dtype)
     for c in range(C):
@@ -1037,6 +1082,8 @@ def _cm_renorm_stats(
     for a channel-major x (A, C, L): the statistics of _cm_forward_train (corrected
     two-pass, channels in T ranges walked in blocks of B) without its output pass.
     batch_out: (2, C) float64, receives the batch's mean and biased variance."""
+    x, rm, rv = _view(x), _view(rm), _view(rv)
+    tracked, skipped = _view(tracked), _view(skipped)
     A, C, L = x.shape
     n = A * L
     for t in numba.prange(T):
@@ -1060,6 +1107,8 @@ def _cl_renorm_stats(
 ):  # pragma: no cover
     """The channel-minor _cm_renorm_stats: x (M, C), rows in T parts merged with Chan's
     formula, as in _cl_forward_train."""
+    x, rm, rv = _view(x), _view(rm), _view(rv)
+    tracked, skipped = _view(tracked), _view(skipped)
     M, C = x.shape
     bounds = np.zeros(2, np.int64)
     bounds[1] = M
@@ -1097,6 +1146,7 @@ class _Plan(NamedTuple):
     bounds: np.ndarray  # chunk starts along A or M, int64 (K+1,)
     T: int  # channel ranges (major) or row parts per chunk (minor)
     B: int  # channels per block (major); 0 for minor
+    by_address: bool  # x (and tensors of its shape and strides) can go by address
 
 
 _PLANS: dict[tuple[Any, ...], _Plan] = {}
@@ -1122,9 +1172,11 @@ def _plan(x: Tensor, sizes: tuple[int, ...] | None) -> _Plan:
             T, B = _blocks(numel, C), _channel_block(max(counts) * per, shape[2])
         else:
             T, B = _parts_per_chunk(shape[0], C, len(counts), min(counts) * per), 0
+        # Dense in the layout's order (raises otherwise, as every call did before).
+        by_address = x.dtype in _WITNESSES and _as_array(x, layout, shape).flags.c_contiguous
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(layout, shape, bounds, T, B)
+        plan = _PLANS[key] = _Plan(layout, shape, bounds, T, B, by_address)
     return plan
 
 
@@ -1146,17 +1198,58 @@ def _as_array(t: Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
-def _empty_like(
-    x: Tensor, xa: np.ndarray, layout: str, shape: tuple[int, ...], boolean: bool = False
-) -> tuple[Tensor, np.ndarray]:
+# The dtypes a tensor can go by address in (see _view), with their witnesses.
+_WITNESSES = {
+    torch.float32: np.float32(0), torch.float64: np.float64(0),
+    torch.int64: np.int64(0), torch.bool: np.bool_(False),
+}
+_NP_DTYPES = {
+    torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+    torch.float16: np.dtype(np.float16),
+}
+
+
+def _address(t: Tensor, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], Any]:
+    """``t`` as a kernel argument by address: the kernel sees a C-contiguous array of
+    ``shape`` over t's memory. The caller guarantees that t is dense in that order,
+    that its dtype has a witness, and that t stays referenced until the kernel
+    returns (a temporary's memory would be freed under the kernel)."""
+    return (t.data_ptr(), shape, _WITNESSES[t.dtype])
+
+
+def _input(x: Tensor, plan: _Plan) -> Any:
+    """The input x as a kernel argument: by address when it is dense in the layout's
+    order (every input the functional passes), else as an array view."""
+    return _address(x, plan.shape) if plan.by_address else _as_array(x, plan.layout, plan.shape)
+
+
+def _like_x(t: Tensor, x: Tensor, plan: _Plan) -> Any:
+    """A tensor of x's shape (dy) as a kernel argument: by address when it has x's
+    strides too (so it is as dense as x), else as an array view."""
+    if plan.by_address and t.stride() == x.stride() and t.shape == x.shape and t.dtype in _WITNESSES:
+        return (t.data_ptr(), plan.shape, _WITNESSES[t.dtype])
+    return _as_array(t, plan.layout, plan.shape)
+
+
+def _empty_like(x: Tensor, plan: _Plan, boolean: bool = False) -> tuple[Tensor, Any]:
     """An uninitialized tensor with ``x``'s shape, dtype (bool with ``boolean``) and
-    memory format, and its array view in the layout's shape. (N, C) inputs take the
-    cheaper numpy allocation."""
+    memory format (empty_like keeps a dense x's strides), and it as a kernel argument.
+    (N, C) inputs take the cheaper numpy allocation."""
     if x.dim() == 2:
-        array = np.empty(xa.shape, np.bool_) if boolean else np.empty_like(xa)
+        array = np.empty(plan.shape, np.bool_ if boolean else _NP_DTYPES[x.dtype])
         return torch.from_numpy(array), array
     out = torch.empty_like(x, dtype=torch.bool) if boolean else torch.empty_like(x)
-    return out, _as_array(out, layout, shape)
+    if plan.by_address:
+        return out, (out.data_ptr(), plan.shape, _WITNESSES[out.dtype])
+    return out, _as_array(out, plan.layout, plan.shape)
+
+
+def _vector(t: Tensor, shape: tuple[int, ...]) -> Any:
+    """A (C,) or 0-dim tensor (parameters, statistics, counters) of this ``shape`` as a
+    kernel argument: by address when contiguous, else as an array."""
+    if t.dtype in _WITNESSES and t.shape == shape and t.is_contiguous():
+        return (t.data_ptr(), shape, _WITNESSES[t.dtype])
+    return t.numpy(force=True)
 
 
 # Stand-ins for the mask array where none is written (write_mask False): bool arrays of
@@ -1164,16 +1257,12 @@ def _empty_like(
 _NO_MASK = {"major": np.zeros((1, 1, 1), np.bool_), "minor": np.zeros((1, 1), np.bool_)}
 
 
-_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
-
 _FILLS: dict[tuple[int, float, np.dtype], np.ndarray] = {}
 
 
-def _vec(
-    t: Tensor | np.ndarray | None, fill: float, num_channels: int, dtype: np.dtype
-) -> np.ndarray:
-    """``t`` as an array (an array passes through), or a cached constant vector of x's
-    ``dtype`` when ``t`` is None.
+def _vec(t: Tensor | np.ndarray | None, fill: float, num_channels: int, dtype: np.dtype) -> Any:
+    """``t`` as a kernel argument (see _vector; an array passes through), or a cached
+    constant vector of x's ``dtype`` when ``t`` is None.
 
     The constant is left writable (the kernels never write it) so that it has the
     array type of a parameter of x's dtype: numba compiles one specialization for both.
@@ -1181,7 +1270,7 @@ def _vec(
     if isinstance(t, np.ndarray):
         return t
     if t is not None:
-        return t.numpy(force=True)
+        return _vector(t, (num_channels,))
     key = (num_channels, fill, dtype)
     array = _FILLS.get(key)
     if array is None:
@@ -1189,11 +1278,12 @@ def _vec(
     return array
 
 
-def _counter(t: Tensor | None) -> np.ndarray:
-    """A 0-dim int64 counter tensor as an array, or a scratch counter when None."""
+def _counter(t: Tensor | None) -> Any:
+    """A 0-dim int64 counter tensor as a kernel argument, or a scratch counter when
+    None."""
     if t is None:
         return np.zeros((), dtype=np.int64)
-    return t.numpy(force=True)
+    return _vector(t, ())
 
 
 _BOUNDS: dict[tuple[tuple[int, ...] | int, int], np.ndarray] = {}
@@ -1251,17 +1341,17 @@ def _act_args(activation: str, negative_slope: float, dtype: np.dtype) -> tuple[
 
 
 def _epilogue_args(
-    residual: Tensor | None, activation: str, negative_slope: float, xa: np.ndarray,
-    layout: str, shape: tuple[int, ...],
+    x: Tensor, residual: Tensor | None, activation: str, negative_slope: float, plan: _Plan
 ) -> tuple[np.ndarray | None, int, Any]:
     """The forward kernels' ``(res, act, slope)``. ``res`` is None for plain batch norm
     (the identity without a residual), which numba compiles apart, without the
     epilogue's code; else the residual's array, or x's as a stand-in when there is
-    none (has_res is False)."""
+    none (has_res is False). An array, not by address: it may be None (see _view)."""
     if residual is None and activation == "identity":
         return None, _IDENTITY, 1.0
-    code, slope = _act_args(activation, negative_slope, xa.dtype)
-    return (xa if residual is None else _as_array(residual, layout, shape)), code, slope
+    code, slope = _act_args(activation, negative_slope, _NP_DTYPES[x.dtype])
+    res = _as_array(x if residual is None else residual, plan.layout, plan.shape)
+    return res, code, slope
 
 
 def _reads_output(activation: str, negative_slope: float) -> bool:
@@ -1296,16 +1386,18 @@ def _forward_train(
     """
     C = x.shape[1]
     numel = x.numel()
-    layout, shape, bounds, T, B = _plan(x, sizes)
-    xa = _as_array(x, layout, shape)
-    y, ya = _empty_like(x, xa, layout, shape)
+    plan = _plan(x, sizes)
+    layout, bounds, T = plan.layout, plan.bounds, plan.T
+    xa = _input(x, plan)
+    y, ya = _empty_like(x, plan)
     KC = (len(bounds) - 1) * C
-    mean, invstd = np.empty(KC, dtype=xa.dtype), np.empty(KC, dtype=xa.dtype)
+    dtype = _NP_DTYPES[x.dtype]
+    mean, invstd = np.empty(KC, dtype=dtype), np.empty(KC, dtype=dtype)
     batch = np.empty((2, C), dtype=np.float64)
-    w, b = _vec(weight, 1.0, C, xa.dtype), _vec(bias, 0.0, C, xa.dtype)
+    w, b = _vec(weight, 1.0, C, dtype), _vec(bias, 0.0, C, dtype)
     update = running_mean is not None and running_var is not None
     if update:
-        rm, rv = running_mean.numpy(force=True), running_var.numpy(force=True)  # type: ignore[union-attr]
+        rm, rv = _vector(running_mean, (C,)), _vector(running_var, (C,))  # type: ignore[arg-type]
     else:
         # Stand-ins of the statistics' array type (one specialization): never written
         # (update is False) nor read (no renorm without running statistics).
@@ -1313,10 +1405,10 @@ def _forward_train(
     if limits is None:
         rd, r_max, d_max = None, 0.0, 0.0  # r_max = 0: no renorm
     else:
-        rd, (r_max, d_max) = np.empty(2 * C, dtype=xa.dtype), limits
-    res, code, slope = _epilogue_args(residual, activation, negative_slope, xa, layout, shape)
+        rd, (r_max, d_max) = np.empty(2 * C, dtype=dtype), limits
+    res, code, slope = _epilogue_args(x, residual, activation, negative_slope, plan)
     if _reads_output(activation, negative_slope):
-        mask, ma = _empty_like(x, xa, layout, shape, boolean=True)
+        mask, ma = _empty_like(x, plan, boolean=True)
     else:
         mask, ma = None, _NO_MASK[layout]
     args = (
@@ -1328,7 +1420,7 @@ def _forward_train(
     )
     with _LAUNCH_LOCK:
         if layout == "major":
-            _cm_forward_train(numel, xa, w, b, eps, bounds, T, B, *args)
+            _cm_forward_train(numel, xa, w, b, eps, bounds, T, plan.B, *args)
         else:
             _cl_forward_train(numel, xa, w, b, eps, bounds, T, *args)
     return y, mean, invstd, rd, mask
@@ -1352,21 +1444,21 @@ def renorm_constants(
 
     For a transform computed elsewhere (the aten backend's batch renorm: aten's batch
     norm with weight γr and bias γd + β)."""
-    layout, shape, _, T, B = _plan(x, None)
-    xa = _as_array(x, layout, shape)
+    plan = _plan(x, None)
+    xa = _input(x, plan)
     C = x.shape[1]
-    rd = np.empty(2 * C, dtype=xa.dtype)
+    rd = np.empty(2 * C, dtype=_NP_DTYPES[x.dtype])
     batch = np.empty((2, C), dtype=np.float64)
     args = (
-        eps, r_max, d_max, rd, batch, running_mean.numpy(force=True),
-        running_var.numpy(force=True), 0.0 if momentum is None else momentum,
+        eps, r_max, d_max, rd, batch, _vector(running_mean, (C,)),
+        _vector(running_var, (C,)), 0.0 if momentum is None else momentum,
         momentum is None, _counter(num_batches_tracked), _counter(num_batches_skipped),
     )
     with _LAUNCH_LOCK:
-        if layout == "major":
-            _cm_renorm_stats(x.numel(), xa, T, B, *args)
+        if plan.layout == "major":
+            _cm_renorm_stats(x.numel(), xa, plan.T, plan.B, *args)
         else:
-            _cl_renorm_stats(x.numel(), xa, T, *args)
+            _cl_renorm_stats(x.numel(), xa, plan.T, *args)
     return rd
 
 
@@ -1374,8 +1466,8 @@ def _backward_train(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | np.ndarray | None,
-    mean: np.ndarray,
-    invstd: np.ndarray,
+    mean: Tensor | np.ndarray,
+    invstd: Tensor | np.ndarray,
     sizes: tuple[int, ...] | None = None,
     out: Tensor | None = None,
     bias: Tensor | None = None,
@@ -1395,13 +1487,19 @@ def _backward_train(
     """
     C = x.shape[1]
     numel = x.numel()
-    layout, shape, bounds, T, B = _plan(x, sizes)
-    xa, dya = _as_array(x, layout, shape), _as_array(dy, layout, shape)
-    dx, dxa = _empty_like(x, xa, layout, shape)
+    plan = _plan(x, sizes)
+    layout, shape, bounds, T = plan.layout, plan.shape, plan.bounds, plan.T
+    xa = _input(x, plan)
+    dya = _like_x(dy, x, plan)
+    dx, dxa = _empty_like(x, plan)
+    KC = (len(bounds) - 1) * C
+    if isinstance(mean, Tensor):
+        mean, invstd = _vector(mean, (KC,)), _vector(invstd, (KC,))  # type: ignore[arg-type]
+    dtype = _NP_DTYPES[x.dtype]
     # dweight and dbias are written straight in the parameters' dtype (x's without
     # weight: one array type, one specialization).
     if weight is None:
-        grad_dtype = xa.dtype
+        grad_dtype = dtype
     elif isinstance(weight, np.ndarray):
         grad_dtype = weight.dtype
     else:
@@ -1409,29 +1507,31 @@ def _backward_train(
     dw, db = np.empty(C, dtype=grad_dtype), np.empty(C, dtype=grad_dtype)
     from_out = out is not None and _reads_output(activation, negative_slope)
     has_res = residual is not None
-    w = _vec(weight, 1.0, C, xa.dtype)
+    w = _vec(weight, 1.0, C, dtype)
     dres = None
     if activation == "identity":  # plain batch norm: compiled apart (see _epilogue_args)
         b, oa, ra, dresa, code, slope = w, None, None, None, _IDENTITY, 1.0  # b: unread
-    else:  # x's array stands in for what is not read
-        b = _vec(bias, 0.0, C, xa.dtype)
+    else:
+        # out, res and dres are arrays, not by address: they may be None (see _view);
+        # x's and dx's arrays stand in for what is not read or written.
+        b = _vec(bias, 0.0, C, dtype)
         if from_out:
             mask = out if out.dtype == torch.bool else out > 0  # type: ignore[union-attr]
             oa = _as_array(mask, layout, shape)
         else:
             oa = _NO_MASK[layout]
-        ra = _as_array(residual, layout, shape) if has_res else xa  # type: ignore[arg-type]
-        dresa = dxa
+        ra = _as_array(residual if has_res else x, layout, shape)  # type: ignore[arg-type]
         if write_dres:
-            dres, dresa = _empty_like(x, xa, layout, shape)
-        code, slope = _act_args(activation, negative_slope, xa.dtype)
+            dres = torch.empty_like(x) if x.dim() > 2 else torch.empty(x.shape, dtype=x.dtype)
+        dresa = _as_array(dx if dres is None else dres, layout, shape)
+        code, slope = _act_args(activation, negative_slope, dtype)
     args = (
         mean, invstd, dxa, dw, db, oa, ra, has_res, code, slope, from_out, dresa,
         dres is not None,
     )
     with _LAUNCH_LOCK:
         if layout == "major":
-            _cm_backward_train(numel, dya, xa, w, b, bounds, T, B, *args)
+            _cm_backward_train(numel, dya, xa, w, b, bounds, T, plan.B, *args)
         else:
             _cl_backward_train(numel, dya, xa, w, b, bounds, T, *args)
     if arrays:
@@ -1453,21 +1553,21 @@ def _forward_eval(
     """``act(x·scale + shift + residual)`` with the running statistics, one pass."""
     C = x.shape[1]
     numel = x.numel()
-    layout, shape = _layout(x)
-    xa = _as_array(x, layout, shape)
-    y, ya = _empty_like(x, xa, layout, shape)
-    res, code, slope = _epilogue_args(residual, activation, negative_slope, xa, layout, shape)
+    plan = _plan(x, None)
+    xa = _input(x, plan)
+    y, ya = _empty_like(x, plan)
+    res, code, slope = _epilogue_args(x, residual, activation, negative_slope, plan)
+    dtype = _NP_DTYPES[x.dtype]
     args = (
-        xa, _vec(weight, 1.0, C, xa.dtype), _vec(bias, 0.0, C, xa.dtype),
-        running_mean.numpy(force=True),
-        running_var.numpy(force=True), eps,
+        xa, _vec(weight, 1.0, C, dtype), _vec(bias, 0.0, C, dtype),
+        _vector(running_mean, (C,)), _vector(running_var, (C,)), eps,
     )
     epilogue = (ya, res, residual is not None, code, slope)
     with _LAUNCH_LOCK:
-        if layout == "major":
+        if plan.layout == "major":
             _cm_forward_eval(numel, *args, *epilogue)
         else:
-            _cl_forward_eval(numel, *args, _blocks(numel, shape[0]), *epilogue)
+            _cl_forward_eval(numel, *args, _blocks(numel, plan.shape[0]), *epilogue)
     return y
 
 
@@ -1503,9 +1603,7 @@ class _NumbaBackend:
     def backward_train(
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dx, dw, db, _ = _backward_train(
-            dy, x, weight, mean.numpy(force=True), invstd.numpy(force=True)
-        )
+        dx, dw, db, _ = _backward_train(dy, x, weight, mean, invstd)
         return dx, dw, db
 
     def forward_eval(
@@ -1561,7 +1659,7 @@ class _NumbaBackend:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         if has_residual is None:
             has_residual = residual is not None
-        stats = (mean.numpy(force=True), invstd.numpy(force=True))
+        stats = (mean, invstd)
         if activation == "identity":
             # dz = dout: the residual's gradient is the incoming one, no copy.
             dx, dw, db, _ = _backward_train(dout, x, weight, *stats)
@@ -1623,9 +1721,7 @@ class _NumbaBackend:
         invstd: Tensor,
         sizes: tuple[int, ...],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dx, dw, db, _ = _backward_train(
-            dy, x, weight, mean.numpy(force=True), invstd.numpy(force=True), sizes=sizes
-        )
+        dx, dw, db, _ = _backward_train(dy, x, weight, mean, invstd, sizes=sizes)
         return dx, dw, db
 
     # -- batch renorm -------------------------------------------------------------------
