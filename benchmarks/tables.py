@@ -2,9 +2,12 @@
 
 Each run's JSON (``{"environment": ..., "rows": [...]}`` from _harness.write_results)
 contributes one ratio per row key; a cell shows the range over the runs ("1.02–1.05",
-or one value), so repeat runs can be quoted together as docs/benchmarks.md does.
+or one value), so repeat runs can be quoted together as docs/benchmarks.md does; with
+``--median`` the family table's cells are "median (range)", for many runs on a noisy
+machine, where one run's outlier sets the range.
 
     python benchmarks/tables.py family results/run1/family.json results/run2/family.json
+    python benchmarks/tables.py family --median results/run*/family.json
     python benchmarks/tables.py cpu results/run1/cpu.json results/run2/cpu.json
     python benchmarks/tables.py fold results/run1/family.json results/run2/family.json
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,15 @@ def _span(values: list[float], digits: int = 2) -> str:
     return f"{lo:.{digits}f}–{hi:.{digits}f}"
 
 
-def family_table(runs: list[list[dict[str, Any]]]) -> str:
-    """Shape × layout rows, one column per family layer: family / core ratios."""
+def _median_span(values: list[float]) -> str:
+    if len(values) < 3:
+        return _span(values)
+    return f"{statistics.median(values):.2f} ({_span(values)})"
+
+
+def family_table(runs: list[list[dict[str, Any]]], median: bool = False) -> str:
+    """Shape × layout rows, one column per family layer: family / core ratios (their
+    range over the runs, or the median and the range)."""
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple[str, str]] = []
     for rows in runs:
@@ -50,7 +61,8 @@ def family_table(runs: list[list[dict[str, Any]]]) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for key in order:
-        ratios = [_span(cells[key][layer]) for layer in FAMILY_LAYERS]
+        cell = _median_span if median else _span
+        ratios = [cell(cells[key][layer]) for layer in FAMILY_LAYERS]
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
@@ -98,10 +110,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["family", "cpu", "fold"])
     parser.add_argument("files", type=Path, nargs="+")
+    parser.add_argument("--median", action="store_true",
+                        help="family: cells as median (range) over three or more runs")
     args = parser.parse_args()
     runs = _load(args.files)
-    table = {"family": family_table, "cpu": cpu_table, "fold": fold_table}[args.kind](runs)
-    print(table)
+    if args.kind == "family":
+        print(family_table(runs, args.median))
+    else:
+        print({"cpu": cpu_table, "fold": fold_table}[args.kind](runs))
 
 
 if __name__ == "__main__":
