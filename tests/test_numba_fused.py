@@ -196,6 +196,42 @@ def test_act_identity_is_plain_batch_norm_and_residual_gradient_on_demand() -> N
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+def test_act_forward_without_backward_writes_no_mask(layout, monkeypatch) -> None:
+    """``sign=False`` (a training forward with no backward to follow, as under
+    torch.no_grad or in recalibrate): no mask comes back, and the output, statistics
+    and running update are the same bits as with the mask. The functional asks for it
+    when no gradient is needed."""
+    shape, fmt = LAYOUTS[layout]
+    x, r, _, p = _tensors(shape, fmt, torch.float32, seed=4)
+    results = []
+    for sign in (True, False):
+        rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+        out, mean, invstd, mask = BACKEND.act_forward_train(
+            x, p["weight"], p["bias"], EPS, rm, rv, MOMENTUM, residual=r, activation="relu",
+            sign=sign,
+        )
+        assert (mask is None) == (not sign)
+        results.append((out, mean, invstd, rm, rv))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+    asked = []
+    original = BACKEND.act_forward_train
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("sign", True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(BACKEND, "act_forward_train", spy)
+    with torch.no_grad():
+        F.batch_norm_act(x, None, None, training=True, residual=r, activation="relu",
+                         backend="numba")
+    F.batch_norm_act(x.clone().requires_grad_(), None, None, training=True, residual=r,
+                     activation="relu", backend="numba")
+    assert asked == [False, True]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
 def test_non_finite_batches_are_skipped(layout) -> None:
     """act, ghost and renorm: a batch with a NaN leaves the running statistics alone
     and is counted as skipped (decided inside the kernel)."""

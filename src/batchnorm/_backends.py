@@ -44,13 +44,15 @@ A backend may also provide fused versions of the family's layers; callers look t
 ``"relu"``, ``"leaky_relu"`` (``negative_slope``) and ``"silu"``:
 
 ``act_forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
-num_batches_tracked, num_batches_skipped, residual, activation, negative_slope)
+num_batches_tracked, num_batches_skipped, residual, activation, negative_slope, sign)
 -> (out, mean, invstd, sign)``
     ``out = act(y + residual)`` with ``y`` and everything else as ``forward_train``
     (``residual``: x's shape, or None). ``sign``: for relu and leaky ReLU with a
     slope >= 0, what their backward reads act' from, a tensor whose positive entries
     are those of z = y + residual: a bool mask ``z > 0`` (the numba kernels write
-    one, a byte per value) or ``out`` itself (the Triton kernels); None otherwise.
+    one, a byte per value) or ``out`` itself (the Triton kernels); None otherwise,
+    and None may come back when the caller passes ``sign=False`` (no backward will
+    run: the numba kernels then write no mask).
 
 ``act_backward_train(dout, out, x, weight, bias, mean, invstd, residual, activation,
 negative_slope, has_residual) -> (dx, dweight, dbias, dresidual)``
@@ -151,6 +153,7 @@ class ActKernels(Protocol):
         residual: Tensor | None = None,
         activation: str = "relu",
         negative_slope: float = 0.01,
+        sign: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
 
     def act_backward_train(

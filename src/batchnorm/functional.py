@@ -344,7 +344,7 @@ def _fused_act(
         out, mean, invstd, _ = kernels.act_forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, residual=res, activation=activation,
-            negative_slope=negative_slope,
+            negative_slope=negative_slope, sign=False,  # no backward: no mask
         )
         if check_finite:
             _raise_if_not_finite(input, mean, invstd)

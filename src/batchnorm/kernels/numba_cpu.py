@@ -1375,6 +1375,7 @@ def _forward_train(
     activation: str = "identity",
     negative_slope: float = 0.0,
     limits: tuple[float, float] | None = None,
+    write_mask: bool = True,
 ) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray | None, Tensor | None]:
     """Every training forward: ghost chunks (``sizes`` along N; None: one chunk),
     ``act(BN(x) + residual)``, and batch renorm's (r_max, d_max) ``limits``.
@@ -1382,7 +1383,7 @@ def _forward_train(
     Returns ``(y, mean, invstd, rd, mask)``: the (K·C,) chunk statistics, for renorm
     (2·C,) r then d (else None), and for relu and leaky ReLU with a slope >= 0 the
     bool tensor z > 0 (x's shape and memory format) that their backward reads act'
-    from (else None).
+    from (else, or without ``write_mask``, None).
     """
     C = x.shape[1]
     numel = x.numel()
@@ -1407,7 +1408,7 @@ def _forward_train(
     else:
         rd, (r_max, d_max) = np.empty(2 * C, dtype=dtype), limits
     res, code, slope = _epilogue_args(x, residual, activation, negative_slope, plan)
-    if _reads_output(activation, negative_slope):
+    if write_mask and _reads_output(activation, negative_slope):
         mask, ma = _empty_like(x, plan, boolean=True)
     else:
         mask, ma = None, _NO_MASK[layout]
@@ -1632,14 +1633,15 @@ class _NumbaBackend:
         residual: Tensor | None = None,
         activation: str = "relu",
         negative_slope: float = 0.01,
+        sign: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(out, mean, invstd, mask)``: mask, the bool tensor z > 0 that the backward
         of relu and leaky ReLU (slope >= 0) reads, in one byte per value (None for
-        the other activations)."""
+        the other activations, and with ``sign=False``: not written)."""
         out, mean, invstd, _, mask = _forward_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, residual=residual, activation=activation,
-            negative_slope=negative_slope,
+            negative_slope=negative_slope, write_mask=sign,
         )
         return out, torch.from_numpy(mean), torch.from_numpy(invstd), mask
 

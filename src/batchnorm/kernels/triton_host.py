@@ -647,7 +647,7 @@ def act_forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
                       momentum: float | None, num_batches_tracked: Tensor | None = None,
                       num_batches_skipped: Tensor | None = None,
                       residual: Tensor | None = None, activation: str = "relu",
-                      negative_slope: float = 0.01,
+                      negative_slope: float = 0.01, sign: bool = True,
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``out = act(BN(x) + residual)`` in one pass, with batch statistics.
 
@@ -657,13 +657,14 @@ def act_forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
     Returns ``(out, mean, invstd, sign)``, out in x's dtype and memory format,
     mean/invstd float32; ``sign`` is ``out`` itself for relu and leaky_relu with a
     slope >= 0 (their backward reads the mask off its sign: no mask tensor is
-    written), else None, and those keep ``bias`` and ``residual`` for the backward.
+    written), else None, and those keep ``bias`` and ``residual`` for the backward
+    (``sign=False``, no backward to come: None).
     """
     act = _act_code(activation)
     out, mean, invstd = _forward_train(x, weight, bias, eps, running_mean, running_var,
                                        momentum, num_batches_tracked, num_batches_skipped,
                                        residual, act, negative_slope)
-    return out, mean, invstd, out if _reads_sign(act, negative_slope) else None
+    return out, mean, invstd, out if sign and _reads_sign(act, negative_slope) else None
 
 
 def act_backward_train(dout: Tensor, out: Tensor | None, x: Tensor, weight: Tensor | None,
