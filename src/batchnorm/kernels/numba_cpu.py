@@ -1157,10 +1157,11 @@ def _plan(x: Tensor, sizes: tuple[int, ...] | None) -> _Plan:
     """The cached :class:`_Plan` for ``x`` split along N into chunks of ``sizes``
     examples (None: one chunk). The host arithmetic and layout tests cost several
     microseconds a call, a large share of a small layer's time. The thread count is
-    part of the key only where it matters (inputs large enough to be threaded)."""
+    part of the key only where it matters (inputs large enough to be threaded); the
+    dtype is, since whether x can go by address depends on it."""
     numel = x.numel()
     threads = numba.get_num_threads() if numel >= 2 * _MIN_WORK_PER_THREAD else 1
-    key = (x.shape, x.stride(), sizes, threads)
+    key = (x.shape, x.stride(), x.dtype, sizes, threads)
     plan = _PLANS.get(key)
     if plan is None:
         layout, shape = _layout(x)
