@@ -498,3 +498,22 @@ def _assert_same(actual, expected, what, exact) -> None:
             assert torch.equal(a, e), f"{what}: output {i} differs"
         else:
             assert_close(a, e, *TOL[torch.float32], f"{what}: output {i}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inputs_with_a_negation_bit_are_read_negated(layout) -> None:
+    """torch's lazy negation (``torch._neg_view``) leaves the memory unnegated: such an
+    input or dy must not go by address. Results equal those for the materialized
+    negation."""
+    shape, fmt = LAYOUTS[layout]
+    x, _, dy, p = _tensors(shape, fmt, torch.float32, seed=10)
+    w, b = p["weight"], p["bias"]
+    results = []
+    for lazy in (True, False):
+        xn = torch._neg_view(x) if lazy else x.neg()
+        dyn = torch._neg_view(dy) if lazy else dy.neg()
+        assert xn.is_neg() == lazy
+        y, mean, invstd = BACKEND.forward_train(xn, w, b, EPS, None, None, None, None, None)
+        results.append((y, mean, invstd, *BACKEND.backward_train(dyn, xn, w, mean, invstd)))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)

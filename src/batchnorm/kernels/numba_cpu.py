@@ -1220,14 +1220,22 @@ def _address(t: Tensor, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], A
 
 def _input(x: Tensor, plan: _Plan) -> Any:
     """The input x as a kernel argument: by address when it is dense in the layout's
-    order (every input the functional passes), else as an array view."""
-    return _address(x, plan.shape) if plan.by_address else _as_array(x, plan.layout, plan.shape)
+    order (every input the functional passes), else as an array view. A tensor with
+    torch's lazy negation bit (``torch._neg_view``) goes as an array: its memory holds
+    the values unnegated, and ``numpy(force=True)`` resolves the bit."""
+    if plan.by_address and not x.is_neg():
+        return _address(x, plan.shape)
+    return _as_array(x, plan.layout, plan.shape)
 
 
 def _like_x(t: Tensor, x: Tensor, plan: _Plan) -> Any:
     """A tensor of x's shape (dy) as a kernel argument: by address when it has x's
-    strides too (so it is as dense as x), else as an array view."""
-    if plan.by_address and t.stride() == x.stride() and t.shape == x.shape and t.dtype in _WITNESSES:
+    strides too (so it is as dense as x), else as an array view (also with a negation
+    bit, see _input)."""
+    if (
+        plan.by_address and t.stride() == x.stride() and t.shape == x.shape
+        and t.dtype in _WITNESSES and not t.is_neg()
+    ):
         return (t.data_ptr(), plan.shape, _WITNESSES[t.dtype])
     return _as_array(t, plan.layout, plan.shape)
 
@@ -1247,7 +1255,8 @@ def _empty_like(x: Tensor, plan: _Plan, boolean: bool = False) -> tuple[Tensor, 
 
 def _vector(t: Tensor, shape: tuple[int, ...]) -> Any:
     """A (C,) or 0-dim tensor (parameters, statistics, counters) of this ``shape`` as a
-    kernel argument: by address when contiguous, else as an array."""
+    kernel argument: by address when contiguous, else as an array. (Module state and
+    the kernels' own outputs: no negation bit to check, unlike inputs, see _input.)"""
     if t.dtype in _WITNESSES and t.shape == shape and t.is_contiguous():
         return (t.data_ptr(), shape, _WITNESSES[t.dtype])
     return t.numpy(force=True)
