@@ -517,3 +517,14 @@ def test_inputs_with_a_negation_bit_are_read_negated(layout) -> None:
         results.append((y, mean, invstd, *BACKEND.backward_train(dyn, xn, w, mean, invstd)))
     for a, e in zip(*results):
         assert torch.equal(a, e)
+
+
+def test_cumulative_average_without_counter_is_an_error() -> None:
+    """momentum=None reads num_batches_tracked; without one the kernels would count in
+    a shared sink, so the host refuses, naming the missing counter, and leaves the
+    running statistics alone."""
+    x, _, _, p = _tensors((4, 5, 3, 4), torch.contiguous_format, torch.float32, seed=11)
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    with pytest.raises(ValueError, match="momentum=None.*num_batches_tracked"):
+        BACKEND.forward_train(x, p["weight"], p["bias"], EPS, rm, rv, None, None, None)
+    assert torch.equal(rm, p["running_mean"]) and torch.equal(rv, p["running_var"])

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from batchnorm.kernels.numba_cpu import (
-    _counter,
+    _counters,
     _update_running_from_invstd,
     _vector,
     renorm_constants,
@@ -59,7 +59,7 @@ def _update(
         _vector(running_mean, shape), _vector(running_var, shape), _vector(mean, shape),
         _vector(invstd, shape), eps, x.numel() // x.shape[1],
         0.0 if momentum is None else momentum, momentum is None,
-        _counter(num_batches_tracked), _counter(num_batches_skipped),
+        *_counters(num_batches_tracked, num_batches_skipped, momentum, True),
     )
 
 

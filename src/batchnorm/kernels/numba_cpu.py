@@ -37,6 +37,11 @@ The backward kernels mirror them: dz = dout·act'(z) on the fly (relu and leaky 
 read a bool mask z > 0 that the forward's output pass writes, a byte per value where
 the output would be four; silu rebuilds z), per-chunk Σdz and Σdz·(x − μ), then dx
 (and the residual's gradient dz when it is needed) in the second pass.
+
+Arguments: the host passes each dense tensor by address, a ``(data pointer, shape,
+dtype witness)`` triple that the kernel views as a C-contiguous array in its first
+statement (``_view``), and anything else (a strided tensor, an argument that may be
+None) as a numpy view: a data pointer costs a tenth of ``Tensor.numpy()``.
 """
 
 from __future__ import annotations
@@ -151,7 +156,10 @@ def _at_overload(k, i):  # pragma: no cover
 # (their first statement). numpy arrays (and None) pass through _view unchanged, so
 # every argument may also come as an array; arguments that may be None stay arrays:
 # numba compiles an ``x is None`` case apart only for an argument, not for a variable
-# made from one, and a triple cannot be referenced inside a parallel loop.
+# made from one, and a triple cannot be referenced inside a parallel loop. A triple and
+# an array are different argument types, each compiled apart, so the host passes the
+# stand-ins for absent tensors (a missing weight, counter or mask) as triples too, and
+# every call of a configuration has one specialization.
 @intrinsic
 def _typed_pointer(typingctx, address, witness):  # pragma: no cover
     """The integer ``address`` as a pointer to the witness's type."""
@@ -1242,11 +1250,7 @@ def _like_x(t: Tensor, x: Tensor, plan: _Plan) -> Any:
 
 def _empty_like(x: Tensor, plan: _Plan, boolean: bool = False) -> tuple[Tensor, Any]:
     """An uninitialized tensor with ``x``'s shape, dtype (bool with ``boolean``) and
-    memory format (empty_like keeps a dense x's strides), and it as a kernel argument.
-    (N, C) inputs take the cheaper numpy allocation."""
-    if x.dim() == 2:
-        array = np.empty(plan.shape, np.bool_ if boolean else _NP_DTYPES[x.dtype])
-        return torch.from_numpy(array), array
+    memory format (empty_like keeps a dense x's strides), and it as a kernel argument."""
     out = torch.empty_like(x, dtype=torch.bool) if boolean else torch.empty_like(x)
     if plan.by_address:
         return out, (out.data_ptr(), plan.shape, _WITNESSES[out.dtype])
@@ -1262,38 +1266,59 @@ def _vector(t: Tensor, shape: tuple[int, ...]) -> Any:
     return t.numpy(force=True)
 
 
-# Stand-ins for the mask array where none is written (write_mask False): bool arrays of
-# the layouts' ranks, so every call has one mask type and one specialization.
+def _array_address(a: np.ndarray) -> Any:
+    """A numpy array as a kernel argument: by address when C-contiguous (the caller
+    keeps ``a`` alive until the kernel returns), else the array itself."""
+    if not a.flags.c_contiguous:
+        return a
+    return (a.ctypes.data, a.shape, a.dtype.type(0))
+
+
+# Stand-ins for the mask where none is written (write_mask False): bool arrays of the
+# layouts' ranks, so every call has one mask type and one specialization; by address
+# in the forward (module constants: always alive), as arrays in the backward (whose
+# mask may be None).
 _NO_MASK = {"major": np.zeros((1, 1, 1), np.bool_), "minor": np.zeros((1, 1), np.bool_)}
+_NO_MASK_ARGS = {layout: _array_address(a) for layout, a in _NO_MASK.items()}
 
+# The counter passed where a caller has none: written (incremented) by the kernels,
+# never read, as _counters guarantees.
+_SINK_COUNTER = np.zeros((), np.int64)
+_SINK_COUNTER_ARG = _array_address(_SINK_COUNTER)
 
-_FILLS: dict[tuple[int, float, np.dtype], np.ndarray] = {}
+_FILLS: dict[tuple[int, float, np.dtype], tuple[np.ndarray, Any]] = {}
 
 
 def _vec(t: Tensor | np.ndarray | None, fill: float, num_channels: int, dtype: np.dtype) -> Any:
-    """``t`` as a kernel argument (see _vector; an array passes through), or a cached
-    constant vector of x's ``dtype`` when ``t`` is None.
-
-    The constant is left writable (the kernels never write it) so that it has the
-    array type of a parameter of x's dtype: numba compiles one specialization for both.
-    """
+    """``t`` (a tensor or an array) as a kernel argument, or a cached constant vector
+    of x's ``dtype`` when ``t`` is None, by address like a parameter of that dtype, so
+    that numba compiles one specialization for both (the cache keeps it alive)."""
     if isinstance(t, np.ndarray):
-        return t
+        return _array_address(t)
     if t is not None:
         return _vector(t, (num_channels,))
     key = (num_channels, fill, dtype)
-    array = _FILLS.get(key)
-    if array is None:
-        array = _FILLS[key] = np.full(num_channels, fill, dtype=dtype)
-    return array
+    cached = _FILLS.get(key)
+    if cached is None:
+        array = np.full(num_channels, fill, dtype=dtype)
+        cached = _FILLS[key] = (array, _array_address(array))
+    return cached[1]
 
 
-def _counter(t: Tensor | None) -> Any:
-    """A 0-dim int64 counter tensor as a kernel argument, or a scratch counter when
-    None."""
-    if t is None:
-        return np.zeros((), dtype=np.int64)
-    return _vector(t, ())
+def _counters(
+    tracked: Tensor | None, skipped: Tensor | None, momentum: float | None, update: bool
+) -> tuple[Any, Any]:
+    """The 0-dim int64 counters as kernel arguments; a missing one is the shared sink,
+    which the kernels only increment. ``tracked`` is read for the cumulative average
+    (momentum None), so that update needs it."""
+    if update and momentum is None and tracked is None:
+        raise ValueError(
+            "the cumulative running average (momentum=None) needs num_batches_tracked"
+        )
+    return (
+        _SINK_COUNTER_ARG if tracked is None else _vector(tracked, ()),
+        _SINK_COUNTER_ARG if skipped is None else _vector(skipped, ()),
+    )
 
 
 _BOUNDS: dict[tuple[tuple[int, ...] | int, int], np.ndarray] = {}
@@ -1403,6 +1428,7 @@ def _forward_train(
     y, ya = _empty_like(x, plan)
     KC = (len(bounds) - 1) * C
     dtype = _NP_DTYPES[x.dtype]
+    # The kernels' own outputs are numpy arrays, in every call (one argument type).
     mean, invstd = np.empty(KC, dtype=dtype), np.empty(KC, dtype=dtype)
     batch = np.empty((2, C), dtype=np.float64)
     w, b = _vec(weight, 1.0, C, dtype), _vec(bias, 0.0, C, dtype)
@@ -1410,9 +1436,9 @@ def _forward_train(
     if update:
         rm, rv = _vector(running_mean, (C,)), _vector(running_var, (C,))  # type: ignore[arg-type]
     else:
-        # Stand-ins of the statistics' array type (one specialization): never written
-        # (update is False) nor read (no renorm without running statistics).
-        rm = rv = mean
+        # Stand-ins of a parameter's type (one specialization): never written (update
+        # is False) nor read (no renorm without running statistics).
+        rm = rv = w
     if limits is None:
         rd, r_max, d_max = None, 0.0, 0.0  # r_max = 0: no renorm
     else:
@@ -1421,13 +1447,14 @@ def _forward_train(
     if write_mask and _reads_output(activation, negative_slope):
         mask, ma = _empty_like(x, plan, boolean=True)
     else:
-        mask, ma = None, _NO_MASK[layout]
+        mask, ma = None, _NO_MASK_ARGS[layout]
     args = (
         ya, mean, invstd, batch, res, residual is not None, code, slope, ma,
         mask is not None, r_max, d_max,
         mean if rd is None else rd,  # a same-typed stand-in, never written
-        rm, rv, 0.0 if momentum is None else momentum, momentum is None,
-        _counter(num_batches_tracked), _counter(num_batches_skipped), update,
+        rm, rv,
+        0.0 if momentum is None else momentum, momentum is None,
+        *_counters(num_batches_tracked, num_batches_skipped, momentum, update), update,
     )
     with _LAUNCH_LOCK:
         if layout == "major":
@@ -1463,7 +1490,8 @@ def renorm_constants(
     args = (
         eps, r_max, d_max, rd, batch, _vector(running_mean, (C,)),
         _vector(running_var, (C,)), 0.0 if momentum is None else momentum,
-        momentum is None, _counter(num_batches_tracked), _counter(num_batches_skipped),
+        momentum is None,
+        *_counters(num_batches_tracked, num_batches_skipped, momentum, True),
     )
     with _LAUNCH_LOCK:
         if plan.layout == "major":
@@ -1781,7 +1809,7 @@ class _NumbaBackend:
         )
         if backward is None:
             dx, sum_dy_xhat, sum_dy, _ = _backward_train(
-                dy, x, effective, mean.numpy(), invstd.numpy(), arrays=True
+                dy, x, effective, mean, invstd, arrays=True
             )
         else:
             dx, s1, s2 = backward.backward_train(dy, x, torch.from_numpy(effective), mean, invstd)
