@@ -1290,11 +1290,13 @@ _FILLS: dict[tuple[int, float, np.dtype], tuple[np.ndarray, Any]] = {}
 
 
 def _vec(t: Tensor | np.ndarray | None, fill: float, num_channels: int, dtype: np.dtype) -> Any:
-    """``t`` (a tensor or an array) as a kernel argument, or a cached constant vector
-    of x's ``dtype`` when ``t`` is None, by address like a parameter of that dtype, so
-    that numba compiles one specialization for both (the cache keeps it alive)."""
+    """``t`` as a kernel argument, or a cached constant vector of x's ``dtype`` when
+    ``t`` is None, by address like a parameter of that dtype, so that numba compiles
+    one specialization for both (the cache keeps it alive). An array passes as it is
+    (batch renorm's effective weight γ·r: its own specialization, since a numpy
+    array's address costs ~1 µs, more than the array)."""
     if isinstance(t, np.ndarray):
-        return _array_address(t)
+        return t
     if t is not None:
         return _vector(t, (num_channels,))
     key = (num_channels, fill, dtype)
