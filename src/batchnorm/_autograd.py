@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import _reference
-from batchnorm._backends import ActKernels, Backend
+from batchnorm._backends import ActKernels, Backend, reads_sign
 
 
 class TrainSpec(NamedTuple):
@@ -100,12 +100,6 @@ class ActSpec(NamedTuple):
     negative_slope: float
 
 
-def _act_backward_reads_output(activation: str, negative_slope: float) -> bool:
-    """relu and leaky ReLU with a slope >= 0 take act' from a mask of z > 0 (the
-    kernels' ``sign``), not from z itself."""
-    return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
-
-
 class BatchNormActTrain(torch.autograd.Function):
     """``out = act(BN(x) + residual)`` through a backend's fused kernels (training).
 
@@ -132,7 +126,7 @@ class BatchNormActTrain(torch.autograd.Function):
             t.num_batches_tracked, t.num_batches_skipped, residual=residual,
             activation=spec.activation, negative_slope=spec.negative_slope,
         )
-        from_out = _act_backward_reads_output(spec.activation, spec.negative_slope)
+        from_out = reads_sign(spec.activation, spec.negative_slope)
         keep_inputs = not from_out and spec.activation != "identity"
         ctx.save_for_backward(
             x, weight, bias if keep_inputs else None, residual if keep_inputs else None,

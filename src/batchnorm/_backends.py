@@ -185,6 +185,13 @@ class ActKernels(Protocol):
     ) -> Tensor: ...
 
 
+def reads_sign(activation: str, negative_slope: float) -> bool:
+    """Whether the act kernels' backward takes act' from a ``sign`` (see
+    ``act_forward_train`` above): relu and leaky ReLU with a slope >= 0, whose act' is
+    fixed by z > 0, rather than from z itself."""
+    return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
+
+
 def act_kernels(backend: Backend) -> ActKernels | None:
     """The fused act kernels of ``backend``, or None when it has none (the reference).
 

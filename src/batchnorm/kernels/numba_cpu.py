@@ -60,7 +60,7 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from batchnorm._backends import Backend, channel_minor
+from batchnorm._backends import Backend, channel_minor, reads_sign
 
 # Reassociate sums (vectorization) and fuse multiply-adds, but keep NaN/Inf semantics.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
@@ -473,7 +473,7 @@ def _cm_forward_train(
     epilogue of _affine_act with ``has_res``/``act``/``slope`` (res is a same-shaped
     dummy when has_res is False); with ``write_mask`` (relu and leaky ReLU with a
     slope >= 0) also mask = z > 0, a bool (A, C, L) array (a same-typed dummy
-    otherwise; None with ``res``). ``r_max > 0``: batch renorm's coefficients (see
+    otherwise; unread when ``res`` is None). ``r_max > 0``: batch renorm's coefficients (see
     _coefficients), r and d written to rd_out (2·C,). With ``update``, the running
     statistics rm, rv and the counters follow the whole batch (see _update_running).
     """
@@ -1391,12 +1391,6 @@ def _epilogue_args(
     return res, code, slope
 
 
-def _reads_output(activation: str, negative_slope: float) -> bool:
-    """relu and leaky ReLU with a slope >= 0 take act' from a mask of z > 0 (the output's
-    sign, or the bool mask the forward writes), not from z itself."""
-    return activation == "relu" or (activation == "leaky_relu" and negative_slope >= 0)
-
-
 def _forward_train(
     x: Tensor,
     weight: Tensor | None,
@@ -1446,7 +1440,7 @@ def _forward_train(
     else:
         rd, (r_max, d_max) = np.empty(2 * C, dtype=dtype), limits
     res, code, slope = _epilogue_args(x, residual, activation, negative_slope, plan)
-    if write_mask and _reads_output(activation, negative_slope):
+    if write_mask and reads_sign(activation, negative_slope):
         mask, ma = _empty_like(x, plan, boolean=True)
     else:
         mask, ma = None, _NO_MASK_ARGS[layout]
@@ -1546,7 +1540,7 @@ def _backward_train(
     else:
         grad_dtype = _NP_DTYPES.get(weight.dtype, np.float64)
     dw, db = np.empty(C, dtype=grad_dtype), np.empty(C, dtype=grad_dtype)
-    from_out = out is not None and _reads_output(activation, negative_slope)
+    from_out = out is not None and reads_sign(activation, negative_slope)
     has_res = residual is not None
     w = _vec(weight, 1.0, C, dtype)
     dres = None
@@ -1563,7 +1557,7 @@ def _backward_train(
             oa = _NO_MASK[layout]
         ra = _as_array(residual if has_res else x, layout, shape)  # type: ignore[arg-type]
         if write_dres:
-            dres = torch.empty_like(x) if x.dim() > 2 else torch.empty(x.shape, dtype=x.dtype)
+            dres, _ = _empty_like(x, plan)
         dresa = _as_array(dx if dres is None else dres, layout, shape)
         code, slope = _act_args(activation, negative_slope, dtype)
     args = (
@@ -1706,7 +1700,7 @@ class _NumbaBackend:
             # dz = dout: the residual's gradient is the incoming one, no copy.
             dx, dw, db, _ = _backward_train(dout, x, weight, *stats)
             return dx, dw, db, dout if has_residual else None
-        from_out = out is not None and _reads_output(activation, negative_slope)
+        from_out = out is not None and reads_sign(activation, negative_slope)
         if not from_out and residual is None and has_residual:
             raise ValueError(
                 f"activation={activation!r} rebuilds the pre-activation in backward: pass "
