@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +23,24 @@ Placement = Literal["before", "after"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def make_norm(name: str, num_features: int, backend: str | None = None) -> nn.Module:
+#: Registry names whose layers take no ``backend`` argument (torch's own layers).
+_TORCH_NORMS = frozenset({"layer", "group"})
+
+
+def make_norm(
+    name: str, num_features: int, backend: str | None = None, **options: Any
+) -> nn.Module:
     """A norm layer for (N, C) inputs: ``"none"`` or any name the registry knows.
 
-    ``backend`` (e.g. ``"reference"``) is passed to the layer when given.
+    ``backend`` (e.g. ``"reference"``) is passed to the library's layers when given
+    (torch's layer and group norm have none); ``options`` go to the layer as keyword
+    arguments (``virtual_batch_size=8``, ``affine=False``, ...).
     """
     if name == "none":
         return nn.Identity()
-    kwargs = {} if backend is None else {"backend": backend}
+    kwargs = dict(options)
+    if backend is not None and name not in _TORCH_NORMS:
+        kwargs["backend"] = backend
     return batchnorm.create_norm(name, num_features, dim=1, **kwargs)
 
 
@@ -53,6 +63,11 @@ class MLPSpec:
             (Ioffe & Szegedy 2015, section 3.2).
         norm_backend: the library's compute path for the norm layers (``auto``,
             ``reference``, ``numba``, ...), or None for the layer's default.
+        norm_options: keyword arguments of every norm layer, as ``(name, value)``
+            pairs (a tuple, so the spec stays hashable), e.g.
+            ``(("virtual_batch_size", 8),)``.
+        dropout: the drop probability of a :class:`torch.nn.Dropout` at the end of
+            every hidden block (0: none).
     """
 
     in_features: int
@@ -64,33 +79,41 @@ class MLPSpec:
     init_std: float | None = None
     drop_bias: bool = True
     norm_backend: str | None = None
+    norm_options: tuple[tuple[str, Any], ...] = ()
+    dropout: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["norm_options"] = dict(self.norm_options)
         return d
 
 
 class Block(nn.Module):
-    """One hidden layer: Linear, norm and activation in the order ``placement`` says.
+    """One hidden layer: Linear, norm and activation in the order ``placement`` says,
+    then dropout (an Identity when the spec has none).
 
-    The three parts stay named attributes so probes can hook the input of ``act``
-    (what a sigmoid sees) or of ``norm`` (what enters BN).
+    The parts stay named attributes so probes can hook the input of ``act`` (what a
+    sigmoid sees) or of ``norm`` (what enters BN).
     """
 
-    def __init__(self, linear: nn.Linear, norm: nn.Module, act: nn.Module, placement: Placement):
+    def __init__(
+        self, linear: nn.Linear, norm: nn.Module, act: nn.Module, placement: Placement,
+        dropout: nn.Module | None = None,
+    ):
         super().__init__()
         self.linear = linear
         self.norm = norm
         self.act = act
         self.placement = placement
+        self.dropout = nn.Identity() if dropout is None else dropout
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.linear(x)
         if self.placement == "before":
-            return self.act(self.norm(x))
-        return self.norm(self.act(x))
+            return self.dropout(self.act(self.norm(x)))
+        return self.dropout(self.norm(self.act(x)))
 
 
 class MLP(nn.Module):
@@ -104,6 +127,8 @@ class MLP(nn.Module):
             )
         if spec.placement not in ("before", "after"):
             raise ValueError(f"placement must be 'before' or 'after', got {spec.placement!r}")
+        if not 0.0 <= spec.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {spec.dropout!r}")
         self.spec = spec
         blocks = []
         width = spec.in_features
@@ -114,9 +139,10 @@ class MLP(nn.Module):
             blocks.append(
                 Block(
                     nn.Linear(width, out, bias=bias),
-                    make_norm(spec.norm, out, spec.norm_backend),
+                    make_norm(spec.norm, out, spec.norm_backend, **dict(spec.norm_options)),
                     _ACTIVATIONS[spec.activation](),
                     spec.placement,
+                    nn.Dropout(spec.dropout) if spec.dropout > 0 else None,
                 )
             )
             width = out
@@ -146,6 +172,8 @@ class MLP(nn.Module):
             norm = "" if isinstance(block.norm, nn.Identity) else type(block.norm).__name__
             act = type(block.act).__name__
             parts += [p for p in ((norm, act) if block.placement == "before" else (act, norm)) if p]
+            if isinstance(block.dropout, nn.Dropout):
+                parts.append(f"Dropout({block.dropout.p:g})")
             layers.append(" -> ".join(parts))
         layers.append(f"Linear({self.head.in_features}->{self.head.out_features}, bias=True)")
         return {

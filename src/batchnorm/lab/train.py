@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchnorm import renorm_schedule, set_renorm_limits
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.models import MLP, MLPSpec, build
 
@@ -39,6 +40,11 @@ class TrainSpec:
         optimizer: ``sgd`` (plain), ``momentum`` (SGD with momentum), ``rmsprop``, ``adam``.
         momentum: the momentum of ``momentum``.
         eval_every: steps between evaluations (also done at step 0 and the last step).
+        train_examples: train on the first this many training examples only (the
+            split is already shuffled); None: all of them.
+        renorm_ramp: for batch renorm, ``(warmup_steps, r_ramp_steps, d_ramp_steps,
+            r_max, d_max)`` of :func:`batchnorm.renorm_schedule`, applied to every
+            renorm layer before each step; None: the layers' own fixed limits.
     """
 
     steps: int
@@ -47,6 +53,8 @@ class TrainSpec:
     optimizer: Optimizer = "sgd"
     momentum: float = 0.9
     eval_every: int = 100
+    train_examples: int | None = None
+    renorm_ramp: tuple[float, float, float, float, float] | None = None
 
 
 class Probe:
@@ -160,19 +168,38 @@ def train(
         spec: the run.
         data: the data set ``spec.data`` names (already loaded).
         on_steps: called with the number of steps done since the last call (progress).
+
+    Raises:
+        ValueError: a batch size or ``train_examples`` that does not fit the data.
     """
+    # Dropout draws from torch's global generator: seed it from the run's seed (the
+    # caller's generator state is restored afterwards).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return _train(spec, data, on_steps)
+
+
+def _train(
+    spec: RunSpec, data: Dataset, on_steps: Callable[[int], None] | None
+) -> RunResult:
     t0 = time.perf_counter()
     ts = spec.train
-    if ts.batch_size < 2 or ts.batch_size > len(data.x_train):
+    n_train = len(data.x_train)
+    if ts.train_examples is not None and not 2 <= ts.train_examples <= n_train:
         raise ValueError(
-            f"batch_size must be in [2, {len(data.x_train)}] for this data, got {ts.batch_size}"
+            f"train_examples must be in [2, {n_train}] for this data, got {ts.train_examples}"
+        )
+    n_used = n_train if ts.train_examples is None else ts.train_examples
+    if ts.batch_size < 2 or ts.batch_size > n_used:
+        raise ValueError(
+            f"batch_size must be in [2, {n_used}] for this data, got {ts.batch_size}"
         )
     model = build(spec.model, spec.seed)
     optimizer = make_optimizer(ts, model.parameters())
     # The batch order has its own generator: the same seed gives the same order for
     # every model, so BN and baseline see identical mini-batches.
     order = torch.Generator().manual_seed(spec.seed)
-    x, y = data.x_train, data.y_train
+    x, y = data.x_train[:n_used], data.y_train[:n_used]
     n, bs = len(x), ts.batch_size
     perm, pos = torch.randperm(n, generator=order), 0
 
@@ -200,6 +227,10 @@ def train(
             perm, pos = torch.randperm(n, generator=order), 0
         idx = perm[pos:pos + bs]
         pos += bs
+        if ts.renorm_ramp is not None:
+            warmup, r_ramp, d_ramp, r_max, d_max = ts.renorm_ramp
+            set_renorm_limits(model, *renorm_schedule(
+                step - 1, int(warmup), int(r_ramp), int(d_ramp), r_max, d_max))
         xb, yb = x[idx], y[idx]
         try:
             logits = model(xb)
