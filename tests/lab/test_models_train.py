@@ -82,3 +82,78 @@ def test_layer_inputs_with_batch_stats_leaves_running_stats(cache_dir: Path) -> 
     assert z.mean(0).abs().max() < 1e-5  # normalized with the batch's own statistics
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
     assert not model.training
+
+
+def test_norm_options_and_dropout_reach_the_layers() -> None:
+    spec = MLPSpec(64, (16, 16), 10, norm="ghost", activation="relu", dropout=0.25,
+                   norm_options=(("virtual_batch_size", 8), ("momentum", None)))
+    model = build(spec, seed=0)
+    for block in model.blocks:
+        assert isinstance(block.norm, batchnorm.GhostBatchNorm1d)
+        assert block.norm.virtual_batch_size == 8 and block.norm.momentum is None
+        assert isinstance(block.dropout, nn.Dropout) and block.dropout.p == 0.25
+    assert model.describe()["layers"][0].endswith("ReLU -> Dropout(0.25)")
+    assert spec.to_dict()["norm_options"] == {"virtual_batch_size": 8, "momentum": None}
+    # torch's own layers take options too, and never a backend argument
+    group = build(MLPSpec(64, (16,), 10, norm="group", norm_backend="reference",
+                          norm_options=(("num_groups", 4),)), 0)
+    assert isinstance(group.blocks[0].norm, nn.GroupNorm) and group.blocks[0].norm.num_groups == 4
+    assert isinstance(build(MLPSpec(64, (16,), 10), 0).blocks[0].dropout, nn.Identity)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        build(MLPSpec(64, (16,), 10, dropout=1.0), 0)
+
+
+def test_dropout_runs_are_seeded_and_leave_the_global_generator(cache_dir: Path) -> None:
+    spec = RunSpec("t", seed=1, data="synthetic",
+                   model=MLPSpec(64, (16, 16), 10, activation="relu", dropout=0.5),
+                   train=TrainSpec(steps=20, lr=0.1, batch_size=32, eval_every=10))
+    data = dataset("synthetic")
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = train(spec, data)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream is untouched
+    b = train(spec, data)
+    assert a.rows == b.rows
+    other = train(RunSpec("t", seed=2, data="synthetic", model=spec.model, train=spec.train),
+                  data)
+    assert other.rows != a.rows
+
+
+def test_train_examples_uses_a_prefix_of_the_training_set(cache_dir: Path) -> None:
+    data = dataset("synthetic")
+    spec = _spec(steps=10)
+    small = RunSpec(spec.label, spec.seed, spec.data, spec.model,
+                    TrainSpec(steps=10, lr=0.1, batch_size=32, eval_every=10, train_examples=64))
+    assert train(small, data).outcome == "completed"
+    for bad, match in ((1, "train_examples must be in"), (len(data.x_train) + 1,
+                                                          "train_examples must be in"),
+                       (16, "batch_size must be in")):
+        with pytest.raises(ValueError, match=match):
+            train(RunSpec(spec.label, spec.seed, spec.data, spec.model,
+                          TrainSpec(steps=10, lr=0.1, batch_size=32, train_examples=bad)), data)
+
+
+def test_renorm_ramp_sets_the_limits_each_step(cache_dir: Path) -> None:
+    from batchnorm.lab import train as train_module
+
+    seen: list[tuple[float, float]] = []
+    original = train_module.set_renorm_limits
+
+    def spy(model: nn.Module, r_max: float, d_max: float) -> int:
+        seen.append((r_max, d_max))
+        return original(model, r_max, d_max)
+
+    spec = RunSpec("t", seed=0, data="synthetic",
+                   model=MLPSpec(64, (16,), 10, norm="renorm", activation="relu",
+                                 norm_backend="reference"),
+                   train=TrainSpec(steps=6, lr=0.1, batch_size=32, eval_every=6,
+                                   renorm_ramp=(2, 2, 4, 3.0, 5.0)))
+    train_module.set_renorm_limits = spy
+    try:
+        train(spec, dataset("synthetic"))
+    finally:
+        train_module.set_renorm_limits = original
+    # steps 0..5 before each update: plain BN through the warmup, then the ramps
+    assert seen == [batchnorm.renorm_schedule(s, 2, 2, 4, 3.0, 5.0) for s in range(6)]
+    assert seen[0] == (1.0, 0.0) and seen[-1] == (3.0, 3.75)

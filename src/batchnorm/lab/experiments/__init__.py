@@ -9,7 +9,9 @@ from __future__ import annotations
 from batchnorm.lab.experiments.base import Experiment
 from batchnorm.lab.experiments.distributions import Distributions
 from batchnorm.lab.experiments.fig1 import Fig1
+from batchnorm.lab.experiments.inference import Inference
 from batchnorm.lab.experiments.initialization import InitScale
+from batchnorm.lab.experiments.placement import BNPlacement
 from batchnorm.lab.experiments.speedup import Speedup
 
 REGISTRY: dict[str, Experiment] = {}
@@ -33,7 +35,8 @@ def get(name: str) -> Experiment:
         ) from None
 
 
-for _experiment in (Fig1(), Speedup(), InitScale(), Distributions()):
+for _experiment in (Fig1(), Speedup(), InitScale(), Distributions(), Inference(),
+                    BNPlacement()):
     register(_experiment)
 
 __all__ = ["REGISTRY", "Experiment", "get", "register"]

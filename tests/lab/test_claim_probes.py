@@ -1,0 +1,149 @@
+"""The measurements and verdict rules of the experiments for claims 7 and 8: the
+probes on small trained networks, and the verdicts on hand-made records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batchnorm.lab.experiments.base import MIXED, NOT_SUPPORTED, SUPPORTED
+from batchnorm.lab.experiments.inference import Inference, InferenceProbe
+from batchnorm.lab.experiments.placement import VARIANTS, BiasProbe, BNPlacement
+from batchnorm.lab.models import MLPSpec, build
+from batchnorm.lab.runner import dataset
+from batchnorm.lab.train import RunSpec, TrainSpec, train
+
+
+def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def test_bias_in_front_of_bn_gets_no_gradient(cache_dir: Path) -> None:
+    data = dataset("synthetic")
+    spec = RunSpec("t", seed=0, data="synthetic",
+                   model=MLPSpec(64, (16, 16), 10, norm="batch", activation="relu",
+                                 drop_bias=False, norm_backend="reference"),
+                   train=TrainSpec(steps=20, lr=0.1, batch_size=32, eval_every=10),
+                   probe=BiasProbe(32, 3, seed=0))
+    end = train(spec, data).extra["end"]
+    assert len(end["grad_ratio"]) == 2 and max(end["grad_ratio"]) < 1e-5
+    assert max(end["bias_moved"]) < 1e-5  # momentum SGD on a ~zero gradient
+
+
+def test_bias_probe_leaves_the_model_untouched(cache_dir: Path) -> None:
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16,), 10, norm="batch", drop_bias=False,
+                          norm_backend="reference"), 0).eval()
+    probe = BiasProbe(32, 2, seed=0)
+    probe.at_start(model, data)
+    before = _buffers(model)
+    probe.at_end(model, data)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_inference_probe(cache_dir: Path) -> None:
+    data = dataset("synthetic")
+    spec = RunSpec("t", seed=0, data="synthetic",
+                   model=MLPSpec(64, (16, 16), 10, norm="batch", activation="relu",
+                                 norm_backend="reference", norm_options=(("momentum", 0.001),)),
+                   train=TrainSpec(steps=30, lr=0.1, batch_size=32, eval_every=10),
+                   probe=InferenceProbe(20, (2, 16), 100, seed=0))
+    result = train(spec, data)
+    end = result.extra["end"]
+    assert end["single_agree"] == 1.0 and end["single_max_rel_diff"] < 1e-5
+    assert set(end["batch_stat_accuracy"]) == {"2", "16"}
+    assert 0.0 <= end["recalibrated_accuracy"] <= 1.0
+    # momentum 0.001 over 30 steps: the running averages are still near their start
+    assert end["running_mean_error"] > 0.05
+    test_rows = [r for r in result.rows if r["split"] == "test"]
+    assert all("recalibrated_accuracy" in r for r in test_rows)
+
+
+def test_inference_probe_leaves_the_model_untouched(cache_dir: Path) -> None:
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16,), 10, norm="batch", norm_backend="reference"), 0).eval()
+    before = _buffers(model)
+    InferenceProbe(5, (2, 8), 100, seed=0).at_end(model, data)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert not model.training
+
+
+def _run(label: str, seed: int, params: dict[str, Any], accuracies: list[float],
+         extra_rows: list[dict[str, Any]] | None = None,
+         end: dict[str, Any] | None = None) -> dict[str, Any]:
+    rows = [{"step": 100 * i, "split": "test", "loss": 1.0, "accuracy": a,
+             **(extra_rows[i] if extra_rows else {})} for i, a in enumerate(accuracies)]
+    return {"label": label, "seed": seed, "params": params, "outcome": "completed",
+            "diverged_step": None, "rows": rows, "extra": {"start": {}, "end": end or {}}}
+
+
+def _placement_record(final: dict[str, tuple[float, float]], ratio: float) -> dict[str, Any]:
+    exp = BNPlacement()
+    runs = []
+    for activation in ("relu", "sigmoid"):
+        for variant, *_ in VARIANTS:
+            for seed in (0, 1):
+                acc = final.get(variant, (0.9, 0.9))[seed]
+                end = ({"grad_ratio": [ratio], "bias_moved": [1e-8]}
+                       if variant == "BN before, bias kept" else {})
+                runs.append(_run(f"{activation}: {variant}", seed,
+                                 {"activation": activation, "variant": variant},
+                                 [0.1, acc, acc, acc], end=end))
+    from batchnorm.lab.config import to_dict
+
+    return {"config": to_dict(exp.make_config("quick")), "data": {"classes": 10}, "runs": runs}
+
+
+@pytest.mark.parametrize(("final", "ratio", "bias", "placement"), [
+    # after beats before: placement not supported; bias inert and harmless
+    ({"BN before": (0.90, 0.91), "BN before, bias kept": (0.90, 0.91),
+      "BN after": (0.93, 0.94)}, 1e-8, SUPPORTED, NOT_SUPPORTED),
+    # before clearly better in both; the kept bias has a real gradient
+    ({"BN before": (0.95, 0.96), "BN before, bias kept": (0.95, 0.96),
+      "BN after": (0.90, 0.91)}, 1e-2, MIXED, SUPPORTED),
+    # before better, but seed ranges overlap; the bias changes the accuracy too
+    ({"BN before": (0.90, 0.97), "BN before, bias kept": (0.85, 0.86),
+      "BN after": (0.91, 0.92)}, 1e-2, NOT_SUPPORTED, MIXED),
+])
+def test_placement_verdicts(final: dict[str, tuple[float, float]], ratio: float, bias: str,
+                            placement: str) -> None:
+    analysis = BNPlacement().analyze(_placement_record(final, ratio))
+    assert [v.verdict for v in analysis.verdicts] == [bias, placement]
+
+
+def _inference_record(gain: float, batch2: float) -> dict[str, Any]:
+    from batchnorm.lab.config import to_dict
+
+    exp = Inference()
+    cfg = to_dict(exp.make_config("quick"))
+    runs = []
+    for i, setting in enumerate(("momentum 0.1", "momentum 0.001")):
+        for seed in (0, 1):
+            ema = [0.90 + 0.01 * seed] * 3
+            # the slower average lags: only there does recalibrating gain
+            g = gain if i == 1 else 0.0
+            extra = [{"recalibrated_accuracy": a + g} for a in ema]
+            end = {"population_accuracy": ema[-1], "single_agree": 1.0,
+                   "single_max_rel_diff": 1e-7,
+                   "batch_stat_accuracy": {str(b): batch2 if b == 2 else ema[-1]
+                                           for b in cfg["test_batch_sizes"]},
+                   "recalibrated_accuracy": ema[-1] + g,
+                   "running_mean_error": 0.01 if i == 0 else 0.1,
+                   "running_var_log_error": 0.01}
+            runs.append(_run(f"BN, {setting}", seed, {"setting": setting}, ema, extra, end))
+    return {"config": cfg, "data": {"classes": 10}, "runs": runs}
+
+
+@pytest.mark.parametrize(("gain", "batch2", "single", "recal"), [
+    (0.05, 0.4, SUPPORTED, SUPPORTED),
+    (0.005, 0.4, SUPPORTED, MIXED),
+    (0.0, 0.905, MIXED, NOT_SUPPORTED),
+])
+def test_inference_verdicts(gain: float, batch2: float, single: str, recal: str) -> None:
+    analysis = Inference().analyze(_inference_record(gain, batch2))
+    assert [v.verdict for v in analysis.verdicts] == [single, recal]
+    assert "stalest: momentum 0.001" in analysis.verdicts[1].measured or recal == NOT_SUPPORTED
