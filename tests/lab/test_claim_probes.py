@@ -1,5 +1,6 @@
-"""The measurements and verdict rules of the experiments for claims 7 and 8: the
-probes on small trained networks, and the verdicts on hand-made records."""
+"""The measurements and verdict rules of the experiments for claims 6, 7 and 8: the
+probes on small trained networks, the run plans, and the verdicts on hand-made
+records."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ import pytest
 import torch
 
 from batchnorm.lab.experiments.base import MIXED, NOT_SUPPORTED, SUPPORTED
+from batchnorm.lab.experiments.batchsize import (
+    BatchSize,
+    BatchStatsProbe,
+    lr_for,
+    renorm_ramp,
+    steps_for,
+)
 from batchnorm.lab.experiments.inference import Inference, InferenceProbe
 from batchnorm.lab.experiments.placement import VARIANTS, BiasProbe, BNPlacement
 from batchnorm.lab.models import MLPSpec, build
@@ -147,3 +155,51 @@ def test_inference_verdicts(gain: float, batch2: float, single: str, recal: str)
     analysis = Inference().analyze(_inference_record(gain, batch2))
     assert [v.verdict for v in analysis.verdicts] == [single, recal]
     assert "stalest: momentum 0.001" in analysis.verdicts[1].measured or recal == NOT_SUPPORTED
+
+
+def test_batchsize_plan() -> None:
+    cfg = BatchSize().make_config("quick")
+    assert lr_for(0.05, 64) == 0.05 and lr_for(0.05, 2) == pytest.approx(0.05 / 32)
+    assert steps_for(3.0, 4000, 2) == 6000 and steps_for(3.0, 4000, 256) == 47
+    assert steps_for(0.001, 100, 64) == 1
+    # the paper's proportions on a long run ...
+    assert renorm_ramp(cfg, 10000) == (500.0, 3500.0, 2000.0, 3.0, 5.0)
+    # ... and never fewer than renorm_min_warmup steps of plain BN on a short one
+    warmup, r_ramp, d_ramp, _, _ = renorm_ramp(cfg, 47)
+    assert warmup == cfg.renorm_min_warmup and r_ramp == 0 and d_ramp == 0
+
+
+def test_batch_stats_probe_restores_the_running_statistics(cache_dir: Path) -> None:
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16,), 10, norm="batch", norm_backend="reference"), 0).eval()
+    before = _buffers(model)
+    end = BatchStatsProbe(8).at_end(model, data)
+    assert 0.0 <= end["batch_stats_accuracy"] <= 1.0
+    assert end["batch_stats_examples"] == (len(data.x_test) // 8) * 8
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert not model.training
+
+
+def _batchsize_record(bn_small: float, layer_small: float) -> dict[str, Any]:
+    from batchnorm.lab.config import to_dict
+
+    cfg = to_dict(BatchSize().make_config("quick"))
+    runs = []
+    for label in ("BN", "layer norm", "group norm", "batch renorm"):
+        for bs in cfg["batch_sizes"]:
+            for seed in (0, 1):
+                small = {"BN": bn_small, "batch renorm": bn_small}.get(label, layer_small)
+                acc = (small if bs == cfg["batch_sizes"][0] else 0.93) + 0.002 * seed
+                runs.append(_run(label, seed, {"batch_size": bs}, [0.1, acc, acc, acc]))
+    plan = {str(bs): {"steps": 10, "lr": 0.1, "epochs": 1.0} for bs in cfg["batch_sizes"]}
+    return {"config": cfg, "data": {"classes": 10}, "runs": runs, "notes": {"plan": plan}}
+
+
+@pytest.mark.parametrize(("bn_small", "layer_small", "expected"), [
+    (0.40, 0.92, [SUPPORTED, SUPPORTED, SUPPORTED, NOT_SUPPORTED]),
+    (0.94, 0.92, [SUPPORTED, NOT_SUPPORTED, NOT_SUPPORTED, NOT_SUPPORTED]),
+    (0.92, 0.92, [SUPPORTED, MIXED, NOT_SUPPORTED, NOT_SUPPORTED]),
+])
+def test_batchsize_verdicts(bn_small: float, layer_small: float, expected: list[str]) -> None:
+    analysis = BatchSize().analyze(_batchsize_record(bn_small, layer_small))
+    assert [v.verdict for v in analysis.verdicts] == expected

@@ -7,6 +7,7 @@ registers it here; ``batchnorm lab list`` and ``batchnorm lab run all`` read thi
 from __future__ import annotations
 
 from batchnorm.lab.experiments.base import Experiment
+from batchnorm.lab.experiments.batchsize import BatchSize
 from batchnorm.lab.experiments.distributions import Distributions
 from batchnorm.lab.experiments.fig1 import Fig1
 from batchnorm.lab.experiments.inference import Inference
@@ -35,8 +36,8 @@ def get(name: str) -> Experiment:
         ) from None
 
 
-for _experiment in (Fig1(), Speedup(), InitScale(), Distributions(), Inference(),
-                    BNPlacement()):
+for _experiment in (Fig1(), Speedup(), InitScale(), Distributions(), BatchSize(),
+                    Inference(), BNPlacement()):
     register(_experiment)
 
 __all__ = ["REGISTRY", "Experiment", "get", "register"]
