@@ -203,3 +203,57 @@ def _batchsize_record(bn_small: float, layer_small: float) -> dict[str, Any]:
 def test_batchsize_verdicts(bn_small: float, layer_small: float, expected: list[str]) -> None:
     analysis = BatchSize().analyze(_batchsize_record(bn_small, layer_small))
     assert [v.verdict for v in analysis.verdicts] == expected
+
+
+def test_noisy_batch_norm() -> None:
+    from batchnorm.lab.models import NoisyBatchNorm, make_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8) * 3 + 1
+    noisy = make_norm("noisy_batch", 8, backend="reference", shift=1.0, scale=2.0)
+    assert isinstance(noisy, NoisyBatchNorm)
+    plain = NoisyBatchNorm(8, shift=0.0, scale=1.0, backend="reference")
+    reference = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(plain(x), reference)
+    a, b = noisy(x), noisy(x)
+    assert not torch.allclose(a, b)  # redrawn at every training forward
+    bn_out = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    s = (a[:2] - a[2:4]) / (bn_out[:2] - bn_out[2:4])  # per-unit scale, shared by the batch
+    assert torch.allclose(s[0], s[1], rtol=1e-4) and bool(((s >= 1) & (s <= 2)).all())
+    noisy.eval()
+    torch.testing.assert_close(noisy(x), noisy.bn(x) * 1.5)  # the noise's expectation
+    with pytest.raises(ValueError, match="shift >= 0 and scale >= 1"):
+        NoisyBatchNorm(8, scale=0.5)
+
+
+def test_smoothness_probe(cache_dir: Path) -> None:
+    from batchnorm.lab.experiments.smoothness import SmoothnessProbe
+
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16, 16, 16), 10, norm="batch", activation="relu",
+                          norm_backend="reference"), 0).eval()
+    before = _buffers(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(5)
+    expected_next = torch.rand(2)
+    torch.manual_seed(5)
+    probe = SmoothnessProbe(1, 50, 32, 0.1, (0.5, 2.0), landscape=True, seed=0, batches=2)
+    out = probe.at_eval(model, data, step=10)
+    assert torch.equal(torch.rand(2), expected_next)  # the run's generator is untouched
+    assert len(out["unit_means"]) == 16
+    assert out["loss_range"] > 0 and out["grad_change"] > 0 and out["beta"] > 0
+    assert out == probe.at_eval(model, data, step=10)  # seeded by (seed, step)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+def test_batch_noise_falls_as_one_over_sqrt_batch() -> None:
+    from batchnorm.lab.experiments.regularization import batch_noise, loglog_slope
+
+    model = build(MLPSpec(64, (32,), 10, norm="batch", norm_backend="reference"), 0)
+    x = torch.randn(5000, 64)
+    noise = batch_noise(model, x, examples=8, draws=300, batch_sizes=(4, 16, 64), eps=1e-5)
+    values = [noise[b] for b in (4, 16, 64)]
+    assert values[0] > values[1] > values[2]
+    assert -0.6 < loglog_slope([4, 16, 64], values) < -0.4
+    assert loglog_slope([1, 10, 100], [1.0, 0.1, 0.01]) == pytest.approx(-1.0)

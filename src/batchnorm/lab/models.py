@@ -27,10 +27,51 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.Re
 _TORCH_NORMS = frozenset({"layer", "group"})
 
 
+class NoisyBatchNorm(nn.Module):
+    """Batch norm followed by noise that moves every unit's distribution at every step:
+    Santurkar et al. (2018)'s "noisy BN", the lab's test of whether BN helps by keeping
+    layer inputs stable.
+
+    In training, each forward draws per unit j a shift m_j ~ U(−shift, shift) and a
+    scale s_j ~ U(1, scale), shared by the batch, and returns s·BN(x) + m: the next
+    layer sees a distribution whose mean and spread change from step to step, however
+    BN normalized it. In eval mode the noise is replaced by its expectation,
+    ((1 + scale) / 2)·BN(x), so test predictions are deterministic and see on
+    average what training saw. The draws come from torch's global generator, which the
+    lab seeds per run.
+
+    Args:
+        num_features: units.
+        shift, scale: the noise's bounds (shift >= 0, scale >= 1; 0 and 1: plain BN).
+        backend: passed to the batch-norm layer when given.
+    """
+
+    def __init__(self, num_features: int, shift: float = 1.0, scale: float = 2.0,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if not (shift >= 0 and scale >= 1):
+            raise ValueError(
+                f"NoisyBatchNorm: expected shift >= 0 and scale >= 1, got {shift}, {scale}")
+        kwargs = {} if backend is None else {"backend": backend}
+        self.bn = batchnorm.create_norm("batch", num_features, dim=1, **kwargs)
+        self.shift = float(shift)
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(x)
+        if not self.training:
+            return y * ((1.0 + self.scale) / 2.0)
+        units = y.shape[1]
+        m = torch.empty(units, dtype=y.dtype, device=y.device).uniform_(-self.shift, self.shift)
+        s = torch.empty(units, dtype=y.dtype, device=y.device).uniform_(1.0, self.scale)
+        return y * s + m
+
+
 def make_norm(
     name: str, num_features: int, backend: str | None = None, **options: Any
 ) -> nn.Module:
-    """A norm layer for (N, C) inputs: ``"none"`` or any name the registry knows.
+    """A norm layer for (N, C) inputs: ``"none"``, ``"noisy_batch"`` (the lab's
+    :class:`NoisyBatchNorm`) or any name the registry knows.
 
     ``backend`` (e.g. ``"reference"``) is passed to the library's layers when given
     (torch's layer and group norm have none); ``options`` go to the layer as keyword
@@ -38,6 +79,8 @@ def make_norm(
     """
     if name == "none":
         return nn.Identity()
+    if name == "noisy_batch":
+        return NoisyBatchNorm(num_features, backend=backend, **options)
     kwargs = dict(options)
     if backend is not None and name not in _TORCH_NORMS:
         kwargs["backend"] = backend

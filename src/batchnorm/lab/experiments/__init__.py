@@ -13,6 +13,8 @@ from batchnorm.lab.experiments.fig1 import Fig1
 from batchnorm.lab.experiments.inference import Inference
 from batchnorm.lab.experiments.initialization import InitScale
 from batchnorm.lab.experiments.placement import BNPlacement
+from batchnorm.lab.experiments.regularization import Regularization
+from batchnorm.lab.experiments.smoothness import Smoothness
 from batchnorm.lab.experiments.speedup import Speedup
 
 REGISTRY: dict[str, Experiment] = {}
@@ -36,8 +38,8 @@ def get(name: str) -> Experiment:
         ) from None
 
 
-for _experiment in (Fig1(), Speedup(), InitScale(), Distributions(), BatchSize(),
-                    Inference(), BNPlacement()):
+for _experiment in (Fig1(), Speedup(), InitScale(), Distributions(), Regularization(),
+                    BatchSize(), Inference(), BNPlacement(), Smoothness()):
     register(_experiment)
 
 __all__ = ["REGISTRY", "Experiment", "get", "register"]

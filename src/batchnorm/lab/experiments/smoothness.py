@@ -1,0 +1,423 @@
+"""Claim 10: BN's benefit may come from a smoother loss landscape rather than from
+reduced "internal covariate shift" (Santurkar, Tsipras, Ilyas & Madry 2018).
+
+Two tests, as in that paper, on one network:
+
+* If BN helped by keeping each layer's input distribution stable, noise that makes
+  those distributions move at every step should take the benefit away. At a learning
+  rate high enough that the network trains with BN and not without
+  (``noisy_lr``), it is trained without BN, with BN, and with "noisy BN": BN followed
+  by a random per-unit shift and scale redrawn at every step
+  (:class:`~batchnorm.lab.models.NoisyBatchNorm`). The probe
+  measures how much the distribution moves: on a fixed batch of training examples, in
+  training mode (noise on), the per-unit mean of one layer's activation input at each
+  evaluation; its instability is the standard deviation over evaluations of a unit's
+  mean, averaged over units.
+* The landscape: at a rate where both networks train (``lr``: a trained network and
+  one stuck on a plateau would compare a slope with a flat), without and with BN; at
+  each evaluation, on a training batch, the loss L and gradient g
+  (training mode, as an optimizer step sees them), then at points w − η·g along the
+  gradient for η = lr·k over ``step_multipliers`` k. Reported: the loss's range over
+  those points (how far one step's effect can be from what the gradient predicts), the
+  gradient's largest relative change ‖∇L(w − ηg) − g‖ / ‖g‖ ("gradient
+  predictiveness", smaller = more predictive), and the effective smoothness
+  max ‖∇L(w − ηg) − g‖ / ‖ηg‖ (a local Lipschitz constant of the gradient).
+
+The landscape is not measured for noisy BN: its loss along a direction would mix
+the landscape with fresh noise at every point.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from batchnorm.lab import plots, stats
+from batchnorm.lab.config import ConfigError, LabConfig
+from batchnorm.lab.diagnostics import layer_inputs
+from batchnorm.lab.experiments.base import (
+    MIXED,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    Analysis,
+    Experiment,
+    Verdict,
+    grade,
+)
+from batchnorm.lab.models import MLP, Activation, MLPSpec
+from batchnorm.lab.runner import Runner, dataset
+from batchnorm.lab.train import Optimizer, Probe, RunResult, RunSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from batchnorm.lab.data import Dataset
+
+BASELINE, BN = "baseline", "BN"
+HIGH_BASELINE, HIGH_BN, NOISY = "baseline, high rate", "BN, high rate", "noisy BN, high rate"
+#: (label, registry name, part): the landscape runs at ``lr``, the noise runs at
+#: ``noisy_lr``.
+RUNS: tuple[tuple[str, str, str], ...] = (
+    (BASELINE, "none", "landscape"), (BN, "batch", "landscape"),
+    (HIGH_BASELINE, "none", "noise"), (HIGH_BN, "batch", "noise"),
+    (NOISY, "noisy_batch", "noise"),
+)
+COLORS: dict[str, str] = {BASELINE: plots.BASELINE_COLOR, BN: plots.BN_COLOR,
+                          HIGH_BASELINE: plots.BASELINE_COLOR, HIGH_BN: plots.BN_COLOR,
+                          NOISY: plots.PALETTE[1]}
+
+
+@dataclass(frozen=True)
+class SmoothnessConfig(LabConfig):
+    """Defaults are the quick preset.
+
+    Attributes:
+        hidden, activation: the network.
+        optimizer, batch_size, steps, eval_every: training, the same for every run.
+        lr: the rate of the landscape runs (both networks should train there).
+        noisy_lr: the rate of the noise runs (BN should be needed there).
+        noise_shift, noise_scale: noisy BN's per-unit shift U(−shift, shift) and scale
+            U(1, scale), redrawn at every step.
+        layer: the hidden layer whose activation input the instability is taken from.
+        probe_examples: training examples in the fixed instability batch.
+        step_multipliers: the landscape's step sizes, as multiples of ``lr``.
+        landscape_batches: training batches each landscape measurement averages over.
+        noisy_margin: accuracy points by which BN and noisy BN must beat the baseline
+            at ``noisy_lr``.
+        unstable_ratio: noisy BN's instability must be at least this many times BN's
+            (the noise really moved the distributions).
+        smooth_ratio: the baseline's loss range and gradient change must each be at
+            least this many times BN's.
+    """
+
+    hidden: tuple[int, ...] = (100,) * 6
+    activation: Activation = "relu"
+    optimizer: Optimizer = "momentum"
+    lr: float = 0.05
+    noisy_lr: float = 0.15
+    batch_size: int = 60
+    steps: int = 2000
+    eval_every: int = 100
+    noise_shift: float = 1.0
+    noise_scale: float = 2.0
+    layer: int = 2
+    probe_examples: int = 500
+    step_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    landscape_batches: int = 4
+    noisy_margin: float = 1.0
+    unstable_ratio: float = 2.0
+    smooth_ratio: float = 1.5
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.layer < len(self.hidden):
+            raise ConfigError(
+                f"--layer: expected 0 <= layer < {len(self.hidden)}, got {self.layer}")
+        if not self.step_multipliers or min(self.step_multipliers) <= 0:
+            raise ConfigError(
+                f"--step_multipliers: expected positive values, got {list(self.step_multipliers)}")
+        if self.noise_shift < 0 or self.noise_scale < 1:
+            raise ConfigError(
+                f"--noise_shift/--noise_scale: expected shift >= 0 and scale >= 1, got "
+                f"{self.noise_shift}, {self.noise_scale}")
+        if self.landscape_batches < 1:
+            raise ConfigError(
+                f"--landscape_batches: expected an int >= 1, got {self.landscape_batches}")
+        if self.probe_examples < 2:
+            raise ConfigError(f"--probe_examples: expected an int >= 2, got {self.probe_examples}")
+
+
+def _flat_grad(model: MLP) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                      for p in model.parameters()])
+
+
+def _loss_and_grad(model: MLP, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return float(loss.detach()), _flat_grad(model)
+
+
+class SmoothnessProbe(Probe):
+    """At every evaluation: the instability batch's per-unit activation-input means,
+    and (with ``landscape``) the loss and gradient along the gradient direction.
+
+    Everything runs on copies (training mode) or restores the model's buffers, and the
+    noise drawn here comes from a forked generator: the run itself is not changed.
+    """
+
+    def __init__(self, layer: int, probe_examples: int, batch_size: int, lr: float,
+                 multipliers: tuple[float, ...], landscape: bool, seed: int,
+                 batches: int = 1) -> None:
+        self.batches = batches
+        self.layer = layer
+        self.probe_examples = probe_examples
+        self.batch_size = batch_size
+        self.lr = lr
+        self.multipliers = multipliers
+        self.landscape = landscape
+        self.seed = seed
+
+    def at_eval(self, model: MLP, data: Dataset, step: int) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + step)
+            x = data.x_train[:self.probe_examples]
+            act = model.blocks[self.layer].act
+            z = layer_inputs(model, x, {"act": act}, batch_stats=True)["act"]
+            out: dict[str, Any] = {"unit_means": [float(v) for v in z.mean(0)]}
+            if self.landscape:
+                out.update(self._landscape(model, data, step))
+        return out
+
+    def _landscape(self, model: MLP, data: Dataset, step: int) -> dict[str, float]:
+        """The three landscape measures, each the mean over ``batches`` training
+        batches (one batch's values swing by an order of magnitude)."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + step)
+        found: dict[str, list[float]] = {}
+        for _ in range(self.batches):
+            idx = torch.randperm(len(data.x_train), generator=gen)[:self.batch_size]
+            for key, value in self._along_gradient(model, data.x_train[idx],
+                                                   data.y_train[idx]).items():
+                found.setdefault(key, []).append(value)
+        return {key: stats.mean(values) for key, values in found.items()}
+
+    def _along_gradient(self, model: MLP, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        work = copy.deepcopy(model).train()
+        start = [p.detach().clone() for p in work.parameters()]
+        buffers = {k: v.clone() for k, v in work.named_buffers()}
+        loss0, g0 = _loss_and_grad(work, x, y)
+        norm0 = float(g0.norm())
+        if not (math.isfinite(loss0) and norm0 > 0):
+            return {}
+        losses, changes, betas = [loss0], [], []
+        for k in self.multipliers:
+            eta = self.lr * k
+            with torch.no_grad():
+                offset = 0
+                for p, p0 in zip(work.parameters(), start):
+                    n = p.numel()
+                    p.copy_(p0 - eta * g0[offset:offset + n].view_as(p))
+                    offset += n
+                # the same batch statistics' starting point at every η
+                for name, v in work.named_buffers():
+                    v.copy_(buffers[name])
+            loss, g = _loss_and_grad(work, x, y)
+            change = float((g - g0).norm())
+            losses.append(loss)
+            changes.append(change / norm0)
+            betas.append(change / (eta * norm0))
+        return {"loss_range": max(losses) - min(losses), "grad_change": max(changes),
+                "beta": max(betas)}
+
+
+class Smoothness(Experiment):
+    name = "smoothness"
+    title = "Internal covariate shift or a smoother landscape (Santurkar et al. 2018)"
+    description = (
+        "A 6x100 ReLU MLP. At a high rate, without BN, with BN and with 'noisy BN' (BN "
+        "followed by a random per-unit shift and scale redrawn at every step, which makes "
+        "the next layer's input distribution unstable), measuring how much a layer's input "
+        "distribution moves. At a rate where both train, without and with BN, the loss "
+        "and gradient along the gradient direction at every evaluation."
+    )
+    criterion = (
+        "Noisy BN: supported if, at `noisy_lr`, BN and noisy BN each end at least "
+        "`noisy_margin` points above the baseline, seed ranges apart, while noisy BN's "
+        "layer-input instability is at least `unstable_ratio` times BN's; not supported if "
+        "BN helps and noisy BN ends at or below the baseline; mixed otherwise (including "
+        "when BN itself does not help at that rate). Smoothness: supported if, at `lr`, "
+        "the baseline's loss range and gradient change along the gradient (means over the "
+        "evaluations after step 0) are each at least `smooth_ratio` times BN's, seed "
+        "ranges apart; not supported if neither is smaller with BN; mixed otherwise."
+    )
+    Config = SmoothnessConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"hidden": (16,) * 4, "steps": 30, "eval_every": 10, "layer": 1,
+                 "probe_examples": 50, "step_multipliers": (0.5, 2.0),
+                 "landscape_batches": 1},
+        "full": {"steps": 10000, "eval_every": 250},
+    }
+
+    def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:
+        cfg: SmoothnessConfig = config
+        data = dataset(cfg.data)
+        noise = (("shift", cfg.noise_shift), ("scale", cfg.noise_scale))
+        specs = []
+        for label, norm, part in RUNS:
+            lr = cfg.lr if part == "landscape" else cfg.noisy_lr
+            train = TrainSpec(steps=cfg.steps, lr=lr, batch_size=cfg.batch_size,
+                              optimizer=cfg.optimizer, eval_every=cfg.eval_every)
+            specs += [
+                RunSpec(
+                    label=label, seed=seed, data=cfg.data, train=train,
+                    model=MLPSpec(data.num_features, cfg.hidden, data.num_classes,
+                                  norm=norm, activation=cfg.activation,
+                                  norm_backend=cfg.norm_backend,
+                                  norm_options=noise if norm == "noisy_batch" else ()),
+                    probe=SmoothnessProbe(cfg.layer, cfg.probe_examples, cfg.batch_size, lr,
+                                          cfg.step_multipliers,
+                                          landscape=part == "landscape", seed=seed,
+                                          batches=cfg.landscape_batches),
+                    params={"norm": norm, "part": part, "lr": lr},
+                )
+                for seed in range(cfg.seeds)
+            ]
+        return runner.run(specs, desc=self.name), {}
+
+    def analyze(self, record: dict[str, Any]) -> Analysis:
+        cfg = record["config"]
+        chance = 1.0 / record["data"]["classes"]
+        groups = stats.by_label(record["runs"])
+        final = {k: [stats.final_accuracy(r, chance) for r in v] for k, v in groups.items()}
+        instab = {k: [_instability(r) for r in v] for k, v in groups.items()}
+        measures: dict[str, Any] = {}
+        for label, runs in groups.items():
+            measures[f"{label} (lr {runs[0]['params']['lr']:g}): final accuracy %"] = (
+                stats.fmt_range(final[label], 2, 100))
+            measures[f"{label}: layer-input instability (std over training of a unit's "
+                     "mean)"] = stats.fmt_range(instab[label], 3)
+        landscape = {k: {key: [_mean_over_training(r, key) for r in groups[k]]
+                         for key in ("loss_range", "grad_change", "beta")}
+                     for k in (BASELINE, BN) if k in groups}
+        for label, values in landscape.items():
+            measures[f"{label}: loss range along the gradient (mean over training)"] = (
+                stats.fmt_range(values["loss_range"], 3))
+            measures[f"{label}: gradient change, relative (mean over training)"] = (
+                stats.fmt_range(values["grad_change"], 3))
+            measures[f"{label}: effective smoothness (mean over training)"] = (
+                stats.fmt_range(values["beta"], 2))
+        verdicts: list[Verdict] = []
+
+        base, bn = final.get(HIGH_BASELINE, []), final.get(HIGH_BN, [])
+        noisy = final.get(NOISY, [])
+        if base and bn and noisy:
+            need = cfg["noisy_margin"]
+            bn_helps = (100 * (stats.mean(bn) - stats.mean(base)) >= need
+                        and stats.separated(bn, base))
+            margin = 100 * (stats.mean(noisy) - stats.mean(base))
+            ratio = _ratio(instab[NOISY], instab[HIGH_BN])
+            unstable = ratio >= cfg["unstable_ratio"] and stats.separated(
+                instab[NOISY], instab[HIGH_BN])
+            if bn_helps and margin <= 0:
+                noisy_verdict = NOT_SUPPORTED
+            elif bn_helps and margin >= need and stats.separated(noisy, base) and unstable:
+                noisy_verdict = SUPPORTED
+            else:
+                noisy_verdict = MIXED
+            verdicts.append(Verdict(
+                claim=10,
+                statement="BN still helps when noise makes its layers' input distributions "
+                          "unstable: its benefit is not a reduced internal covariate shift.",
+                measured=f"at lr {cfg['noisy_lr']:g}: noisy BN {100 * stats.mean(noisy):.1f}% "
+                         f"vs baseline {100 * stats.mean(base):.1f}% and BN "
+                         f"{100 * stats.mean(bn):.1f}%; noisy BN's instability {ratio:.1f}x "
+                         "BN's",
+                verdict=noisy_verdict,
+                criterion=f"BN and noisy BN >= {need:g} points above the baseline, seed "
+                          f"ranges apart, noisy BN's instability >= {cfg['unstable_ratio']:g}x "
+                          "BN's",
+            ))
+        if BASELINE in landscape and BN in landscape:
+            parts = []
+            for key in ("loss_range", "grad_change"):
+                b, n = landscape[BASELINE][key], landscape[BN][key]
+                parts.append((key, _ratio(b, n), stats.separated(b, n)))
+            both_train = [100 * stats.mean(final[k]) for k in (BASELINE, BN)]
+            verdicts.append(Verdict(
+                claim=10,
+                statement="BN makes the loss landscape smoother: the loss and the gradient "
+                          "change less along the gradient direction.",
+                measured=f"at lr {cfg['lr']:g} (baseline {both_train[0]:.1f}%, BN "
+                         f"{both_train[1]:.1f}%), baseline / BN: " + ", ".join(
+                    f"{key.replace('_', ' ')} {r:.2f}x" for key, r, _ in parts),
+                verdict=grade(
+                    effect_ok=all(sep for _, _, sep in parts),
+                    threshold_ok=all(r >= cfg["smooth_ratio"] for _, r, _ in parts),
+                    direction_ok=any(r > 1 for _, r, _ in parts),
+                ),
+                criterion=f"loss range and gradient change each >= {cfg['smooth_ratio']:g}x "
+                          "lower with BN, seed ranges apart",
+            ))
+        return Analysis(measures, verdicts)
+
+    def figures(self, record: dict[str, Any]) -> list[tuple[str, Figure]]:
+        cfg = record["config"]
+        groups = stats.by_label(record["runs"])
+        out: list[tuple[str, Figure]] = []
+
+        fig, axes = plots.figure(ncols=2, width=5.0)
+        for ax, labels, lr in ((axes[0], (HIGH_BASELINE, HIGH_BN, NOISY), cfg["noisy_lr"]),
+                               (axes[1], (BASELINE, BN), cfg["lr"])):
+            for label in labels:
+                if label in groups:
+                    plots.band(ax, groups[label], label, COLORS[label], scale=100)
+            ax.set_title(f"lr {lr:g}", fontsize=9)
+            ax.set_xlabel("step")
+            plots.percent_axis(ax)
+            ax.legend(fontsize=8)
+        out.append((("Test accuracy (mean and seed range). Left: at the high rate, without "
+                    "BN, with BN and with noisy BN. Right: at the rate of the landscape "
+                    "measurements."), fig))
+
+        fig, axes = plots.figure(ncols=2, width=5.0)
+        for ax, key, ylabel in ((axes[0], "loss_range", "loss range along the gradient"),
+                                (axes[1], "grad_change", "relative gradient change")):
+            for label in (BASELINE, BN):
+                if label in groups:
+                    plots.band(ax, groups[label], label, COLORS[label], key=key)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        out.append((f"At lr {cfg['lr']:g}, along the gradient direction on a training batch: "
+                    "the range of the loss and the largest relative change of the gradient "
+                    "over steps of lr x {"
+                    + ", ".join(f"{k:g}" for k in cfg["step_multipliers"])
+                    + "} (lower is smoother).", fig))
+
+        noise_labels = [k for k in (HIGH_BASELINE, HIGH_BN, NOISY) if k in groups]
+        fig, axes = plots.figure(ncols=max(1, len(noise_labels)), width=4.0)
+        for ax, label in zip(axes, noise_labels):
+            run = groups[label][0]
+            rows = [r for r in stats.test_rows(run) if isinstance(r.get("unit_means"), list)]
+            steps = [r["step"] for r in rows]
+            for unit in range(min(5, len(rows[0]["unit_means"]) if rows else 0)):
+                ax.plot(steps, [r["unit_means"][unit] for r in rows], color=COLORS[label],
+                        alpha=0.4 + 0.12 * unit)
+            ax.set_title(f"{label} (seed {run['seed']})", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("mean activation input, 5 units")
+            ax.grid(alpha=0.3)
+        out.append(((f"At lr {cfg['noisy_lr']:g}: the mean over a fixed batch of training "
+                    f"examples of five units' activation inputs in hidden layer "
+                    f"{cfg['layer']}, in training mode, at each evaluation."), fig))
+        return out
+
+
+def _instability(run: dict[str, Any]) -> float:
+    """Std over the evaluations after step 0 of each unit's mean, averaged over units."""
+    rows = [r["unit_means"] for r in stats.test_rows(run)
+            if r["step"] > 0 and isinstance(r.get("unit_means"), list)]
+    if len(rows) < 2:
+        return math.nan
+    per_unit = [stats.std([row[u] for row in rows]) for u in range(len(rows[0]))]
+    return stats.mean(per_unit)
+
+
+def _mean_over_training(run: dict[str, Any], key: str) -> float:
+    values = [r[key] for r in stats.test_rows(run)
+              if r["step"] > 0 and isinstance(r.get(key), float) and math.isfinite(r[key])]
+    return stats.mean(values)
+
+
+def _ratio(high: list[float], low: list[float]) -> float:
+    """mean(high) / mean(low), NaN when either is missing or low is not positive."""
+    h, lo = stats.mean(high), stats.mean(low)
+    return h / lo if lo > 0 and math.isfinite(h) else math.nan
