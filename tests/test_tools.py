@@ -362,6 +362,49 @@ def test_recalibrate_torch_layers_and_errors() -> None:
     assert torch.equal(model[0].running_mean, before)  # restored after the failed pass
 
 
+class _Steps(nn.Module):
+    """Runs a RecurrentBatchNorm over (T, N, C) sequences step by step, with a mask."""
+
+    def __init__(self, norm: bn.RecurrentBatchNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[:, :, 0] > -10  # rows with a first channel below -10 are padding
+        return torch.stack([self.norm(x[t], t, mask=mask[t]) for t in range(x.shape[0])])
+
+
+def test_recalibrate_recurrent_batch_norm_per_time_step() -> None:
+    gen = torch.Generator().manual_seed(3)
+    norm = bn.RecurrentBatchNorm(3, max_timesteps=3, momentum=None, dtype=torch.float64)
+    norm.num_batches_tracked.fill_(4)
+    model = _Steps(norm).eval()
+    # 5 steps: steps 2, 3 and 4 share the last slot; each step has its own offset.
+    batches = [torch.randn(5, n, 3, generator=gen, dtype=torch.float64)
+               + torch.arange(5, dtype=torch.float64).reshape(5, 1, 1) * 2 for n in (4, 7)]
+    batches[1][3, :2, 0] = -100.0  # padded rows of step 3: never in the statistics
+    assert bn.recalibrate(model, batches).layers == 1
+    for slot, steps in ((0, [0]), (1, [1]), (2, [2, 3, 4])):
+        rows = torch.cat([b[t][b[t][:, 0] > -10] for b in batches for t in steps])
+        assert_close(norm.running_mean[slot], rows.mean(0), 1e-6, 1e-6, f"slot {slot} mean")
+        assert_close(norm.running_var[slot], rows.var(0), 1e-6, 1e-6, f"slot {slot} var")
+    assert norm.momentum is None and not norm.training
+    assert norm.num_batches_tracked.tolist() == [4, 4, 4]
+
+
+def test_recalibrate_bn_lstm() -> None:
+    torch.manual_seed(0)
+    lstm = bn.BNLSTM(2, 4, max_timesteps=6, backend="reference").double()
+    x = torch.randn(6, 500, 2, dtype=torch.float64)
+    expected = lstm.train()(x)[0].detach()  # batch statistics of the one batch
+    lstm.eval()
+    assert bn.recalibrate(lstm, [x]).layers == 3  # bn_ih, bn_hh and bn_c
+    # Population statistics of that batch are its batch statistics (up to the unbiased
+    # variance, a factor 500/499), so eval now reproduces the training-mode output; the
+    # running averages of the one training pass (momentum 0.1) missed it by ~100%.
+    _close_relative(lstm(x)[0], expected, "BN-LSTM eval after recalibration", rtol=0.01)
+
+
 # ----------------------------------------------------------------------------------------
 # torch's layer and group norm in the registry
 # ----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from batchnorm.nn.frozen import (
     _FrozenBatchNorm,
 )
 from batchnorm.nn.ghost import _GhostBatchNorm
+from batchnorm.nn.recurrent import RecurrentBatchNorm
 from batchnorm.nn.registry import get_norm_layer, norm_names
 from batchnorm.nn.renorm import _BatchRenorm
 from batchnorm.nn.sync import SyncBatchNorm
@@ -593,10 +594,15 @@ def recalibrate(
     statistics match what the layers see at inference. Momentum is set to 0 during the
     pass so no layer's running statistics drift; the parameters are never touched.
 
+    :class:`~batchnorm.RecurrentBatchNorm` (and so the BN-LSTM) gets the same per time
+    step: slot k's statistics are those of the inputs of the steps that use slot k
+    (``min(t, max_timesteps - 1)``), padded rows left out.
+
     Afterwards every module's train/eval mode, every momentum and the counters
     (``num_batches_tracked``) are as before; on an exception the running statistics
-    are restored too. Layers that saw fewer than 2 values per channel keep their
-    statistics; frozen layers and layers without running statistics are skipped.
+    are restored too. Layers (and time-step slots) that saw fewer than 2 values per
+    channel keep their statistics; frozen layers and layers without running statistics
+    are skipped.
 
     Args:
         model: any module tree.
@@ -615,11 +621,17 @@ def recalibrate(
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     ):
         raise ValueError(f"recalibrate: num_batches must be a positive int or None, got {num_batches!r}")
-    layers = [
+    plain = [
         m for m in model.modules()
         if _is_batch_norm(m) and not isinstance(m, _FrozenBatchNorm)
         and m.running_mean is not None and m.running_var is not None
     ]
+    recurrent = [
+        m for m in model.modules()
+        if isinstance(m, RecurrentBatchNorm) and m.running_mean is not None
+        and m.running_var is not None
+    ]
+    layers = [*plain, *recurrent]
     modes = [(m, m.training) for m in model.modules()]
     saved = [
         (m, m.momentum, m.running_mean.clone(), m.running_var.clone(),
@@ -628,13 +640,29 @@ def recalibrate(
         for m in layers
     ]
     skipped = [None if s is None else s.clone() for *_, s in saved]
-    accumulators = {id(m): _Accumulator() for m in layers}
+    # (layer, slot) -> accumulator; slot None for plain batch norm.
+    accumulators: dict[tuple[int, int | None], _Accumulator] = {}
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], Tensor):
-            accumulators[id(module)].add(args[0])
+            accumulators.setdefault((id(module), None), _Accumulator()).add(args[0])
 
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    def record_step(
+        module: RecurrentBatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        # forward(x, t, mask=None): the layer's own checks run right after this hook.
+        x = args[0] if args else kwargs.get("x")
+        t = args[1] if len(args) > 1 else kwargs.get("t")
+        mask = args[2] if len(args) > 2 else kwargs.get("mask")
+        if not isinstance(x, Tensor) or t is None:
+            return
+        if isinstance(mask, Tensor) and tuple(mask.shape) == (x.shape[0],):
+            x = x[mask.to(torch.bool) if mask.dtype == torch.bool else mask != 0]
+        slot = module.slot(t)
+        accumulators.setdefault((id(module), slot), _Accumulator()).add(x)
+
+    hooks = [m.register_forward_pre_hook(record) for m in plain]
+    hooks += [m.register_forward_pre_hook(record_step, with_kwargs=True) for m in recurrent]
     # Inputs go to the device of the model's first parameter (or buffer), if any.
     first = next(iter([*model.parameters(), *model.buffers()]), None)
     device = None if first is None else first.device
@@ -670,12 +698,19 @@ def recalibrate(
     updated = 0
     with torch.no_grad():
         for m, (_, _, rm, rv, *_) in zip(layers, saved):
-            acc = accumulators[id(m)]
-            if acc.count < 2 or acc.mean is None or acc.m2 is None:
-                m.running_mean.copy_(rm)
-                m.running_var.copy_(rv)
-                continue
-            m.running_mean.copy_(acc.mean.to(m.running_mean.dtype))
-            m.running_var.copy_((acc.m2 / (acc.count - 1)).to(m.running_var.dtype))
-            updated += 1
+            m.running_mean.copy_(rm)
+            m.running_var.copy_(rv)
+            slots: list[int | None] = (
+                list(range(m.max_timesteps)) if isinstance(m, RecurrentBatchNorm) else [None])
+            changed = False
+            for slot in slots:
+                acc = accumulators.get((id(m), slot))
+                if acc is None or acc.count < 2 or acc.mean is None or acc.m2 is None:
+                    continue  # too few values: the slot keeps its statistics
+                mean_out = m.running_mean if slot is None else m.running_mean[slot]
+                var_out = m.running_var if slot is None else m.running_var[slot]
+                mean_out.copy_(acc.mean.to(m.running_mean.dtype))
+                var_out.copy_((acc.m2 / (acc.count - 1)).to(m.running_var.dtype))
+                changed = True
+            updated += changed
     return Recalibrated(model, updated, used)

@@ -157,3 +157,38 @@ def test_renorm_ramp_sets_the_limits_each_step(cache_dir: Path) -> None:
     # steps 0..5 before each update: plain BN through the warmup, then the ramps
     assert seen == [batchnorm.renorm_schedule(s, 2, 2, 4, 3.0, 5.0) for s in range(6)]
     assert seen[0] == (1.0, 0.0) and seen[-1] == (3.0, 3.75)
+
+
+def test_rnn_classifier_reads_rows_as_steps() -> None:
+    from batchnorm.lab.models import RNNClassifier, RNNSpec
+
+    lstm = build(RNNSpec(64, 8, 12, 10), seed=0)
+    assert isinstance(lstm, RNNClassifier) and isinstance(lstm.rnn, nn.LSTM)
+    x = torch.randn(5, 64)
+    assert lstm(x).shape == (5, 10)
+    # the last step's hidden state of the rows 8 at a time is what the head reads
+    out, _ = lstm.rnn(x.view(5, 8, 8))
+    torch.testing.assert_close(lstm(x), lstm.head(out[:, -1]))
+    bn = build(RNNSpec(64, 8, 12, 10, kind="bnlstm", max_timesteps=1, gamma_init=0.5,
+                       norm_backend="reference"), seed=0)
+    assert isinstance(bn.rnn, batchnorm.BNLSTM) and bn.rnn.max_timesteps == 1
+    assert bn(x).shape == (5, 10)
+    assert build(RNNSpec(64, 8, 12, 10, kind="bnlstm"), 0).rnn.max_timesteps == 8
+    info = bn.describe()
+    assert info["norm_class"] == "batchnorm.nn.recurrent.BNLSTM" and info["parameters"] > 0
+    with pytest.raises(ValueError, match="multiple of sequence_length"):
+        build(RNNSpec(64, 7, 12, 10), 0)
+    with pytest.raises(ValueError, match="kind must be"):
+        build(RNNSpec(64, 8, 12, 10, kind="gru"), 0)  # type: ignore[arg-type]
+
+
+def test_rnn_runs_train(cache_dir: Path) -> None:
+    from batchnorm.lab.models import RNNSpec
+
+    spec = RunSpec("t", seed=0, data="synthetic",
+                   model=RNNSpec(64, 8, 8, 10, kind="bnlstm", norm_backend="reference"),
+                   train=TrainSpec(steps=10, lr=0.01, batch_size=16, optimizer="adam",
+                                   eval_every=5))
+    a, b = train(spec, dataset("synthetic")), train(spec, dataset("synthetic"))
+    assert a.outcome == "completed" and a.rows == b.rows
+    assert a.model["spec"]["kind"] == "bnlstm"

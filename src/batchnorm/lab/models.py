@@ -232,11 +232,87 @@ class MLP(nn.Module):
         }
 
 
-def build(spec: MLPSpec, seed: int) -> MLP:
+RNNKind = Literal["lstm", "bnlstm"]
+
+
+@dataclass(frozen=True)
+class RNNSpec:
+    """A sequence classifier: each flattened example is read as ``sequence_length``
+    steps of ``in_features / sequence_length`` values (an MNIST digit: 28 rows of 28
+    pixels), an LSTM runs over them, and a Linear layer reads the last hidden state.
+
+    Attributes:
+        in_features: length of a flattened example (a multiple of sequence_length).
+        sequence_length: T, the time steps.
+        hidden_size: the LSTM's width.
+        num_classes: outputs (logits).
+        kind: ``lstm`` (:class:`torch.nn.LSTM`) or ``bnlstm`` (:class:`batchnorm.BNLSTM`,
+            Cooijmans et al. 2016).
+        max_timesteps: the BN-LSTM's statistics slots (None: one per step, T); 1 shares
+            one set of population statistics across all steps.
+        gamma_init: the BN-LSTM's initial γ.
+        norm_backend: the BN-LSTM's backend, or None for its default.
+    """
+
+    in_features: int
+    sequence_length: int
+    hidden_size: int
+    num_classes: int
+    kind: RNNKind = "lstm"
+    max_timesteps: int | None = None
+    gamma_init: float = 0.1
+    norm_backend: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+class RNNClassifier(nn.Module):
+    """:class:`RNNSpec` built: an LSTM or BN-LSTM (one layer, batch first) and a head."""
+
+    def __init__(self, spec: RNNSpec):
+        super().__init__()
+        if spec.kind not in ("lstm", "bnlstm"):
+            raise ValueError(f"kind must be 'lstm' or 'bnlstm', got {spec.kind!r}")
+        if spec.sequence_length < 1 or spec.in_features % spec.sequence_length:
+            raise ValueError(
+                f"in_features ({spec.in_features}) must be a positive multiple of "
+                f"sequence_length, got {spec.sequence_length}")
+        self.spec = spec
+        step = spec.in_features // spec.sequence_length
+        if spec.kind == "lstm":
+            self.rnn: nn.Module = nn.LSTM(step, spec.hidden_size, batch_first=True)
+        else:
+            kwargs = {} if spec.norm_backend is None else {"backend": spec.norm_backend}
+            self.rnn = batchnorm.BNLSTM(
+                step, spec.hidden_size, batch_first=True,
+                max_timesteps=spec.max_timesteps or spec.sequence_length,
+                gamma_init=spec.gamma_init, **kwargs)
+        self.head = nn.Linear(spec.hidden_size, spec.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq = x.reshape(x.shape[0], self.spec.sequence_length, -1)
+        out, _ = self.rnn(seq)
+        return self.head(out[:, -1])
+
+    def describe(self) -> dict[str, object]:
+        """Layers and parameter count, for results files."""
+        rnn = type(self.rnn)
+        return {
+            "spec": self.spec.to_dict(),
+            "layers": [repr(self.rnn).splitlines()[0].rstrip("("), repr(self.head)],
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "norm_class": f"{rnn.__module__}.{rnn.__name__}" if self.spec.kind == "bnlstm"
+            else None,
+        }
+
+
+def build(spec: MLPSpec | RNNSpec, seed: int) -> MLP | RNNClassifier:
     """Build ``spec`` with weights drawn from ``seed``, independent of global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MLP(spec)
+        return RNNClassifier(spec) if isinstance(spec, RNNSpec) else MLP(spec)
 
 
 def log_space(low: float, high: float, num: int) -> tuple[float, ...]:

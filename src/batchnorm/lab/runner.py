@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from batchnorm.lab import data as data_module
+from batchnorm.lab.models import RNNSpec
 from batchnorm.lab.train import RunResult, RunSpec, train
 
 _LOADED: dict[str, data_module.Dataset] = {}
@@ -42,8 +43,11 @@ def default_jobs() -> int:
 
 
 def _cost(spec: RunSpec) -> int:
-    """A rough run time: steps times layers times batch size."""
-    return spec.train.steps * (len(spec.model.hidden) + 1) * spec.train.batch_size
+    """A rough run time: steps times layers (times time steps) times batch size."""
+    model = spec.model
+    depth = (model.sequence_length if isinstance(model, RNNSpec)
+             else len(model.hidden) + 1)
+    return spec.train.steps * depth * spec.train.batch_size
 
 
 def _init_worker(threads: int) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from batchnorm import renorm_schedule, set_renorm_limits
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.models import MLP, MLPSpec, build
+from batchnorm.lab.models import MLP, MLPSpec, RNNClassifier, RNNSpec, build
 
 Optimizer = Literal["sgd", "momentum", "rmsprop", "adam"]
 
@@ -64,15 +64,15 @@ class Probe:
     processes, so a probe is pickled). The model is in eval mode when called.
     """
 
-    def at_start(self, model: MLP, data: Dataset) -> dict[str, Any]:
+    def at_start(self, model: MLP | RNNClassifier, data: Dataset) -> dict[str, Any]:
         """Before the first step; stored under ``extra["start"]``."""
         return {}
 
-    def at_eval(self, model: MLP, data: Dataset, step: int) -> dict[str, Any]:
+    def at_eval(self, model: MLP | RNNClassifier, data: Dataset, step: int) -> dict[str, Any]:
         """At every evaluation; merged into that step's test row."""
         return {}
 
-    def at_end(self, model: MLP, data: Dataset) -> dict[str, Any]:
+    def at_end(self, model: MLP | RNNClassifier, data: Dataset) -> dict[str, Any]:
         """After the last step of a completed run; stored under ``extra["end"]``."""
         return {}
 
@@ -94,7 +94,7 @@ class RunSpec:
     label: str
     seed: int
     data: str
-    model: MLPSpec
+    model: MLPSpec | RNNSpec
     train: TrainSpec
     probe: Probe | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -111,7 +111,7 @@ class RunResult:
             the last evaluation; ``test``: the whole test set in eval mode), ``loss``,
             ``accuracy`` and any probe measures.
         extra: probe data taken at the start and the end.
-        model: :meth:`MLP.describe`.
+        model: the built network's ``describe()``.
     """
 
     label: str

@@ -13,6 +13,7 @@ from batchnorm.lab.experiments.fig1 import Fig1
 from batchnorm.lab.experiments.inference import Inference
 from batchnorm.lab.experiments.initialization import InitScale
 from batchnorm.lab.experiments.placement import BNPlacement
+from batchnorm.lab.experiments.recurrent import Recurrent
 from batchnorm.lab.experiments.regularization import Regularization
 from batchnorm.lab.experiments.smoothness import Smoothness
 from batchnorm.lab.experiments.speedup import Speedup
@@ -39,7 +40,7 @@ def get(name: str) -> Experiment:
 
 
 for _experiment in (Fig1(), Speedup(), InitScale(), Distributions(), Regularization(),
-                    BatchSize(), Inference(), BNPlacement(), Smoothness()):
+                    BatchSize(), Inference(), BNPlacement(), Recurrent(), Smoothness()):
     register(_experiment)
 
 __all__ = ["REGISTRY", "Experiment", "get", "register"]
