@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -109,3 +110,20 @@ def test_suite_configure_applies_keys_where_they_exist() -> None:
     with pytest.raises(KeyError, match="known"):
         resolve(["nope"])
     assert [e.name for e in resolve(["all", "fig1"])] == list(REGISTRY)
+
+
+@pytest.mark.parametrize(("names", "overrides", "match"), [
+    (["fig1", "batchsize"], {"batch_sizes": "2,8,100000"}, "--batch_sizes: expected sizes <="),
+    (["fig1", "regularization"], {"train_examples": "100000"},
+     "--train_examples/--validation_examples"),
+    (["fig1", "rnn"], {"sequence_length": "7"}, "--sequence_length: expected a divisor"),
+])
+def test_configs_that_do_not_fit_the_data_fail_before_training(
+    tmp_path: Path, cache_dir: Path, names: list[str], overrides: dict[str, str], match: str
+) -> None:
+    from batchnorm.lab import suite
+    from batchnorm.lab.runner import Runner
+
+    with Runner(jobs=1, progress=False) as runner, pytest.raises(ConfigError, match=match):
+        suite.run_all(names, "tiny", overrides, tmp_path, runner, log=lambda _m: None)
+    assert not any(tmp_path.iterdir())  # fig1, first in line, never trained

@@ -58,6 +58,7 @@ def run_experiment(
     started = results.now()
     t0 = time.perf_counter()
     data = dataset(config.data)
+    experiment.check_data(config, data)
     runs, notes = experiment.run(config, runner)
     record = results.clean({
         "experiment": experiment.name,
@@ -86,8 +87,10 @@ def run_all(
     """Check every config and data spec, then run the experiments one after another."""
     experiments = resolve(names)
     configs = configure(experiments, preset, overrides)
-    for config in configs:
-        dataset(config.data)  # a bad data spec fails here, before any training
+    for exp, config in zip(experiments, configs):
+        # a bad data spec, or a config that does not fit the data, fails here, before
+        # any training
+        exp.check_data(config, dataset(config.data))
     records = []
     for exp, config in zip(experiments, configs):
         log(f"{exp.name}: {exp.title} [{preset}, {config.seeds} seeds, data {config.data}]")

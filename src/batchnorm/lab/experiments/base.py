@@ -13,6 +13,7 @@ from batchnorm.lab.config import PRESETS, LabConfig, apply_overrides
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from batchnorm.lab.data import Dataset
     from batchnorm.lab.runner import Runner
     from batchnorm.lab.train import RunResult
 
@@ -116,6 +117,12 @@ class Experiment(ABC):
         preset_values = {**COMMON_PRESETS[preset], **self.presets.get(preset, {})}
         config = apply_overrides(config, preset_values)
         return apply_overrides(config, overrides or {}, strict=strict)
+
+    def check_data(self, config: Any, data: Dataset) -> None:
+        """Raise :class:`~batchnorm.lab.config.ConfigError` for a config that does not
+        fit ``data`` (a batch larger than its training split, ...). Run for every
+        experiment before any of them trains; a config's own checks are in its
+        ``check()``. The default accepts everything."""
 
     @abstractmethod
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:

@@ -250,14 +250,17 @@ class BatchSize(Experiment):
         "full": {"epochs": 20.0},
     }
 
+    def check_data(self, config: Any, data: Dataset) -> None:
+        n_train = len(data.x_train)
+        if config.batch_sizes[-1] > n_train:
+            raise ConfigError(
+                f"--batch_sizes: expected sizes <= {n_train} (the training examples of "
+                f"{config.data}), got {config.batch_sizes[-1]}")
+
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:
         cfg: BatchSizeConfig = config
         data = dataset(cfg.data)
         n_train = len(data.x_train)
-        if cfg.batch_sizes[-1] > n_train:
-            raise ConfigError(
-                f"--batch_sizes: expected sizes <= {n_train} (the training examples of "
-                f"{cfg.data}), got {cfg.batch_sizes[-1]}")
         options: dict[str, tuple[tuple[str, Any], ...]] = {
             GROUP: (("num_groups", cfg.num_groups),),
             GHOST: (("virtual_batch_size", cfg.ghost_batch),),

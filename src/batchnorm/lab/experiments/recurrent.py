@@ -41,6 +41,8 @@ from batchnorm.lab.train import Optimizer, RunResult, RunSpec, TrainSpec
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from batchnorm.lab.data import Dataset
+
 LSTM, BNLSTM, SHARED, GAMMA1 = ("LSTM", "BN-LSTM", "BN-LSTM, shared statistics",
                                 "BN-LSTM, gamma = 1")
 COLORS: dict[str, str] = {LSTM: plots.BASELINE_COLOR, BNLSTM: plots.BN_COLOR,
@@ -108,14 +110,17 @@ class Recurrent(Experiment):
         "full": {"steps": 5000, "eval_every": 250},
     }
 
+    def check_data(self, config: Any, data: Dataset) -> None:
+        steps = sequence_length(config.sequence_length, data.num_features)
+        if data.num_features % steps:
+            raise ConfigError(
+                f"--sequence_length: expected a divisor of the examples' length "
+                f"{data.num_features} ({config.data}), got {steps}")
+
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:
         cfg: RecurrentConfig = config
         data = dataset(cfg.data)
         steps = sequence_length(cfg.sequence_length, data.num_features)
-        if data.num_features % steps:
-            raise ConfigError(
-                f"--sequence_length: expected a divisor of the examples' length "
-                f"{data.num_features} ({cfg.data}), got {steps}")
         train = TrainSpec(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                           optimizer=cfg.optimizer, eval_every=cfg.eval_every)
         variants: tuple[tuple[str, RNNKind, int | None, float], ...] = (

@@ -266,15 +266,17 @@ class Regularization(Experiment):
                  "noise_draws": 500},
     }
 
+    def check_data(self, config: Any, data: Dataset) -> None:
+        n_train = len(data.x_train)
+        if config.train_examples + config.validation_examples > n_train:
+            raise ConfigError(
+                f"--train_examples/--validation_examples: expected a sum <= {n_train} (the "
+                f"training split of {config.data}), got {config.train_examples} + "
+                f"{config.validation_examples}")
+
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:
         cfg: RegularizationConfig = config
         data = dataset(cfg.data)
-        n_train = len(data.x_train)
-        if cfg.train_examples + cfg.validation_examples > n_train:
-            raise ConfigError(
-                f"--train_examples/--validation_examples: expected a sum <= {n_train} (the "
-                f"training split of {cfg.data}), got {cfg.train_examples} + "
-                f"{cfg.validation_examples}")
         probe = EndProbe(cfg.train_examples, cfg.validation_examples, cfg.noise_examples,
                          cfg.noise_draws, cfg.noise_batch_sizes)
         specs = []
