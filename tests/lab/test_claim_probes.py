@@ -257,3 +257,29 @@ def test_batch_noise_falls_as_one_over_sqrt_batch() -> None:
     assert values[0] > values[1] > values[2]
     assert -0.6 < loglog_slope([4, 16, 64], values) < -0.4
     assert loglog_slope([1, 10, 100], [1.0, 0.1, 0.01]) == pytest.approx(-1.0)
+
+
+def test_batch_statistics_accuracy(cache_dir: Path) -> None:
+    from batchnorm.lab.diagnostics import batch_statistics_accuracy
+
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16,), 10, norm="batch", dropout=0.5, norm_backend="reference"),
+                  0).eval()
+    before = _buffers(model)
+    x, y = data.x_test[:100], data.y_test[:100]
+    acc, used = batch_statistics_accuracy(model, x, y, 32)
+    assert used == 96
+    # by hand: each batch of 32 normalized with its own statistics, dropout off
+    norm = model.blocks[0].norm
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, 96, 32):
+            z = model.blocks[0].linear(x[i:i + 32])
+            h = torch.nn.functional.batch_norm(z, None, None, norm.weight, norm.bias, True,
+                                               eps=norm.eps)
+            correct += int((model.head(torch.sigmoid(h)).argmax(1) == y[i:i + 32]).sum())
+    assert acc == correct / 96
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert not any(m.training for m in model.modules())
+    assert batch_statistics_accuracy(model, x[:10], y[:10], 32) == (pytest.approx(float("nan"),
+                                                                                 nan_ok=True), 0)

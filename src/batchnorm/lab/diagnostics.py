@@ -49,6 +49,45 @@ def layer_inputs(
     return captured
 
 
+@torch.no_grad()
+def batch_statistics_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, order: Tensor | None = None
+) -> tuple[float, int]:
+    """Accuracy of ``model`` when every batch of ``batch_size`` examples is normalized
+    with its own statistics (training mode, as in a training step) instead of the
+    population statistics; dropout is off.
+
+    The examples are taken in ``order`` (a permutation of their indices; default: as
+    they are), in consecutive batches; a last partial batch is left out. The model's
+    buffers (running statistics, counters) and train/eval modes are restored afterwards.
+
+    Returns:
+        (accuracy, examples used); (nan, 0) when there is not one full batch.
+    """
+    idx = torch.arange(len(x)) if order is None else order
+    used = (len(idx) // batch_size) * batch_size
+    if used == 0:
+        return float("nan"), 0
+    modes = [(m, m.training) for m in model.modules()]
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    correct = 0
+    try:
+        model.eval()
+        for m in model.modules():  # normalization layers only: dropout stays off
+            if isinstance(getattr(m, "running_mean", None), Tensor):
+                m.train()
+        for start in range(0, used, batch_size):
+            rows = idx[start:start + batch_size]
+            correct += int((model(x[rows]).argmax(1) == y[rows]).sum())
+    finally:
+        buffers = dict(model.named_buffers())
+        for k, v in saved.items():
+            buffers[k].copy_(v)
+        for m, mode in modes:
+            m.training = mode
+    return correct / used, used
+
+
 def quantiles(values: Tensor, qs: Sequence[float]) -> Tensor:
     """Per-column quantiles of an (N, U) tensor: a (len(qs), U) tensor."""
     q = torch.tensor(list(qs), dtype=values.dtype)

@@ -27,10 +27,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from batchnorm.lab import plots, stats
 from batchnorm.lab.config import ConfigError, LabConfig
+from batchnorm.lab.diagnostics import batch_statistics_accuracy
 from batchnorm.lab.experiments.base import (
     MIXED,
     NOT_SUPPORTED,
@@ -178,25 +177,11 @@ class BatchStatsProbe(Probe):
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def at_end(self, model: MLP, data: Dataset) -> dict[str, Any]:
-        bs = self.batch_size
-        n = (len(data.x_test) // bs) * bs
-        if n == 0:
+        acc, used = batch_statistics_accuracy(model, data.x_test, data.y_test, self.batch_size)
+        if used == 0:
             return {}
-        saved = {k: v.clone() for k, v in model.named_buffers()}
-        correct = 0
-        try:
-            model.train()
-            for start in range(0, n, bs):
-                logits = model(data.x_test[start:start + bs])
-                correct += int((logits.argmax(1) == data.y_test[start:start + bs]).sum())
-        finally:
-            model.eval()
-            buffers = dict(model.named_buffers())
-            for k, v in saved.items():
-                buffers[k].copy_(v)
-        return {"batch_stats_accuracy": correct / n, "batch_stats_examples": n}
+        return {"batch_stats_accuracy": acc, "batch_stats_examples": used}
 
 
 def renorm_ramp(cfg: BatchSizeConfig, steps: int) -> tuple[float, float, float, float, float]:

@@ -33,6 +33,7 @@ import torch
 import batchnorm
 from batchnorm.lab import plots, stats
 from batchnorm.lab.config import ConfigError, LabConfig
+from batchnorm.lab.diagnostics import batch_statistics_accuracy
 from batchnorm.lab.experiments.base import (
     MIXED,
     NOT_SUPPORTED,
@@ -157,16 +158,12 @@ class InferenceProbe(Probe):
             "single_agree": float((singles.argmax(1) == logits[:n].argmax(1)).float().mean()),
             "single_max_rel_diff": float((singles - logits[:n]).abs().max()) / scale,
         }
-        # Batch statistics at test time: a copy in training mode (its running
-        # statistics move; the copy is thrown away), test batches in a seeded order.
+        # Batch statistics at test time, test batches in a seeded order.
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
-        batch_acc = {}
-        for b in self.test_batch_sizes:
-            work = copy.deepcopy(model).train()
-            used = (len(x) // b) * b
-            preds = torch.cat([work(x[order[i:i + b]]).argmax(1) for i in range(0, used, b)])
-            batch_acc[str(b)] = float((preds == y[order[:used]]).float().mean())
-        out["batch_stat_accuracy"] = batch_acc
+        out["batch_stat_accuracy"] = {
+            str(b): batch_statistics_accuracy(model, x, y, b, order)[0]
+            for b in self.test_batch_sizes
+        }
         # Exact population statistics of the final weights over the training set.
         work = self._recalibrated(model, data)
         out["recalibrated_accuracy"] = _accuracy(work(x), y)
