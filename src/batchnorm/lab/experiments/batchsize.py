@@ -97,6 +97,8 @@ class BatchSizeConfig(LabConfig):
             within this of its best over those batch sizes.
         drop_threshold: accuracy points BN must lose at the smallest batch size, from
             its best batch size, for "degrades" to be supported.
+        ghost_margin: accuracy points by which ghost BN must beat BN at the largest
+            batch size.
         less_margin: accuracy points by which another norm's drop at the smallest
             batch size must be smaller than BN's.
     """
@@ -121,6 +123,7 @@ class BatchSizeConfig(LabConfig):
     within: float = 2.0
     drop_threshold: float = 5.0
     less_margin: float = 3.0
+    ghost_margin: float = 0.5
 
     def check(self) -> None:
         super().check()
@@ -158,7 +161,7 @@ class BatchSizeConfig(LabConfig):
         if self.renorm_min_warmup < 0:
             raise ConfigError(
                 f"--renorm_min_warmup: expected an int >= 0, got {self.renorm_min_warmup}")
-        for key in ("within", "drop_threshold", "less_margin"):
+        for key in ("within", "drop_threshold", "less_margin", "ghost_margin"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--{key}: expected a number >= 0, got {getattr(self, key)}")
 
@@ -226,7 +229,8 @@ class BatchSize(Experiment):
         "accuracy above every seed's at the smallest batch size. (c) layer and group norm "
         "degrade less: each one's mean drop is at least `less_margin` points below "
         "BN's, every BN seed's drop above every seed's of the other norm; supported if "
-        "both hold. (d) the same for batch renorm."
+        "both hold. (d) the same for batch renorm. (e) ghost BN beats BN at the largest "
+        "batch size by at least `ghost_margin` points, seed ranges apart."
     )
     Config = BatchSizeConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -319,7 +323,30 @@ class BatchSize(Experiment):
                 present = [k for k in labels if drops.get(k)]
                 if present:
                     verdicts.append(self._less(cfg, drops, present, claim_part, smallest))
+        if GHOST in table and BN in table:
+            verdicts.append(self._ghost(cfg, table[GHOST], table[BN]))
         return Analysis(measures, verdicts)
+
+    def _ghost(self, cfg: dict[str, Any], ghost: dict[int, dict[int, float]],
+               bn: dict[int, dict[int, float]]) -> Verdict:
+        """(e) ghost BN beats BN at the largest batch size (Hoffer et al. 2017: small
+        virtual batches close the generalization gap of large-batch training)."""
+        largest = max(_mean_over_seeds(ghost))
+        g = [accs[largest] for accs in ghost.values() if largest in accs]
+        b = [accs[largest] for accs in bn.values() if largest in accs]
+        lead = 100 * (stats.mean(g) - stats.mean(b))
+        # records saved before this verdict existed have no margin: the default
+        margin = cfg.get("ghost_margin", BatchSizeConfig.ghost_margin)
+        return Verdict(
+            claim=6,
+            statement=f"Ghost BN (virtual batches of {cfg['ghost_batch']}) trains better than "
+                      f"BN at a large batch ({largest}).",
+            measured=f"ghost BN {100 * stats.mean(g):.1f}% vs BN {100 * stats.mean(b):.1f}% at "
+                     f"batch {largest} ({lead:+.1f} points)",
+            verdict=grade(effect_ok=stats.separated(g, b),
+                          threshold_ok=lead >= margin, direction_ok=lead > 0),
+            criterion=f">= {margin:g} points at batch {largest}, seed ranges apart",
+        )
 
     def _works(self, cfg: dict[str, Any], bn: dict[int, dict[int, float]]) -> Verdict:
         """(a) BN within ``within`` points of its best at every batch size >= works_from."""
