@@ -63,3 +63,10 @@ def percent_axis(ax: Axes) -> None:
     """Label the y axis as test accuracy in percent."""
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
+
+
+def legend(ax: Axes, **kwargs: Any) -> None:
+    """A legend when the axes have labelled artists (a panel whose runs all diverged
+    before their first evaluation has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)

@@ -315,7 +315,7 @@ class BatchSize(Experiment):
 
         verdicts: list[Verdict] = []
         if BN in table and any(bs >= cfg["works_from"] for bs in _mean_over_seeds(table[BN])):
-            verdicts.append(self._works(cfg, table[BN]))
+            verdicts.append(self._works(cfg, table[BN], chance))
         if drops.get(BN):
             verdicts.append(self._degrades(cfg, table[BN], smallest))
             for labels, claim_part in (((LAYER, GROUP), "layer and group norm"),
@@ -348,8 +348,11 @@ class BatchSize(Experiment):
             criterion=f">= {margin:g} points at batch {largest}, seed ranges apart",
         )
 
-    def _works(self, cfg: dict[str, Any], bn: dict[int, dict[int, float]]) -> Verdict:
-        """(a) BN within ``within`` points of its best at every batch size >= works_from."""
+    def _works(self, cfg: dict[str, Any], bn: dict[int, dict[int, float]],
+               chance: float) -> Verdict:
+        """(a) BN within ``within`` points of its best at every batch size >= works_from,
+        and training there: its best at least halfway from chance to 100% (a network
+        at chance everywhere is "within 2 points of its best" too)."""
         mean_acc = _mean_over_seeds(bn)
         large = [bs for bs in mean_acc if bs >= cfg["works_from"]]
         within = cfg["within"] / 100
@@ -358,6 +361,7 @@ class BatchSize(Experiment):
         seeds_ok = all(accs[bs] >= best - within for accs in bn.values() for bs in large
                        if bs in accs)
         worst = min(large, key=lambda bs: mean_acc[bs])
+        trains = best >= chance + 0.5 * (1.0 - chance)
         return Verdict(
             claim=6,
             statement=f"BN works across batch sizes (>= {cfg['works_from']}).",
@@ -367,11 +371,12 @@ class BatchSize(Experiment):
             verdict=grade(
                 effect_ok=seeds_ok,
                 threshold_ok=len(ok) == len(large),
-                direction_ok=2 * len(ok) > len(large),
+                direction_ok=trains and 2 * len(ok) > len(large),
             ),
             criterion=f"at every batch size >= {cfg['works_from']}, BN's mean and every seed "
                       f"within {cfg['within']:g} points of its best mean there; not supported "
-                      "if at most half of those sizes are",
+                      "if at most half of those sizes are, or if its best is not halfway "
+                      "from chance to 100%",
         )
 
     def _degrades(self, cfg: dict[str, Any], bn: dict[int, dict[int, float]],
@@ -448,7 +453,7 @@ class BatchSize(Experiment):
         _batch_axis(ax, sizes)
         plots.percent_axis(ax)
         ax.set_ylabel("final test accuracy (%)")
-        ax.legend(fontsize=8)
+        plots.legend(ax, fontsize=8)
         caption = (f"Final test accuracy (eval mode) against the batch size, "
                    f"{cfg['epochs']:g} epochs at every size, lr = {cfg['base_lr']:g} x batch / "
                    f"{REFERENCE_BATCH}; dots: seeds, x: diverged.")
@@ -467,7 +472,7 @@ class BatchSize(Experiment):
             _batch_axis(ax, sizes)
             plots.percent_axis(ax)
             ax.set_ylabel("test accuracy at the end (%)")
-            ax.legend(fontsize=8)
+            plots.legend(ax, fontsize=8)
             caption = ("The trained networks tested in eval mode (running statistics, solid) "
                        "and with each test batch, of the training batch size, normalized by "
                        "its own statistics as in training (dashed); mean over seeds.")

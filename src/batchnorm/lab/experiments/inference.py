@@ -361,13 +361,13 @@ class Inference(Experiment):
         ax1.set_xscale("log", base=2)
         ax1.set_xlabel("test batch size (its own statistics)")
         plots.percent_axis(ax1)
-        ax1.legend(fontsize=7)
+        plots.legend(ax1, fontsize=7)
         ax1.set_title("dashed: population statistics", fontsize=9)
         ax2.axhline(0, color="black", linewidth=0.8)
         ax2.set_xlabel("step")
         ax2.set_ylabel("recalibrated minus running averages (points)")
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
+        plots.legend(ax2, fontsize=7)
         caption = ("Left: test accuracy with the statistics of each test batch (solid) "
                    "against the population statistics (dashed). Right: what exact "
                    "recalibrated statistics gain over the running averages at each "

@@ -194,8 +194,9 @@ class BNPlacement(Experiment):
         moved: list[float] = []
         for run in record["runs"]:
             end = run["extra"].get("end") or {}
-            ratios += end.get("grad_ratio", [])
-            moved += end.get("bias_moved", [])
+            # a non-finite value was saved as None (a run whose weights overflowed)
+            ratios += [v for v in end.get("grad_ratio", []) if _finite(v)]
+            moved += [v for v in end.get("bias_moved", []) if _finite(v)]
         measures["bias kept: largest |grad b| / |grad W| (any layer, seed)"] = (
             f"{max(ratios):.2e}" if ratios else "n/a")
         measures["bias kept: largest change of any bias entry over training"] = (
@@ -261,10 +262,14 @@ class BNPlacement(Experiment):
             ax.set_title(activation)
             ax.set_xlabel("step")
             plots.percent_axis(ax)
-            ax.legend(fontsize=8)
+            plots.legend(ax, fontsize=8)
         caption = ("Test accuracy over training, mean and seed range: BN before the "
                    "activation without and with the Linear bias, BN after it, no BN.")
         return [(caption, fig)]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _final_by_variant(

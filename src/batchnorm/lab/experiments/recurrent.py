@@ -185,7 +185,7 @@ class Recurrent(Experiment):
             plots.band(ax, runs, label, COLORS.get(label, "black"), scale=100)
         ax.set_xlabel("step")
         plots.percent_axis(ax)
-        ax.legend(fontsize=8)
+        plots.legend(ax, fontsize=8)
         caption = ("Test accuracy (eval mode: population statistics) over training, mean "
                    "and seed range: LSTM, BN-LSTM (statistics per step, gamma 0.1), the "
                    "same with one set of statistics for all steps, and with gamma = 1.")

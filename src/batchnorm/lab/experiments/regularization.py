@@ -354,7 +354,7 @@ class Regularization(Experiment):
         tails = [100 * stats.final_accuracy(r, 0.0) for g in chosen.values() for r in g]
         if tails:  # the interesting range is the last few points, not the climb from chance
             ax.set_ylim(max(0.0, min(tails) - 8), min(100.0, max(tails) + 3))
-        ax.legend(fontsize=8)
+        plots.legend(ax, fontsize=8)
         caption = (f"Test accuracy while fitting {cfg['train_examples']} training examples; "
                    "each configuration at its chosen rate, band: min..max over seeds.")
         out.append((caption, fig))
@@ -398,7 +398,7 @@ class Regularization(Experiment):
             ax.set_xlabel("batch size B")
             ax.set_ylabel("std of x̂ over batch compositions")
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
+            plots.legend(ax, fontsize=8)
             caption = (f"Batch noise of the first BN layer after training: the spread of one "
                        f"example's normalized value over {cfg['noise_draws']} random batches, "
                        f"mean over units and {cfg['noise_examples']} examples; dots: seeds.")

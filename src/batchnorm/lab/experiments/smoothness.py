@@ -360,7 +360,7 @@ class Smoothness(Experiment):
             ax.set_title(f"lr {lr:g}", fontsize=9)
             ax.set_xlabel("step")
             plots.percent_axis(ax)
-            ax.legend(fontsize=8)
+            plots.legend(ax, fontsize=8)
         out.append((("Test accuracy (mean and seed range). Left: at the high rate, without "
                     "BN, with BN and with noisy BN. Right: at the rate of the landscape "
                     "measurements."), fig))
@@ -375,7 +375,7 @@ class Smoothness(Experiment):
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            plots.legend(ax, fontsize=8)
         out.append((f"At lr {cfg['lr']:g}, along the gradient direction on a training batch: "
                     "the range of the loss and the largest relative change of the gradient "
                     "over steps of lr x {"
