@@ -17,7 +17,9 @@ time.
 
 MNIST-1D sequences (40 steps of one value, generated locally; Greydanus 2020) are
 classified from the last hidden state by an LSTM, a BN-LSTM with per-step statistics and γ = 0.1, the same with
-one set of statistics shared by all steps, and the same with γ = 1. Test accuracy is
+one set of statistics shared by all steps (in training every step is normalized with
+its own batch statistics either way, so this network is the per-step one with other
+population statistics), and the same with γ = 1. Test accuracy is
 in eval mode (population statistics), as everywhere in the lab; for the BN-LSTMs a
 probe also tests the final network with each test batch normalized by its own
 statistics, which separates a network that learned poorly from one whose population
