@@ -650,14 +650,15 @@ def recalibrate(
     def record_step(
         module: RecurrentBatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        # forward(x, t, mask=None): the layer's own checks run right after this hook.
+        # forward(x, t, mask=None): slot and mask are read by the layer's own helpers,
+        # which raise what the layer would.
         x = args[0] if args else kwargs.get("x")
         t = args[1] if len(args) > 1 else kwargs.get("t")
         mask = args[2] if len(args) > 2 else kwargs.get("mask")
         if not isinstance(x, Tensor) or t is None:
             return
-        if isinstance(mask, Tensor) and tuple(mask.shape) == (x.shape[0],):
-            x = x[mask.to(torch.bool) if mask.dtype == torch.bool else mask != 0]
+        if mask is not None:
+            x = x[module._check_mask(mask, x)]  # the layer's own reading of a mask
         slot = module.slot(t)
         accumulators.setdefault((id(module), slot), _Accumulator()).add(x)
 

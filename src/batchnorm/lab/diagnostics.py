@@ -6,11 +6,37 @@ probes can run in the middle of training.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+@contextmanager
+def batch_statistics(model: nn.Module, *, norms_only: bool) -> Iterator[None]:
+    """Within the block, ``model`` normalizes with the statistics of each batch it sees
+    (training mode: the whole model, or with ``norms_only`` only the modules with
+    running statistics, so dropout stays off); afterwards every buffer (running
+    statistics, counters) and every module's train/eval mode is as before."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    try:
+        if norms_only:
+            model.eval()
+            for m in model.modules():
+                if isinstance(getattr(m, "running_mean", None), Tensor):
+                    m.train()
+        else:
+            model.train()
+        yield
+    finally:
+        buffers = dict(model.named_buffers())
+        for k, v in saved.items():
+            buffers[k].copy_(v)
+        for m, mode in modes:
+            m.training = mode
 
 
 @torch.no_grad()
@@ -35,16 +61,16 @@ def layer_inputs(
         for name, module in layers.items()
     ]
     was_training = model.training
-    saved = {k: v.clone() for k, v in model.named_buffers()} if batch_stats else {}
     try:
-        model.train(batch_stats)
-        model(x)
+        if batch_stats:
+            with batch_statistics(model, norms_only=False):
+                model(x)
+        else:
+            model.eval()
+            model(x)
     finally:
         for h in handles:
             h.remove()
-        buffers = dict(model.named_buffers())
-        for k, v in saved.items():
-            buffers[k].copy_(v)
         model.train(was_training)
     return captured
 
@@ -68,23 +94,11 @@ def batch_statistics_accuracy(
     used = (len(idx) // batch_size) * batch_size
     if used == 0:
         return float("nan"), 0
-    modes = [(m, m.training) for m in model.modules()]
-    saved = {k: v.clone() for k, v in model.named_buffers()}
     correct = 0
-    try:
-        model.eval()
-        for m in model.modules():  # normalization layers only: dropout stays off
-            if isinstance(getattr(m, "running_mean", None), Tensor):
-                m.train()
+    with batch_statistics(model, norms_only=True):
         for start in range(0, used, batch_size):
             rows = idx[start:start + batch_size]
             correct += int((model(x[rows]).argmax(1) == y[rows]).sum())
-    finally:
-        buffers = dict(model.named_buffers())
-        for k, v in saved.items():
-            buffers[k].copy_(v)
-        for m, mode in modes:
-            m.training = mode
     return correct / used, used
 
 

@@ -110,6 +110,26 @@ def mean_curve(runs: Sequence[Run], key: str = "accuracy", split: str = "test") 
     return common, [mean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
 
 
+def final_by_param(
+    runs: Iterable[Run], param: str, chance: float
+) -> dict[str, dict[int, dict[Any, float]]]:
+    """label -> seed -> the run's ``params[param]`` -> :func:`final_accuracy`, labels in
+    first-seen order: for experiments that sweep one parameter (an init scale, a batch
+    size) per configuration."""
+    table: dict[str, dict[int, dict[Any, float]]] = {}
+    for r in runs:
+        table.setdefault(r["label"], {}).setdefault(r["seed"], {})[r["params"][param]] = (
+            final_accuracy(r, chance))
+    return table
+
+
+def mean_over_seeds(by_seed: dict[int, dict[Any, float]]) -> dict[Any, float]:
+    """Of a :func:`final_by_param` entry: the mean over seeds per parameter value, for the
+    values every seed has, in sorted order."""
+    values = set.intersection(*(set(a) for a in by_seed.values()))
+    return {v: mean([a[v] for a in by_seed.values()]) for v in sorted(values)}
+
+
 def fmt_range(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
     """``"0.912 (0.905..0.918)"``: mean and the range over seeds."""
     if not values:

@@ -297,7 +297,7 @@ class BatchSize(Experiment):
             "epochs per run": f"{cfg['epochs']:g}",
         }
         for label, by_seed in table.items():
-            mean_acc = _mean_over_seeds(by_seed)
+            mean_acc = stats.mean_over_seeds(by_seed)
             measures[f"{label}: final test accuracy (%) by batch size"] = ", ".join(
                 f"{bs}: {100 * a:.1f}" for bs, a in mean_acc.items())
         drops = {label: _drops(by_seed, smallest) for label, by_seed in table.items()}
@@ -309,12 +309,12 @@ class BatchSize(Experiment):
         measures["diverged runs"] = n_div
         measures.update(_batch_stats_measures(record["runs"], sizes))
         if GHOST in table and BN in table:
-            ghost, bn = _mean_over_seeds(table[GHOST]), _mean_over_seeds(table[BN])
+            ghost, bn = stats.mean_over_seeds(table[GHOST]), stats.mean_over_seeds(table[BN])
             measures[f"ghost BN ({cfg['ghost_batch']}) minus BN (points)"] = ", ".join(
                 f"batch {bs}: {100 * (ghost[bs] - bn[bs]):+.1f}" for bs in ghost if bs in bn)
 
         verdicts: list[Verdict] = []
-        if BN in table and any(bs >= cfg["works_from"] for bs in _mean_over_seeds(table[BN])):
+        if BN in table and any(bs >= cfg["works_from"] for bs in stats.mean_over_seeds(table[BN])):
             verdicts.append(self._works(cfg, table[BN], chance))
         if drops.get(BN):
             verdicts.append(self._degrades(cfg, table[BN], smallest))
@@ -331,7 +331,7 @@ class BatchSize(Experiment):
                bn: dict[int, dict[int, float]]) -> Verdict:
         """(e) ghost BN beats BN at the largest batch size (Hoffer et al. 2017: small
         virtual batches close the generalization gap of large-batch training)."""
-        largest = max(_mean_over_seeds(ghost))
+        largest = max(stats.mean_over_seeds(ghost))
         g = [accs[largest] for accs in ghost.values() if largest in accs]
         b = [accs[largest] for accs in bn.values() if largest in accs]
         lead = 100 * (stats.mean(g) - stats.mean(b))
@@ -353,7 +353,7 @@ class BatchSize(Experiment):
         """(a) BN within ``within`` points of its best at every batch size >= works_from,
         and training there: its best at least halfway from chance to 100% (a network
         at chance everywhere is "within 2 points of its best" too)."""
-        mean_acc = _mean_over_seeds(bn)
+        mean_acc = stats.mean_over_seeds(bn)
         large = [bs for bs in mean_acc if bs >= cfg["works_from"]]
         within = cfg["within"] / 100
         best = max(mean_acc[bs] for bs in large)
@@ -483,7 +483,7 @@ class BatchSize(Experiment):
 def _accuracy_lines(ax: Axes, label: str, by_seed: dict[int, dict[int, float]]) -> None:
     """A norm's mean over seeds as a line, each seed as dots."""
     color = COLORS.get(label, "black")
-    mean_acc = _mean_over_seeds(by_seed)
+    mean_acc = stats.mean_over_seeds(by_seed)
     xs = sorted(mean_acc)
     ax.plot(xs, [100 * mean_acc[b] for b in xs], "o-", color=color,
             label=f"{label} (mean of {len(by_seed)} seeds)")
@@ -502,18 +502,10 @@ def _accuracy_table(
     runs: list[dict[str, Any]], chance: float
 ) -> dict[str, dict[int, dict[int, float]]]:
     """label -> seed -> batch size -> final accuracy, labels in :data:`NORMS` order."""
-    table: dict[str, dict[int, dict[int, float]]] = {}
-    for r in runs:
-        table.setdefault(r["label"], {}).setdefault(r["seed"], {})[r["params"]["batch_size"]] = (
-            stats.final_accuracy(r, chance))
+    table = stats.final_by_param(runs, "batch_size", chance)
     order = list(NORMS)
     return dict(sorted(table.items(),
                        key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-
-
-def _mean_over_seeds(by_seed: dict[int, dict[int, float]]) -> dict[int, float]:
-    sizes = set.intersection(*(set(a) for a in by_seed.values()))
-    return {b: stats.mean([a[b] for a in by_seed.values()]) for b in sorted(sizes)}
 
 
 def _drops(by_seed: dict[int, dict[int, float]], smallest: int) -> list[float]:

@@ -106,7 +106,7 @@ class InitScale(Experiment):
     def analyze(self, record: dict[str, Any]) -> Analysis:
         cfg = record["config"]
         chance = 1.0 / record["data"]["classes"]
-        table = _accuracy_table(record["runs"], chance)
+        table = stats.final_by_param(record["runs"], "scale", chance)
         within = cfg["within"] / 100
         counts: dict[str, list[float]] = {}
         for label, by_seed in table.items():
@@ -121,7 +121,7 @@ class InitScale(Experiment):
             "scales": ", ".join(f"{s:.2g}" for s in record["notes"]["scales"]),
         }
         for label, by_seed in table.items():
-            mean_acc = _mean_over_seeds(by_seed)
+            mean_acc = stats.mean_over_seeds(by_seed)
             best_scale = max(mean_acc, key=lambda s: mean_acc[s])
             measures[f"{label}: best scale (mean accuracy %)"] = (
                 f"{best_scale:.2g} ({100 * mean_acc[best_scale]:.2f})")
@@ -147,11 +147,11 @@ class InitScale(Experiment):
 
     def figures(self, record: dict[str, Any]) -> list[tuple[str, Figure]]:
         chance = 1.0 / record["data"]["classes"]
-        table = _accuracy_table(record["runs"], chance)
+        table = stats.final_by_param(record["runs"], "scale", chance)
         fig, (ax,) = plots.figure(width=6.0)
         for label, by_seed in table.items():
             color = plots.BN_COLOR if label == "BN" else plots.BASELINE_COLOR
-            mean_acc = _mean_over_seeds(by_seed)
+            mean_acc = stats.mean_over_seeds(by_seed)
             scales = sorted(mean_acc)
             ax.plot(scales, [100 * mean_acc[s] for s in scales], "o-", color=color,
                     label=f"{label} (mean of {len(by_seed)} seeds)")
@@ -171,19 +171,3 @@ class InitScale(Experiment):
         caption = (f"Final test accuracy against the init scale ({len(record['config']['hidden'])} "
                    f"hidden layers, {record['config']['activation']}); dots: seeds, x: diverged.")
         return [(caption, fig)]
-
-
-def _accuracy_table(
-    runs: list[dict[str, Any]], chance: float
-) -> dict[str, dict[int, dict[float, float]]]:
-    """label -> seed -> scale -> final accuracy."""
-    table: dict[str, dict[int, dict[float, float]]] = {}
-    for r in runs:
-        table.setdefault(r["label"], {}).setdefault(r["seed"], {})[r["params"]["scale"]] = (
-            stats.final_accuracy(r, chance))
-    return table
-
-
-def _mean_over_seeds(by_seed: dict[int, dict[float, float]]) -> dict[float, float]:
-    scales = set.intersection(*(set(a) for a in by_seed.values()))
-    return {s: stats.mean([a[s] for a in by_seed.values()]) for s in sorted(scales)}
