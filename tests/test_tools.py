@@ -423,3 +423,197 @@ def test_layer_and_group_norm_in_the_registry() -> None:
     with pytest.raises(ValueError, match="num_groups must be a positive int"):
         bn.create_norm("group", 8, num_groups=0)
 
+
+
+# ----------------------------------------------------------------------------------------
+# rewrites that would change the model are refused or skipped
+# ----------------------------------------------------------------------------------------
+class _TiedConvs(nn.Module):
+    """Two convolutions sharing one weight, each with its own batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(3, 4, 3, padding=2, dilation=2), nn.BatchNorm2d(4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.bn_a(self.a(x)) + self.bn_b(self.b(x))
+
+
+class _WeightReadElsewhere(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        branch = nn.functional.conv2d(x, self.conv.weight, padding=2, dilation=2)
+        return self.bn(self.conv(x)) + branch
+
+
+class _OptionalSkip(nn.Module):
+    """With the default skip=None the conv output is read twice; a Proxy hides that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if skip is None:
+            skip = y
+        return self.bn(y) + skip
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: fx cannot trace this module
+            x = x * 0
+        return self.inner(x)
+
+
+class _BatchNormWithAct(nn.BatchNorm2d):
+    """A subclass with its own forward, like timm's BatchNormAct2d."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def _weight_normed() -> nn.Module:
+    return nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize(("make", "shape"), [
+    (_TiedConvs, (2, 3, 8, 8)),
+    (_WeightReadElsewhere, (2, 3, 8, 8)),
+    (_OptionalSkip, (2, 4, 5, 5)),
+    (lambda: _Untraceable(_OptionalSkip()), (2, 4, 5, 5)),
+    (_weight_normed, (2, 3, 6, 6)),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), _BatchNormWithAct(4)), (2, 3, 5, 5)),
+    # Linear on (N, C, H, W) acts on the last dim; a BatchNorm2d normalizes dim 1.
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm2d(4)), (2, 4, 3, 4)),
+], ids=["tied-weight", "weight-read-in-forward", "optional-arg", "optional-arg-child",
+        "weight-norm-hook", "subclass-forward", "linear-then-bn2d"])
+def test_fold_and_drop_bias_leave_unsafe_pairs_unchanged(make, shape) -> None:
+    model = _randomize(make()).eval()
+    if isinstance(model, _TiedConvs):
+        with torch.no_grad():
+            model.bn_b.weight.mul_(3)  # the two convs would need different scales
+    x = torch.randn(*shape)
+    expected = model(x).detach()
+    assert bn.fold(model).count == 0
+    assert bn.drop_redundant_bias(model).count == 0
+    assert_close(model(x), expected, 0, 0, "output after fold and drop_redundant_bias")
+
+
+def test_fold_optional_argument_pairs_found_when_both_traces_agree() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x, scale=None):
+            y = self.bn(self.conv(x))
+            return y if scale is None else y * scale
+
+    model = _randomize(Block()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    assert bn.fold(model).count == 1
+    _close_relative(model(x), expected, "folded output")
+
+
+def test_convert_and_freeze_warn_about_layers_they_leave() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _BatchNormWithAct(4), bn.BNLSTM(4, 4, max_timesteps=3))
+    with pytest.warns(UserWarning, match=r"left 4 layer\(s\).*1 \(_BatchNormWithAct.*"
+                                         r"RecurrentBatchNorm: per-time-step"):
+        bn.freeze(model)
+    assert type(model[1]) is _BatchNormWithAct
+    with pytest.warns(UserWarning, match="convert: left 4 layer"):
+        bn.convert(model, "ghost", virtual_batch_size=2)
+
+
+def test_failed_convert_leaves_the_model_unchanged() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="keeps no running statistics"):
+        bn.freeze(model)
+    assert type(model[1]) is nn.BatchNorm2d
+    mixed = nn.Sequential(nn.BatchNorm2d(4), bn.BatchNormAct2d(4, activation="relu"))
+    with pytest.raises(ValueError, match="has no activation"):
+        bn.convert(mixed, "ghost")
+    assert type(mixed[0]) is nn.BatchNorm2d
+
+
+def test_convert_keyword_arguments() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(4))
+    bn.convert(model, "frozen", eps=0.5)
+    assert model[0].eps == 0.5
+    bn.convert(model, "batchnorm", dtype=torch.float64)
+    assert model[0].weight.dtype == torch.float64 and model[0].eps == 0.5
+    with pytest.raises(TypeError, match="cannot build a 'frozen' layer for 0.*no_such_option"):
+        bn.convert(model, "frozen", no_such_option=1)
+    assert type(model[0]) is bn.BatchNorm2d
+
+
+def test_sync_round_trip_keeps_each_layer_rank() -> None:
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                                     nn.Linear(64, 5), nn.BatchNorm1d(5))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    bn.convert(model, "sync")
+    bn.convert(model, "torch")
+    assert type(model[1]) is nn.BatchNorm2d and type(model[4]) is nn.BatchNorm1d
+    assert_close(model(x), expected, 0, 0, "round-trip output")
+    # Layers from SyncBatchNorm.convert_sync_batchnorm remember the rank too.
+    head = bn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(8, 5), bn.BatchNorm1d(5)))
+    bn.freeze(head)
+    assert type(head[1]) is bn.FrozenBatchNorm1d
+    # torch's convert_sync_batchnorm does not: default_dim says which rank.
+    head = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5)))
+    bn.freeze(head, default_dim=1)
+    assert type(head[1]) is bn.FrozenBatchNorm1d
+    with pytest.raises(ValueError, match="default_dim must be 1, 2 or 3"):
+        bn.unfreeze(head, default_dim=4)
+
+
+def test_recalibrate_skips_batches_of_one_example() -> None:
+    gen = torch.Generator().manual_seed(5)
+    batches = _batches(gen, [8, 8, 1], 4)
+    model = nn.Sequential(bn.BatchNorm1d(4, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="skipped 1 batch"):
+        result = bn.recalibrate(model, batches)
+    assert result.batches == 2
+    data = torch.cat(batches[:2])
+    assert_close(model[0].running_mean, data.mean(0), 1e-12, 1e-12, "running_mean")
+    assert_close(model[0].running_var, data.var(0), 1e-12, 1e-12, "running_var")
+    # A skipped batch leaves nothing in the layers before the one that stopped it.
+    deep = nn.Sequential(nn.BatchNorm1d(4).double(), nn.Linear(4, 4).double(),
+                         nn.BatchNorm1d(4).double())
+    with pytest.warns(UserWarning):
+        bn.recalibrate(deep, batches)
+    assert_close(deep[0].running_mean, data.mean(0), 1e-12, 1e-12, "first layer")
+    with pytest.raises(ValueError, match="all 1 batches were skipped"):
+        bn.recalibrate(model, batches[2:])
+
+
+def test_recalibrate_takes_only_num_batches_from_an_iterator() -> None:
+    gen = torch.Generator().manual_seed(6)
+    it = iter(_batches(gen, [4, 4, 4, 4], 3))
+    model = nn.Sequential(bn.BatchNorm1d(3, dtype=torch.float64))
+    assert bn.recalibrate(model, it, num_batches=2).batches == 2
+    assert len(list(it)) == 2  # the caller's iterator keeps the rest
+
+
+def test_recalibrate_subclass_with_own_forward() -> None:
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) for _ in range(3)]
+    model = nn.Sequential(_BatchNormWithAct(3).double())
+    assert bn.recalibrate(model, batches).layers == 1
+    data = torch.cat(batches).transpose(0, 1).reshape(3, -1)
+    assert_close(model[0].running_var, data.var(1), 1e-12, 1e-12, "running_var")

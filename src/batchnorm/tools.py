@@ -10,12 +10,15 @@ any hooks that were on the old layers.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -32,7 +35,7 @@ from batchnorm.nn.ghost import _GhostBatchNorm
 from batchnorm.nn.recurrent import RecurrentBatchNorm
 from batchnorm.nn.registry import get_norm_layer, norm_names
 from batchnorm.nn.renorm import _BatchRenorm
-from batchnorm.nn.sync import SyncBatchNorm
+from batchnorm.nn.sync import SyncBatchNorm, _all_gather_rows, merge_stats
 
 __all__ = [
     "Recalibrated",
@@ -78,11 +81,21 @@ _KINDS = ("batchnorm", "torch", "ghost", "renorm", "frozen", "batch_act", "sync"
 _ALIASES = {"batch": "batchnorm"}
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    """A per-channel batch-norm layer: torch's, ours, or frozen, with (C,) statistics.
+# The forwards whose effect is exactly "normalize the input per channel": a subclass
+# that overrides forward (timm's BatchNormAct2d adds an activation, for instance) may
+# compute something else, so rewriting it as plain batch norm could change the model.
+_KNOWN_FORWARDS = frozenset(
+    cls.forward for cls in (
+        _BatchNorm, nn.SyncBatchNorm, BatchNorm1d, _GhostBatchNorm, _BatchRenorm,
+        _BatchNormAct, _FrozenBatchNorm, SyncBatchNorm,
+    )
+)
 
-    Layers with other statistics (per time step, ...) are not plain batch norm and are
-    left alone.
+
+def _has_channel_statistics(module: nn.Module) -> bool:
+    """A batch-norm layer (torch's, ours or frozen, subclasses included) with (C,) statistics.
+
+    Layers with other statistics (per time step, ...) are not plain batch norm.
     """
     if not isinstance(module, (_BatchNorm, _BatchNormBase, _FrozenBatchNorm)):
         return False
@@ -94,12 +107,41 @@ def _is_batch_norm(module: nn.Module) -> bool:
     return True
 
 
+def _is_batch_norm(module: nn.Module) -> bool:
+    """A per-channel batch-norm layer whose forward is one of the known ones.
+
+    These are the layers that convert, freeze and fold rewrite.
+    """
+    return _has_channel_statistics(module) and type(module).forward in _KNOWN_FORWARDS
+
+
+def _left_alone(model: nn.Module, select: Callable[[nn.Module], bool]) -> list[str]:
+    """Batch-norm-like layers of ``model`` that ``select`` does not take, with the reason."""
+    notes = []
+    for name, m in model.named_modules():
+        if select(m):
+            continue
+        if isinstance(m, RecurrentBatchNorm):
+            notes.append(f"{name or '<root>'} ({type(m).__name__}: per-time-step statistics)")
+        elif _has_channel_statistics(m) and not _is_batch_norm(m):
+            notes.append(
+                f"{name or '<root>'} ({type(m).__name__}: a batch-norm subclass with its own "
+                "forward, which the new layer would not reproduce)"
+            )
+    return notes
+
+
 def _layer_dim(module: nn.Module) -> int | None:
-    """1, 2 or 3 for a layer tied to an input rank; None for rank-agnostic ones (SyncBN)."""
+    """1, 2 or 3 for a layer tied to an input rank; None for rank-agnostic ones (SyncBN).
+
+    A rank-agnostic layer that :func:`convert` (or SyncBatchNorm.convert_sync_batchnorm)
+    made from a ranked one remembers that rank in ``_source_dim``.
+    """
     for dim, classes in _BY_DIM.items():
         if isinstance(module, classes):
             return dim
-    return None
+    source = getattr(module, "_source_dim", None)
+    return source if source in (1, 2, 3) else None
 
 
 def _check_initialized(module: nn.Module, name: str) -> None:
@@ -171,9 +213,9 @@ def _build(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: st
                 f"convert: {where} ({type(old).__name__}) keeps no running statistics "
                 "(track_running_stats=False), so it has no fixed form to freeze"
             )
-        new: nn.Module = cls(old.num_features, eps=old.eps, **factory)
-    else:
         config: dict[str, Any] = {"eps": old.eps}
+    else:
+        config = {"eps": old.eps}
         if not frozen_source:
             config.update(momentum=old.momentum, affine=old.affine,
                           track_running_stats=old.track_running_stats)
@@ -187,9 +229,15 @@ def _build(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: st
             # A plain BN becomes BN + identity: the model computes the same function.
             config["activation"] = "identity"
         config.update(_family_kwargs(old, cls))
-        config.update(kwargs)
-        new = cls(old.num_features, **config, **factory)
+    # What the caller passes wins over what is carried over, device and dtype included.
+    config = {**factory, **config, **kwargs}
+    try:
+        new: nn.Module = cls(old.num_features, **config)
+    except TypeError as e:
+        raise TypeError(f"convert: cannot build a {kind!r} layer for {where}: {e}") from e
     _copy_state(old, new)
+    if _layer_dim(new) is None and _layer_dim(old) is not None:
+        new._source_dim = _layer_dim(old)  # so a later convert back knows the rank
     new.train(old.training)
     return new
 
@@ -209,20 +257,17 @@ def _replace(
     model: nn.Module,
     select: Callable[[nn.Module], bool],
     build: Callable[[nn.Module, str], nn.Module],
-) -> tuple[nn.Module, int]:
+) -> nn.Module:
     """Replace every selected module (root included) by ``build(old, qualified_name)``.
 
-    A module shared by several parents is built once and stays shared.
+    All replacements are built before the first is put in, so a layer that cannot be
+    built leaves the model as it was. A module shared by several parents is built
+    once and stays shared.
     """
-    built: dict[int, nn.Module] = {}
-
-    def replacement(module: nn.Module, name: str) -> nn.Module:
-        if id(module) not in built:
-            built[id(module)] = build(module, name)
-        return built[id(module)]
-
     if select(model):
-        return replacement(model, ""), 1
+        return build(model, "")
+    built: dict[int, nn.Module] = {}
+    slots: list[tuple[nn.Module, str, nn.Module]] = []
     visited: set[int] = set()
 
     def walk(parent: nn.Module, prefix: str) -> None:
@@ -235,12 +280,26 @@ def _replace(
                 continue
             name = f"{prefix}{child_name}"
             if select(child):
-                parent.add_module(child_name, replacement(child, name))
+                if id(child) not in built:
+                    built[id(child)] = build(child, name)
+                slots.append((parent, child_name, child))
             else:
                 walk(child, name + ".")
 
     walk(model, "")
-    return model, len(built)
+    for parent, child_name, child in slots:
+        parent.add_module(child_name, built[id(child)])
+    return model
+
+
+def _warn_left_alone(model: nn.Module, what: str, select: Callable[[nn.Module], bool]) -> None:
+    notes = _left_alone(model, select)
+    if notes:
+        warnings.warn(
+            f"{what}: left {len(notes)} layer(s) as they were: " + "; ".join(notes[:5])
+            + ("; ..." if len(notes) > 5 else ""),
+            stacklevel=3,
+        )
 
 
 def convert(model: nn.Module, to: str, *, default_dim: int = 2, **kwargs: Any) -> nn.Module:
@@ -253,7 +312,8 @@ def convert(model: nn.Module, to: str, *, default_dim: int = 2, **kwargs: Any) -
     between this package's layers; virtual_batch_size, r_max/d_max, activation within
     a family), its parameters, buffers and counters, ``requires_grad`` flags,
     train/eval mode, device and dtype. ``kwargs`` go to the new layers' constructors
-    and override what is carried over (``convert(m, "ghost", virtual_batch_size=16)``).
+    and override what is carried over (``convert(m, "ghost", virtual_batch_size=16)``,
+    ``dtype=torch.float64``).
 
     * ``"batch_act"`` from a plain layer uses ``activation="identity"`` unless told
       otherwise, so the model computes the same function.
@@ -261,52 +321,70 @@ def convert(model: nn.Module, to: str, *, default_dim: int = 2, **kwargs: Any) -
       (that would drop the activation): ValueError.
     * ``"frozen"`` needs running statistics; a frozen source gives layers with
       ``momentum=0.1``, affine, tracking statistics, ``num_batches_tracked = 0``.
-    * Rank-agnostic layers (SyncBatchNorm) become the ``default_dim`` form.
+    * Rank-agnostic layers (SyncBatchNorm) become the form of the rank they were
+      converted from (``convert`` and ``SyncBatchNorm.convert_sync_batchnorm``
+      remember it), else the ``default_dim`` form.
+    * Layers that are not plain batch norm are left as they are, with a warning
+      naming them: :class:`~batchnorm.RecurrentBatchNorm` (per-step statistics) and
+      subclasses of the batch-norm classes that override ``forward``.
 
-    Converting torch -> ours -> torch gives back identical state: the state_dict keys
-    are the same. Returns the model (the new layer when the root itself is a batch
-    norm); children are replaced in place.
+    Every new layer is built before any is put in, so when one cannot be converted
+    the error leaves the model unchanged. Converting torch -> ours -> torch gives back
+    identical state: the state_dict keys are the same. Returns the model (the new
+    layer when the root itself is a batch norm); children are replaced in place.
 
     Raises:
         ValueError: unknown kind (the message lists the valid ones), bad
             ``default_dim``, a layer that cannot be converted (see above).
+        TypeError: a keyword argument that the new layers do not take.
     """
     kind = _ALIASES.get(to, to) if isinstance(to, str) else to
     valid = _valid_kinds()
     if kind not in valid:
         raise ValueError(f"convert: unknown kind {to!r}; valid kinds: {', '.join(valid)}")
+    return _convert(model, kind, default_dim, kwargs, "convert")
+
+
+def _convert(
+    model: nn.Module, kind: str, default_dim: int, kwargs: dict[str, Any], what: str
+) -> nn.Module:
     if default_dim not in (1, 2, 3):
-        raise ValueError(f"convert: default_dim must be 1, 2 or 3, got {default_dim!r}")
+        raise ValueError(f"{what}: default_dim must be 1, 2 or 3, got {default_dim!r}")
 
     def build(old: nn.Module, name: str) -> nn.Module:
         dim = _layer_dim(old) or default_dim
         return _build(old, kind, dim, kwargs, name)
 
-    new_model, _ = _replace(model, _is_batch_norm, build)
-    return new_model
+    _warn_left_alone(model, what, _is_batch_norm)
+    return _replace(model, _is_batch_norm, build)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
     """Replace every batch-norm layer with a :class:`FrozenBatchNorm2d` (1d/3d by rank).
 
     For fine-tuning: the statistics and the affine parameters stop changing and stop
-    being parameters. Same as ``convert(model, "frozen")``.
+    being parameters. Same as ``convert(model, "frozen", default_dim=default_dim)``
+    (``default_dim``: the rank for SyncBatchNorm layers whose source rank is unknown).
+    Layers with no frozen form (RecurrentBatchNorm, subclasses that override
+    ``forward``) are left as they are, with a warning naming them.
     """
-    return convert(model, "frozen")
+    return _convert(model, "frozen", default_dim, {}, "freeze")
 
 
-def unfreeze(model: nn.Module) -> nn.Module:
+def unfreeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
     """Replace every frozen layer with this package's trainable :class:`BatchNorm2d` (1d/3d).
 
     The new layers get the frozen weight, bias and statistics, ``momentum=0.1`` and
-    ``num_batches_tracked = 0``, and the frozen layer's train/eval mode.
+    ``num_batches_tracked = 0``, and the frozen layer's train/eval mode. ``default_dim``
+    is the rank for a frozen layer of no fixed rank.
     """
+    if default_dim not in (1, 2, 3):
+        raise ValueError(f"unfreeze: default_dim must be 1, 2 or 3, got {default_dim!r}")
 
     def build(old: nn.Module, name: str) -> nn.Module:
-        return _build(old, "batchnorm", _layer_dim(old) or 2, {}, name)
+        return _build(old, "batchnorm", _layer_dim(old) or default_dim, {}, name)
 
-    new_model, _ = _replace(model, lambda m: isinstance(m, _FrozenBatchNorm), build)
-    return new_model
+    return _replace(model, lambda m: isinstance(m, _FrozenBatchNorm), build)
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,30 +411,36 @@ class _LeafTracer(torch.fx.Tracer):
     """symbolic_trace's tracer, but batch-norm layers and producers are never traced into."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm(m) or _is_producer(m) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            _has_channel_statistics(m) or _is_producer(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
-def _traced_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
-    """(producer, bn) qualified names where the bn's only input is the producer's output
-    and nothing else reads that output, from the module's fx graph.
+def _traces(module: nn.Module) -> list[torch.fx.Graph]:
+    """The fx graphs of ``module.forward``: every argument symbolic, and, when forward has
+    optional arguments, once more with those at their defaults.
 
-    A module whose forward cannot be traced (data-dependent control flow, ...) is
-    searched through its children instead; for an nn.Sequential the order of the
-    children is the data flow, so consecutive children pair up directly.
+    Under tracing an optional argument is a Proxy, so ``if skip is None: skip = y``
+    takes the branch a real call with the default would not; a pair counts only if it
+    is a pair in both graphs.
     """
-    try:
-        graph = _LeafTracer().trace(module)
-    except Exception:  # noqa: BLE001 - fx raises many kinds of errors for untraceable code
-        pairs: list[tuple[str, str]] = []
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (n1, a), (n2, b) in itertools.pairwise(children):
-                if _is_producer(a) and _is_batch_norm(b):
-                    pairs.append((prefix + n1, prefix + n2))
-        for name, child in module.named_children():
-            pairs += _traced_pairs(child, f"{prefix}{name}.")
-        return pairs
+    graphs = [_LeafTracer().trace(module)]
+    defaults = {
+        name: p.default for name, p in inspect.signature(module.forward).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    if defaults:
+        graphs.append(_LeafTracer().trace(module, concrete_args=defaults))
+    return graphs
+
+
+def _graph_pairs(module: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
+    """(producer, bn) targets in one graph where the bn's only input is the producer's
+    output, nothing else reads that output, each is called once, and the graph reads
+    neither module's tensors directly (``F.conv2d(x, self.conv.weight)`` elsewhere)."""
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    read = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
     submodules = dict(module.named_modules())
     pairs = []
     for node in graph.nodes:
@@ -371,13 +455,50 @@ def _traced_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
             continue
         if calls[src.target] != 1 or calls[node.target] != 1:
             continue  # a module applied twice would be changed for both uses
-        pairs.append((prefix + str(src.target), prefix + str(node.target)))
+        if src.target in read or node.target in read:
+            continue
+        pairs.append((str(src.target), str(node.target)))
     return pairs
 
 
+def _traced_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
+    """(producer, bn) qualified names found in the module's fx graphs (see _graph_pairs).
+
+    A module whose forward cannot be traced (data-dependent control flow, ...) is
+    searched through its children instead; for an nn.Sequential the order of the
+    children is the data flow, so consecutive children pair up directly.
+    """
+    try:
+        graphs = _traces(module)
+    except Exception:  # noqa: BLE001 - fx raises many kinds of errors for untraceable code
+        pairs: list[tuple[str, str]] = []
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (n1, a), (n2, b) in itertools.pairwise(children):
+                if _is_producer(a) and _is_batch_norm(b):
+                    pairs.append((prefix + n1, prefix + n2))
+        for name, child in module.named_children():
+            pairs += _traced_pairs(child, f"{prefix}{name}.")
+        return pairs
+    common = set.intersection(*(set(_graph_pairs(module, g)) for g in graphs))
+    return [(prefix + p, prefix + b) for p, b in _graph_pairs(module, graphs[0]) if (p, b) in common]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # A forward pre-hook may recompute the weight (torch.nn.utils.weight_norm,
+    # spectral_norm), undoing a fold; a forward hook may change the output.
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
 def _feeding_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """Every producer -> batch-norm pair of the model, each module used exactly once."""
+    """Every producer -> batch-norm pair of the model that can be rewritten on its own.
+
+    Each module is used exactly once, has no forward hooks, and the producer's
+    parameters belong to it alone (a tied weight would change the other user too).
+    A Linear pairs only with a 1-d (or rank-agnostic) batch norm.
+    """
     occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     found: list[tuple[str, nn.Module, str, nn.Module]] = []
     seen: set[str] = set()
     for producer_name, bn_name in _traced_pairs(model, ""):
@@ -388,6 +509,12 @@ def _feeding_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Modul
         layer = model.get_submodule(bn_name)
         if occurrences[id(producer)] != 1 or occurrences[id(layer)] != 1:
             continue
+        if _has_hooks(producer) or _has_hooks(layer):
+            continue
+        if any(owners[id(p)] != 1 for p in producer.parameters(recurse=False)):
+            continue
+        if isinstance(producer, nn.Linear) and _layer_dim(layer) not in (1, None):
+            continue  # Linear's features are the last dim, a 2-d/3-d BN's channels dim 1
         if _out_channels(producer) != layer.num_features:
             continue
         found.append((producer_name, producer, bn_name, layer))
@@ -461,9 +588,15 @@ def fold(model: nn.Module) -> Rewritten:
     Pairs are found in the model's torch.fx graph (Conv1d/2d/3d, ConvTranspose1d/2d/3d
     and Linear — exact types — whose output has the batch norm as its only user), and,
     for parts that fx cannot trace, between consecutive children of nn.Sequential.
-    Layers used more than once, layers without running statistics and batch norms
-    called with a residual are left alone. A Linear is assumed to produce (N, features)
-    activations, whose dim 1 is the batch norm's channel dim.
+    Left alone, since folding them could change the model: layers used more than
+    once; producers whose parameters are shared with another module or read directly
+    elsewhere in the forward; modules with forward hooks (``weight_norm`` and
+    ``spectral_norm`` recompute the weight in one); layers without running
+    statistics; batch norms called with a residual; batch-norm subclasses that
+    override ``forward``. A Linear pairs only with a 1-d batch norm and is assumed to
+    produce (N, features) activations, whose dim 1 is the batch norm's channel dim.
+    A forward with optional arguments is traced with them symbolic and at their
+    defaults, and only pairs found in both count.
 
     The model is changed in place (``fold(copy.deepcopy(model))`` keeps the original).
 
@@ -537,15 +670,22 @@ class _Accumulator:
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
+    @staticmethod
+    def stats_of(x: Tensor) -> tuple[int, Tensor, Tensor] | None:
+        """(n, mean, M2) per channel (dim 1) of one input, in float64; None if empty."""
         c = x.shape[1]
         n = x.numel() // c if c else 0
         if n == 0:
-            return
+            return None
         xs = x.detach().double()
         dims = [0, *range(2, x.dim())]
         mean = xs.mean(dim=dims)
         m2 = (xs - mean.reshape(1, c, *([1] * (x.dim() - 2)))).square().sum(dim=dims)
+        return n, mean, m2
+
+    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        if n == 0:
+            return
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -556,11 +696,26 @@ class _Accumulator:
         self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
         self.count = total
 
+    def merge_ranks(self, group: Any, world_size: int, channels: int, device: Any) -> None:
+        """Replace the statistics by those of every rank's together (Chan's K-way merge)."""
+        local = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=device)
+        if self.mean is not None and self.m2 is not None:
+            local[0] = self.count
+            local[1:1 + channels] = self.mean
+            local[1 + channels:] = self.m2
+        rows = _all_gather_rows(local, group, world_size)
+        n, mean, m2 = merge_stats(rows[:, :1], rows[:, 1:1 + channels], rows[:, 1 + channels:])
+        total = int(n.item())
+        self.count, self.mean, self.m2 = (total, mean, m2) if total else (0, None, None)
+
+
+class _TooFewValues(Exception):
+    """A batch in which a layer would normalize a single value per channel."""
+
 
 def _inputs(batches: Iterable[Any], num_batches: int | None) -> Iterator[Tensor]:
-    for i, batch in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
-            return
+    # islice stops before fetching batch num_batches + 1: the caller's iterator keeps it.
+    for i, batch in enumerate(itertools.islice(batches, num_batches)):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, Tensor):
             raise TypeError(
@@ -598,11 +753,20 @@ def recalibrate(
     step: slot k's statistics are those of the inputs of the steps that use slot k
     (``min(t, max_timesteps - 1)``), padded rows left out.
 
+    A batch in which some layer would normalize a single value per channel (a last
+    batch of one example before a BatchNorm1d, say), which training mode cannot do, is
+    skipped whole, with a warning; it is not counted in ``batches``. Under
+    torch.distributed, each SyncBatchNorm layer (this package's or torch's) whose
+    process group has several ranks merges every rank's statistics, so all ranks end
+    with the same population statistics of all ranks' batches; every rank must then
+    call recalibrate with the same number of batches, as in training.
+
     Afterwards every module's train/eval mode, every momentum and the counters
     (``num_batches_tracked``) are as before; on an exception the running statistics
     are restored too. Layers (and time-step slots) that saw fewer than 2 values per
     channel keep their statistics; frozen layers and layers without running statistics
-    are skipped.
+    are skipped. Batch-norm subclasses that override ``forward`` (timm's
+    BatchNormAct2d, ...) are recalibrated from their inputs like the others.
 
     Args:
         model: any module tree.
@@ -614,7 +778,7 @@ def recalibrate(
         ``Recalibrated(model, layers, batches)``: layers updated and batches used.
 
     Raises:
-        ValueError: ``num_batches`` < 1, or no batches at all.
+        ValueError: ``num_batches`` < 1, no batches at all, or every batch skipped.
         TypeError: a batch that is neither a tensor nor a tuple/list starting with one.
     """
     if num_batches is not None and (
@@ -623,7 +787,7 @@ def recalibrate(
         raise ValueError(f"recalibrate: num_batches must be a positive int or None, got {num_batches!r}")
     plain = [
         m for m in model.modules()
-        if _is_batch_norm(m) and not isinstance(m, _FrozenBatchNorm)
+        if _has_channel_statistics(m) and not isinstance(m, _FrozenBatchNorm)
         and m.running_mean is not None and m.running_var is not None
     ]
     recurrent = [
@@ -640,12 +804,23 @@ def recalibrate(
         for m in layers
     ]
     skipped = [None if s is None else s.clone() for *_, s in saved]
-    # (layer, slot) -> accumulator; slot None for plain batch norm.
+    groups = {id(m): g for m in plain if (g := _sync_group(m)) is not None}
+    # (layer, slot) -> accumulator; slot None for plain batch norm. A batch's statistics
+    # wait in ``pending`` until its forward has run through, so that a skipped batch
+    # leaves no trace in the layers before the one that stopped it.
     accumulators: dict[tuple[int, int | None], _Accumulator] = {}
+    pending: list[tuple[tuple[int, int | None], tuple[int, Tensor, Tensor]]] = []
+
+    def stage(key: tuple[int, int | None], x: Tensor, rank_local: bool) -> None:
+        stats = _Accumulator.stats_of(x)
+        if stats is not None and stats[0] == 1 and rank_local:
+            raise _TooFewValues  # the layer's training forward would raise on it
+        if stats is not None:
+            pending.append((key, stats))
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], Tensor):
-            accumulators.setdefault((id(module), None), _Accumulator()).add(args[0])
+            stage((id(module), None), args[0], id(module) not in groups)
 
     def record_step(
         module: RecurrentBatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -659,15 +834,14 @@ def recalibrate(
             return
         if mask is not None:
             x = x[module._check_mask(mask, x)]  # the layer's own reading of a mask
-        slot = module.slot(t)
-        accumulators.setdefault((id(module), slot), _Accumulator()).add(x)
+        stage((id(module), module.slot(t)), x, True)
 
     hooks = [m.register_forward_pre_hook(record) for m in plain]
     hooks += [m.register_forward_pre_hook(record_step, with_kwargs=True) for m in recurrent]
     # Inputs go to the device of the model's first parameter (or buffer), if any.
     first = next(iter([*model.parameters(), *model.buffers()]), None)
     device = None if first is None else first.device
-    used = 0
+    used = skipped_batches = 0
     ok = False
     try:
         model.eval()
@@ -676,10 +850,26 @@ def recalibrate(
             m.momentum = 0.0
         with torch.no_grad():
             for x in _inputs(batches, num_batches):
-                model(x if device is None else x.to(device))
+                pending.clear()
+                try:
+                    model(x if device is None else x.to(device))
+                except _TooFewValues:
+                    skipped_batches += 1
+                    continue
+                for key, stats in pending:
+                    accumulators.setdefault(key, _Accumulator()).merge(*stats)
                 used += 1
         if used == 0:
-            raise ValueError("recalibrate: got no batches; pass at least one")
+            raise ValueError(
+                "recalibrate: got no batches; pass at least one" if not skipped_batches else
+                f"recalibrate: all {skipped_batches} batches were skipped: in each some "
+                "batch-norm layer would normalize a single value per channel"
+            )
+        for m in plain:
+            if id(m) in groups:
+                acc = accumulators.setdefault((id(m), None), _Accumulator())
+                world = dist.get_world_size(groups[id(m)])
+                acc.merge_ranks(groups[id(m)], world, m.num_features, m.running_mean.device)
         ok = True
     finally:
         for h in hooks:
@@ -714,4 +904,22 @@ def recalibrate(
                 var_out.copy_((acc.m2 / (acc.count - 1)).to(m.running_var.dtype))
                 changed = True
             updated += changed
+    if skipped_batches:
+        warnings.warn(
+            f"recalibrate: skipped {skipped_batches} batch(es) in which a batch-norm layer "
+            "would normalize a single value per channel (a last batch of one example before "
+            "a BatchNorm1d, say); the statistics come from the other "
+            f"{used} batch(es)",
+            stacklevel=2,
+        )
     return Recalibrated(model, updated, used)
+
+
+def _sync_group(module: nn.Module) -> Any:
+    """The process group of a SyncBatchNorm layer with more than one rank, else None."""
+    if not isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = module.process_group if module.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None

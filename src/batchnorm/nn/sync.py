@@ -249,6 +249,9 @@ class SyncBatchNorm(_BatchNormBase):
     """
 
     process_group: Any
+    # The rank (1, 2, 3) of the BatchNormXd this layer was converted from, if any:
+    # SyncBatchNorm takes any rank, and converting back needs to know which one.
+    _source_dim: int | None = None
 
     def __init__(
         self,
@@ -378,6 +381,20 @@ def _is_plain_batch_norm(module: nn.Module) -> bool:
     return type(module) in plain
 
 
+def _rank_of(module: nn.Module) -> int | None:
+    """1, 2 or 3 for the BatchNormXd classes; a SyncBatchNorm's remembered rank; else None."""
+    from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+    ranked = {
+        1: (nn.BatchNorm1d, BatchNorm1d), 2: (nn.BatchNorm2d, BatchNorm2d),
+        3: (nn.BatchNorm3d, BatchNorm3d),
+    }
+    for dim, classes in ranked.items():
+        if isinstance(module, classes):
+            return dim
+    return getattr(module, "_source_dim", None)
+
+
 def _to_sync(cls: type[SyncBatchNorm], old: Any, process_group: Any) -> SyncBatchNorm:
     has_bias = old.affine and old.bias is not None
     new = cls(
@@ -398,6 +415,8 @@ def _to_sync(cls: type[SyncBatchNorm], old: Any, process_group: Any) -> SyncBatc
         new.num_batches_skipped = (
             skipped if skipped is not None else torch.zeros_like(old.num_batches_tracked)
         )
+    # The rank of the layer it replaces, so that tools.convert can give it back.
+    new._source_dim = _rank_of(old)
     new.train(old.training)
     if hasattr(old, "qconfig"):
         new.qconfig = old.qconfig
