@@ -83,3 +83,9 @@ def test_other_ranks_and_errors() -> None:
     with pytest.raises(ValueError, match="num_features"):
         bn.FrozenBatchNorm2d(0)
     assert isinstance(bn.create_norm("frozen", 8), bn.FrozenBatchNorm2d)
+
+
+@pytest.mark.parametrize("eps", [-1e-5, float("inf"), float("nan")])
+def test_bad_eps_is_refused_at_construction(eps) -> None:
+    with pytest.raises(ValueError, match="FrozenBatchNorm2d: eps must be finite and >= 0"):
+        bn.FrozenBatchNorm2d(3, eps=eps)

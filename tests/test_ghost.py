@@ -232,6 +232,12 @@ def test_non_finite_batch_is_skipped(path) -> None:
     with pytest.raises(FloatingPointError, match="GhostBatchNorm2d"):
         strict(x)
     assert torch.equal(strict.running_mean, torch.zeros(3))
+    assert int(strict.num_batches_skipped) == 1  # counted, as by the other layers
+    # The unfused path (bfloat16 input) counts it too.
+    strict = bn.GhostBatchNorm2d(3, virtual_batch_size=2, check_finite=True)
+    with pytest.raises(FloatingPointError, match="GhostBatchNorm2d"):
+        strict(x.bfloat16())
+    assert torch.equal(strict.running_var, torch.ones(3)) and int(strict.num_batches_skipped) == 1
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, None])

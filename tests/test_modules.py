@@ -154,6 +154,30 @@ def test_registry() -> None:
         bn.create_norm("nope", 8)
 
 
+def test_registry_names_are_case_and_dash_insensitive() -> None:
+    from batchnorm.nn.registry import _REGISTRY, norm_names, register_norm
+
+    register_norm("My-Norm", {2: torch.nn.BatchNorm2d})
+    try:
+        assert "my_norm" in norm_names()
+        for name in ("My-Norm", "my_norm", "MY-NORM"):
+            assert isinstance(bn.create_norm(name, 4), torch.nn.BatchNorm2d)
+        with pytest.raises(ValueError, match="'my_norm' is already registered"):
+            register_norm("MY_norm", {1: torch.nn.BatchNorm1d})
+    finally:
+        _REGISTRY.pop("my_norm", None)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (bn.GhostBatchNorm2d(3, virtual_batch_size=2), (4, 3, 5)),
+    (bn.BatchRenorm3d(3), (4, 3, 2, 2)),
+    (bn.BatchNormAct1d(3), (4, 3, 2, 2)),
+], ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else None)
+def test_rank_errors_name_the_layer_used(layer, shape) -> None:
+    with pytest.raises(ValueError, match=rf"^{type(layer).__name__}: expected \d+D"):
+        layer(torch.randn(*shape))
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5, 5), (2, 4, 3, 3, 3)])

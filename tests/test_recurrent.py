@@ -396,7 +396,7 @@ def test_eval_with_one_sequence() -> None:
     out, _ = lstm(x)
     assert out.shape == (9, 1, 4) and torch.isfinite(out).all()
     assert_close(lstm(x)[0], out, 0, 0, "eval is deterministic")
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
+    with pytest.raises(ValueError, match="BNLSTM: a training batch of 1 sequence"):
         lstm.train()(x)  # training needs a batch
 
 
@@ -449,3 +449,29 @@ def test_bnlstm_errors() -> None:
         lstm(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"input of shape \(N, input_size=2\), got \(3, 5\)"):
         lstm.cells[0](torch.randn(3, 5), t=0)
+
+
+def _statistics(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_" in k}
+
+
+def test_failed_sequence_leaves_every_slot_unchanged() -> None:
+    """A step that raises after earlier steps ran: no slot keeps an update of the failed call."""
+    lstm = bn.BNLSTM(2, 3, max_timesteps=4)
+    before = _statistics(lstm)
+    # Sorted lengths where only one sequence reaches steps 1 and 2.
+    with pytest.raises(ValueError, match=r"BNLSTM: time step t=1 has 1 real \(unpadded\) sequence"):
+        lstm(torch.randn(3, 2, 2), lengths=[3, 1])
+    assert all(torch.equal(v, before[k]) for k, v in _statistics(lstm).items())
+    with pytest.raises(ValueError, match="BNLSTM: a training batch of 1 sequence"):
+        lstm(torch.randn(3, 1, 2))
+
+    norm = bn.RecurrentBatchNorm(3, max_timesteps=4, check_finite=True)
+    x = torch.randn(3, 4, 3)
+    x[2, 0, 1] = float("nan")  # step 2 is non-finite: steps 0 and 1 ran already
+    before = _statistics(norm)
+    with pytest.raises(FloatingPointError):
+        norm.forward_sequence(x)
+    assert all(torch.equal(v, before[k]) for k, v in _statistics(norm).items())
+    norm.forward_sequence(x[:2])  # a call that succeeds still updates its slots
+    assert norm.num_batches_tracked.tolist() == [1, 1, 0, 0]

@@ -249,6 +249,13 @@ def test_bad_limits(r_max, d_max, match) -> None:
     assert (layer.r_max, layer.d_max) == (3.0, 5.0)
 
 
+def test_numpy_numbers_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    layer = bn.BatchRenorm2d(4, r_max=np.float32(2.0), d_max=np.int64(1))
+    assert (layer.r_max, layer.d_max) == (2.0, 1.0) and type(layer.r_max) is float
+    assert bn.renorm_schedule(np.int64(40000)) == (3.0, 5.0)
+
+
 def test_schedule_follows_the_paper() -> None:
     assert bn.renorm_schedule(0) == (1.0, 0.0)
     assert bn.renorm_schedule(5000) == (1.0, 0.0)

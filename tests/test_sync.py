@@ -193,6 +193,47 @@ def check_mismatched_num_features(rank: int, world: int) -> None:
     assert int(ok) == world, "the process group still works after the error"
 
 
+def check_mismatch_when_the_input_fits_one_rank(rank: int, world: int) -> None:
+    """Rank 0's input fits its layer, the others' do not: every rank gets the mismatch."""
+    layer = bn.SyncBatchNorm(4 if rank == 0 else 5, backend="reference")
+    try:
+        layer(torch.randn(3, 4))
+    except ValueError as err:
+        assert "must have the same num_features" in str(err), str(err)
+    else:
+        raise AssertionError(f"rank {rank}: no ValueError for mismatched num_features")
+
+
+def check_rejected_first_input_raises_everywhere(rank: int, world: int) -> None:
+    """The last rank's first input has the wrong channel count; no rank waits, none updates."""
+    layer = bn.SyncBatchNorm(3, backend="reference")
+    bad = rank == world - 1
+    try:
+        layer(torch.randn(4, 2 if bad else 3))
+    except ValueError as err:
+        expected = "expected input with 3 channels" if bad else f"rank(s) {world - 1} rejected"
+        assert expected in str(err), str(err)
+    else:
+        raise AssertionError(f"rank {rank}: no ValueError")
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(3))
+    layer(torch.randn(4, 3))  # every rank's next input fits: the layer works
+    assert int(layer.num_batches_tracked) == 1
+
+
+def check_recalibrate_merges_ranks(rank: int, world: int) -> None:
+    """Population statistics of all ranks' batches together, the same on every rank."""
+    sizes = SIZES[world][0]
+    gen = torch.Generator().manual_seed(11)
+    full = [torch.randn(sum(sizes), 3, 2, generator=gen, dtype=torch.float64) * 2 + 5
+            for _ in range(2)]
+    model = torch.nn.Sequential(bn.SyncBatchNorm(3, dtype=torch.float64, backend="reference"))
+    mine = [_slice(batch, sizes, rank) for batch in full]
+    bn.recalibrate(model, mine)
+    data = torch.cat(full).transpose(0, 1).reshape(3, -1)
+    assert_close(model[0].running_mean, data.mean(1), 1e-12, 1e-12, f"rank {rank}: mean")
+    assert_close(model[0].running_var, data.var(1), 1e-12, 1e-12, f"rank {rank}: var")
+
+
 def check_eval_does_not_communicate(rank: int, world: int) -> None:
     """Eval uses the running statistics and no collective: ranks may run different counts."""
     # The reference backend: loading the numba kernels would cost each process seconds.
@@ -285,6 +326,9 @@ CHECKS: list[Callable[[int, int], None]] = [
     check_degenerate_global_batches,
     check_non_finite_batch_on_one_rank,
     check_mismatched_num_features,
+    check_mismatch_when_the_input_fits_one_rank,
+    check_rejected_first_input_raises_everywhere,
+    check_recalibrate_merges_ranks,
     check_eval_does_not_communicate,
     check_double_backward_is_refused,
     check_ddp,

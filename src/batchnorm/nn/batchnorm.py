@@ -59,7 +59,7 @@ class BatchNorm1d(_BatchNormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
             raise ValueError(
-                f"BatchNorm1d: expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D "
+                f"{type(self).__name__}: expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D "
                 f"input of shape {tuple(input.shape)}"
             )
 
@@ -83,7 +83,7 @@ class BatchNorm2d(_BatchNormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(
-                f"BatchNorm2d: expected 4D (N, C, H, W) input, got {input.dim()}D input of "
+                f"{type(self).__name__}: expected 4D (N, C, H, W) input, got {input.dim()}D input of "
                 f"shape {tuple(input.shape)}"
             )
 
@@ -106,6 +106,6 @@ class BatchNorm3d(_BatchNormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
             raise ValueError(
-                f"BatchNorm3d: expected 5D (N, C, D, H, W) input, got {input.dim()}D input "
+                f"{type(self).__name__}: expected 5D (N, C, D, H, W) input, got {input.dim()}D input "
                 f"of shape {tuple(input.shape)}"
             )

@@ -7,6 +7,7 @@ layers can be swapped for frozen ones (see :func:`batchnorm.freeze`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,8 +43,8 @@ class _FrozenBatchNorm(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
             )
-        if not (eps >= 0.0):
-            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
+        if not (0.0 <= eps < math.inf):
+            raise ValueError(f"{type(self).__name__}: eps must be finite and >= 0, got {eps}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

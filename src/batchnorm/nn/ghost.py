@@ -300,14 +300,16 @@ class _GhostBatchNorm(_BatchNormBase):
 
         if self.check_finite or (self.training and self.track_running_stats):
             mean, var = combine_stats(torch.cat(means), torch.cat(variances), counts)
-            if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise FloatingPointError(self._non_finite_message(input))
             if self.training and self.track_running_stats:
+                # The guarded update skips a non-finite batch and counts it, before
+                # check_finite raises: the same order as the other layers.
                 assert self.running_mean is not None and self.running_var is not None
                 update_running_stats(
                     self.running_mean, self.running_var, mean, var, input.numel() // input.shape[1],
                     self.momentum, self.num_batches_tracked, self.num_batches_skipped,
                 )
+            if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                raise FloatingPointError(self._non_finite_message(input))
         return output
 
     def _fused_forward(self, input: Tensor, sizes: tuple[int, ...], backend: Backend) -> Tensor:

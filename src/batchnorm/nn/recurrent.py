@@ -14,8 +14,10 @@ initial state) is not that of step 50. "Recurrent Batch Normalization" therefore
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +27,29 @@ from batchnorm import functional as F
 from batchnorm.nn._base import check_layer_args, register_state, reset_state
 
 __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
+
+
+@contextlib.contextmanager
+def _statistics_kept_on_error(layers: Iterable[RecurrentBatchNorm]) -> Iterator[None]:
+    """On an exception, put back the running statistics and counters the layers had.
+
+    A sequence is normalized step by step and each step updates its own slot, so a
+    step that raises (one real row, a non-finite batch under check_finite) would leave
+    the earlier steps' slots updated by a call that failed.
+    """
+    saved = [
+        (buf, buf.clone())
+        for m in layers if m.training and m.track_running_stats
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked, m.num_batches_skipped)
+        if buf is not None
+    ]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+        raise
 
 
 class RecurrentBatchNorm(nn.Module):
@@ -272,9 +297,11 @@ class RecurrentBatchNorm(nn.Module):
                 f"{name}.forward_sequence: mask must have shape (T, N) = {expected} "
                 f"to match input {tuple(x.shape)}, got {got}"
             )
-        steps = [
-            self(x[i], first + i, None if mask is None else mask[i]) for i in range(x.shape[0])
-        ]
+        with _statistics_kept_on_error([self]):
+            steps = [
+                self(x[i], first + i, None if mask is None else mask[i])
+                for i in range(x.shape[0])
+            ]
         if not steps:
             return x.new_empty(x.shape)
         return torch.stack(steps)
@@ -595,7 +622,27 @@ class BNLSTM(nn.Module):
         steps, batch = x.shape[0], x.shape[1]
         real = self._step_mask(lengths, mask, steps, batch, x.device)  # (T, N) bool or None
         h0, c0 = self._initial_state(hx, x)
+        if self.training and x.shape[1] == 1 and x.shape[0] > 0:
+            raise ValueError(
+                "BNLSTM: a training batch of 1 sequence has 1 value per channel at each step; "
+                "batch statistics need more than 1 (use eval mode for single sequences)"
+            )
+        if self.training and real is not None:
+            counts = real.sum(1).tolist()
+            if 1 in counts:
+                raise ValueError(
+                    f"BNLSTM: time step t={counts.index(1)} has 1 real (unpadded) sequence "
+                    "in training; batch statistics need more than 1 (group sequences by "
+                    "length so that at least 2 reach every step, or use eval mode)"
+                )
+        norms = [m for m in self.modules() if isinstance(m, RecurrentBatchNorm)]
+        with _statistics_kept_on_error(norms):
+            return self._layers(x, real, h0, c0)
 
+    def _layers(
+        self, x: Tensor, real: Tensor | None, h0: Tensor, c0: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        steps, batch = x.shape[0], x.shape[1]
         h_n, c_n = [], []
         layer_input = x
         for layer, cell in enumerate(self.cells):

@@ -27,10 +27,20 @@ NormSpec = Union[str, type, "functools.partial[nn.Module]", NormFactory]
 _REGISTRY: dict[str, dict[int, NormFactory]] = {}
 
 
+def _key(name: str) -> str:
+    # Names are looked up case-insensitively, with "-" and "_" the same.
+    return name.lower().replace("-", "_")
+
+
 def register_norm(name: str, by_dim: Mapping[int, NormFactory], *, overwrite: bool = False) -> None:
-    """Register ``name`` with a factory per dimensionality (subset of {1, 2, 3})."""
+    """Register ``name`` with a factory per dimensionality (subset of {1, 2, 3}).
+
+    Names are case-insensitive and "-" equals "_": ``"My-Norm"`` is stored, listed and
+    found as ``"my_norm"``.
+    """
     if not name or not isinstance(name, str):
         raise ValueError(f"norm name must be a non-empty str, got {name!r}")
+    name = _key(name)
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"norm {name!r} is already registered; pass overwrite=True to replace it")
     bad = [d for d in by_dim if d not in (1, 2, 3)]
@@ -47,7 +57,7 @@ def norm_names() -> list[str]:
 def get_norm_layer(spec: NormSpec, dim: int = 2) -> NormFactory:
     """Resolve ``spec`` (name, class or partial) to a factory taking ``num_features`` first."""
     if isinstance(spec, str):
-        key = spec.lower().replace("-", "_")
+        key = _key(spec)
         if key not in _REGISTRY:
             raise ValueError(f"unknown norm {spec!r}; registered: {', '.join(norm_names())}")
         by_dim = _REGISTRY[key]

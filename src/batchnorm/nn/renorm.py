@@ -10,6 +10,7 @@ function in expectation.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -34,9 +35,10 @@ __all__ = [
 
 def _check_limits(owner: str, r_max: float, d_max: float) -> None:
     # "not (x >= bound)" also rejects NaN.
-    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not (r_max >= 1.0):
+    # numbers.Real takes Python and NumPy numbers alike.
+    if isinstance(r_max, bool) or not isinstance(r_max, numbers.Real) or not (r_max >= 1.0):
         raise ValueError(f"{owner}: r_max must be a number >= 1 (1 = plain batch norm), got {r_max!r}")
-    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not (d_max >= 0.0):
+    if isinstance(d_max, bool) or not isinstance(d_max, numbers.Real) or not (d_max >= 0.0):
         raise ValueError(f"{owner}: d_max must be a number >= 0 (0 = plain batch norm), got {d_max!r}")
 
 
@@ -357,7 +359,7 @@ def renorm_schedule(
     """
     for name, value in (("step", step), ("warmup_steps", warmup_steps),
                         ("r_ramp_steps", r_ramp_steps), ("d_ramp_steps", d_ramp_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"renorm_schedule: {name} must be an int >= 0, got {value!r}")
     _check_limits("renorm_schedule", r_max, d_max)
     t = step - warmup_steps

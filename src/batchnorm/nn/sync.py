@@ -214,9 +214,11 @@ class SyncBatchNorm(_BatchNormBase):
 
     Every rank must call forward and backward of each SyncBatchNorm in the same order
     (the collectives pair up by order). The first training forward on a group checks
-    that all ranks have the same ``num_features`` (one small all_gather) and raises
-    :class:`ValueError` on every rank, listing each rank's value, when they differ.
-    Other mismatches (a rank that skips a layer or its backward, a rank in eval mode
+    that all ranks have the same ``num_features`` (one small all_gather, before any
+    rank checks its own input) and raises :class:`ValueError` on every rank, listing
+    each rank's value, when they differ; a rank whose first input is rejected (wrong
+    rank, channel count or dtype) raises its error and the others a ValueError naming
+    it. Other mismatches (a rank that skips a layer or its backward, a rank in eval mode
     while the others train) cannot be detected: the waiting ranks block until the
     process group's timeout (``init_process_group(timeout=...)``; with NCCL, also see
     ``TORCH_NCCL_ASYNC_ERROR_HANDLING``), then raise.
@@ -306,13 +308,12 @@ class SyncBatchNorm(_BatchNormBase):
         group, world_size = self._group_and_size()
         if world_size == 1:
             return super().forward(input)
-        self._check_input_dim(input)
-        self._check_num_channels(input)
-        if not input.is_floating_point():
-            raise TypeError(
-                f"SyncBatchNorm: input must be a floating-point tensor, got dtype {input.dtype}"
-            )
-        self._check_ranks_agree(group, world_size, input.device)
+        problem = self._input_problem(input)
+        # Ranks agree on num_features before any rank raises about its own input: a rank
+        # that raised first would leave the others waiting in the gather.
+        self._check_ranks_agree(group, world_size, input.device, problem)
+        if problem is not None:
+            raise problem
         update = self.track_running_stats
         stats: list[Tensor] | None = [] if self.check_finite else None
         y = _SyncBatchNormTrain.apply(
@@ -331,25 +332,53 @@ class SyncBatchNorm(_BatchNormBase):
             )
         return y
 
-    def _check_ranks_agree(self, group: Any, world_size: int, device: torch.device) -> None:
-        """All_gather num_features once per group; a mismatch raises on every rank.
+    def _input_problem(self, input: Tensor) -> Exception | None:
+        """The error this rank's input would raise (rank, channels, dtype), or None."""
+        try:
+            self._check_input_dim(input)
+            self._check_num_channels(input)
+            if not input.is_floating_point():
+                raise TypeError(
+                    f"SyncBatchNorm: input must be a floating-point tensor, got dtype {input.dtype}"
+                )
+        except (TypeError, ValueError) as err:
+            return err
+        return None
+
+    def _check_ranks_agree(
+        self, group: Any, world_size: int, device: torch.device, problem: Exception | None
+    ) -> None:
+        """All_gather (num_features, input rejected?) once per group; a mismatch raises on
+        every rank.
 
         The statistics gather has 2C + 1 values per rank, so ranks with different C
         would call it with different sizes, which no backend reports reliably (gloo
-        may hang or abort). This gather has one value per rank whatever C is.
+        may hang or abort). This gather has two values per rank whatever C is, and it
+        runs before any rank raises about its own input, so that every rank learns of
+        the mismatch, or of a rank that rejected its first input, instead of waiting.
+        Once the ranks agree it is skipped; a rank that later raises alone about its
+        input leaves the others waiting until the process group's timeout.
         """
         key = (id(group), world_size)
         if self._agreed_on == key:
             return
-        mine = torch.tensor([self.num_features], dtype=torch.long, device=device)
-        features = _all_gather_rows(mine, group, world_size)[:, 0].tolist()
+        mine = torch.tensor([self.num_features, problem is not None], dtype=torch.long, device=device)
+        rows = _all_gather_rows(mine, group, world_size).tolist()
+        features = [c for c, _ in rows]
         if any(c != self.num_features for c in features):
             per_rank = ", ".join(f"rank {r}: {c}" for r, c in enumerate(features))
             raise ValueError(
                 "SyncBatchNorm: every rank of the process group must have the same "
                 f"num_features, got {per_rank}"
+            ) from problem
+        rejected = [r for r, (_, bad) in enumerate(rows) if bad]
+        if rejected and problem is None:
+            raise ValueError(
+                f"SyncBatchNorm: rank(s) {', '.join(map(str, rejected))} rejected their input "
+                "(see the error there), so no rank normalized this batch or updated statistics"
             )
-        self._agreed_on = key
+        if not rejected:
+            self._agreed_on = key
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
