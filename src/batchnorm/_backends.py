@@ -98,6 +98,7 @@ import os
 from typing import Protocol
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 BACKEND_NAMES = ("auto", "reference", "numba", "aten", "triton")
@@ -269,10 +270,28 @@ _chosen: dict[tuple[str, bool, bool, torch.dtype], Backend] = {}
 os.register_at_fork(after_in_child=_chosen.clear)
 
 
+def under_transform() -> bool:
+    """Whether torch.compile is tracing, or a torch.func transform (grad, vmap, ...) or
+    forward-mode AD is active.
+
+    Then only plain torch ops work: the compiled kernels read raw data pointers, which
+    neither a tracer nor a functorch wrapper has, and the autograd Functions define no
+    forward-mode or vmap rules. ``"auto"`` takes the reference then.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0
+    )
+
+
 def select_backend(name: str, x: Tensor, *params: Tensor | None) -> Backend:
     """Return the backend ``name`` for input ``x`` (see :func:`_select`) that can also
     take ``params``, the call's weight, bias and running statistics (see
-    :func:`_for_params`)."""
+    :func:`_for_params`). Under a transform (:func:`under_transform`) ``"auto"`` is the
+    reference."""
+    if name == "auto" and under_transform():
+        return _get("reference")  # type: ignore[return-value]
     key = (name, x.is_cpu, x.is_cuda, x.dtype)
     backend = _chosen.get(key)
     if backend is None:

@@ -30,6 +30,7 @@ from batchnorm._backends import (
     prefer_aten,
     prefer_composed_act,
     select_backend,
+    under_transform,
 )
 
 __all__ = ["ACTIVATIONS", "batch_norm", "batch_norm_act", "batch_stats"]
@@ -131,6 +132,11 @@ def batch_norm(
             shift = shift + bias
         return _reference.apply_affine(input, scale, shift)
 
+    if backend in ("auto", "reference") and under_transform():
+        return _composed_train(
+            input, weight, bias, eps, running_mean, running_var, momentum,
+            num_batches_tracked, num_batches_skipped, check_finite,
+        )
     chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=True)
@@ -162,6 +168,40 @@ def batch_norm(
         if check_finite:
             _raise_if_not_finite(input, mean, invstd)
     return y
+
+
+def _composed_train(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    check_finite: bool,
+) -> Tensor:
+    """Training forward from plain differentiable torch ops, no autograd Function.
+
+    What torch.compile traces and torch.func transforms (see ``under_transform``):
+    autograd derives every gradient, forward-mode ones included, and the compiler
+    fuses the ops. The running statistics get the same guarded update from detached
+    batch statistics.
+    """
+    mean, var = _reference.batch_stats(input)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            _reference.update_running_stats(
+                running_mean, running_var, mean.detach(), var.detach(),
+                input.numel() // input.shape[1], momentum,
+                num_batches_tracked, num_batches_skipped,
+            )
+    invstd = torch.rsqrt(var + eps)
+    if check_finite:
+        _raise_if_not_finite(input, mean.detach(), invstd.detach())
+    scale, shift = _reference.affine_coefficients(weight, bias, mean, invstd)
+    return _reference.apply_affine(input, scale, shift)
 
 
 def _validate(

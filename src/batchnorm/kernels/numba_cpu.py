@@ -93,12 +93,16 @@ def usable() -> bool:
     return not _FORK_UNSAFE
 
 
-_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
-_pjit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, parallel=True)
+# error_model="numpy": a float division by zero gives inf/NaN, as in torch (eps = 0
+# with a zero variance), where numba's default "python" model would raise.
+_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
+_pjit = numba.njit(
+    cache=True, fastmath=_FASTMATH, nogil=True, parallel=True, error_model="numpy"
+)
 # Helpers called from the kernels' loops are inlined into them by numba (not only by
 # LLVM): constant arguments (from_out=True) then specialize the inlined copy, and the
 # views they take stay local to the kernel, their reference counts pruned away.
-_inline = numba.njit(fastmath=_FASTMATH, nogil=True, inline="always")
+_inline = numba.njit(fastmath=_FASTMATH, nogil=True, inline="always", error_model="numpy")
 
 
 class _Kernel:
@@ -249,7 +253,10 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
     for c in range(C):
         mean64[c] = float(mean[c])
         s = float(invstd[c])
-        var64[c] = (1.0 / (s * s) if s != 0.0 else math.inf) - eps
+        # Clamped at 0: invstd⁻² − eps of a (near-)constant channel can round below
+        # zero, and a negative running variance would make every later sqrt NaN.
+        v = (1.0 / (s * s) if s != 0.0 else math.inf) - eps
+        var64[c] = 0.0 if v < 0.0 else v  # noqa: FURB136 - max() may drop a NaN, which must stay
     _update_running(rm, rv, mean64, var64, m, momentum, cumulative, tracked, skipped)
 
 
@@ -1588,6 +1595,8 @@ def _forward_eval(
     """``act(x·scale + shift + residual)`` with the running statistics, one pass."""
     C = x.shape[1]
     numel = x.numel()
+    if numel == 0:
+        return torch.empty_like(x)  # nothing to normalize (and no rows to plan)
     plan = _plan(x, None)
     xa = _input(x, plan)
     y, ya = _empty_like(x, plan)

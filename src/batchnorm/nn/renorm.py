@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from batchnorm import _reference
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, prefer_aten_renorm, select_backend
+from batchnorm._backends import Backend, prefer_aten_renorm, select_backend, under_transform
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -55,6 +55,42 @@ class _RenormSpec(NamedTuple):
     r_max: float
     d_max: float
     backend: Backend
+
+
+def _renorm_traceable(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    r_max: float,
+    d_max: float,
+) -> Tensor:
+    """Batch renorm's training output from plain torch ops, for torch.compile and
+    torch.func (see ``batchnorm._backends.under_transform``).
+
+    r and d are computed without gradient from the batch statistics and the running
+    ones from before the (guarded) update; then ``y = γ(x̂·r + d) + β`` is torch's batch
+    norm with weight γr and bias γd + β, whose autograd gives dγ = r·Σdy·x̂ + d·Σdy.
+    """
+    with torch.no_grad():
+        mean, var = _reference.batch_stats(x)
+        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+        _reference.update_running_stats(
+            running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
+            num_batches_tracked, num_batches_skipped,
+        )
+    scale = r if weight is None else weight.to(r.dtype) * r
+    shift = d if weight is None else weight.to(d.dtype) * d
+    if bias is not None:
+        shift = shift + bias.to(d.dtype)
+    return torch.nn.functional.batch_norm(x, None, None, scale, shift, True, 0.0, eps)
 
 
 class _RenormTrain(torch.autograd.Function):
@@ -247,22 +283,9 @@ class _BatchRenorm(_BatchNormBase):
         skipped = buffers["num_batches_skipped"]
         # check_finite waits for the device anyway: read the skip counter around the step.
         skipped_before = int(skipped) if self.check_finite and skipped is not None else 0
-        backend = select_backend(self.backend, x, weight, bias, running_mean, running_var)
-        if self.backend == "auto":
-            backend = prefer_aten_renorm(backend, x)
-        composed = getattr(backend, "renorm_autograd_train", None)
-        if composed is not None:
-            # aten's batch norm with γr and γd + β: autograd's own graph, no Function.
-            y = composed(
-                x, weight, bias, self.eps, running_mean, running_var, self.momentum,
-                buffers["num_batches_tracked"], skipped, self.r_max, self.d_max,
-            )
-        else:
-            spec = _RenormSpec(
-                running_mean, running_var, self.momentum, self.eps,
-                buffers["num_batches_tracked"], skipped, self.r_max, self.d_max, backend,
-            )
-            y = _RenormTrain.apply(x, weight, bias, spec)
+        y = self._train_output(
+            x, weight, bias, running_mean, running_var, buffers["num_batches_tracked"], skipped
+        )
         if self.check_finite and skipped is not None and int(skipped) > skipped_before:
             raise FloatingPointError(
                 f"{type(self).__name__}: the training batch of shape {tuple(input.shape)} has "
@@ -270,6 +293,35 @@ class _BatchRenorm(_BatchNormBase):
                 "were left unchanged"
             )
         return y
+
+    def _train_output(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        tracked: Tensor | None,
+        skipped: Tensor | None,
+    ) -> Tensor:
+        args = (
+            x, weight, bias, self.eps, running_mean, running_var, self.momentum, tracked,
+            skipped, self.r_max, self.d_max,
+        )
+        if self.backend in ("auto", "reference") and under_transform():
+            return _renorm_traceable(*args)
+        backend = select_backend(self.backend, x, weight, bias, running_mean, running_var)
+        if self.backend == "auto":
+            backend = prefer_aten_renorm(backend, x)
+        composed = getattr(backend, "renorm_autograd_train", None)
+        if composed is not None:
+            # aten's batch norm with γr and γd + β: autograd's own graph, no Function.
+            return composed(*args)
+        spec = _RenormSpec(
+            running_mean, running_var, self.momentum, self.eps, tracked, skipped,
+            self.r_max, self.d_max, backend,
+        )
+        return _RenormTrain.apply(x, weight, bias, spec)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"

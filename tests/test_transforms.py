@@ -1,0 +1,104 @@
+"""The layers under torch.compile, torch.func and forward-mode AD, and kernel edge values.
+
+Under a transform ``backend="auto"`` takes plain torch ops (the kernels read raw data
+pointers, which tracers and functorch wrappers do not have), so the numbers must match
+the eager layer and torch's own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from cases import assert_close
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import batchnorm as bn
+
+# Large enough for "auto" to pick the numba kernels outside a transform.
+LARGE = (16, 64, 16, 16)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bn.BatchNorm2d(8),
+    lambda: bn.GhostBatchNorm2d(8, virtual_batch_size=2),
+    lambda: bn.BatchRenorm2d(8),
+    lambda: bn.BatchNormAct2d(8, activation="relu"),
+], ids=["batchnorm", "ghost", "renorm", "batch_act"])
+def test_compiled_training_step_matches_eager(make) -> None:
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), make())
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    x = torch.randn(4, 3, 10, 10)
+    y_eager, y_compiled = eager(x), compiled(x)
+    assert_close(y_compiled, y_eager, 1e-5, 1e-5, "output")
+    y_eager.square().sum().backward()
+    y_compiled.square().sum().backward()
+    assert_close(compiled_model[0].weight.grad, eager[0].weight.grad, 1e-4, 1e-4, "conv grad")
+    for key, value in eager[1].state_dict().items():
+        assert_close(compiled_model[1].state_dict()[key], value, 1e-6, 1e-6, key)
+
+
+def test_func_grad_and_vmap_match_torch() -> None:
+    ours = bn.BatchNorm2d(LARGE[1], track_running_stats=False)
+    theirs = nn.BatchNorm2d(LARGE[1], track_running_stats=False)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    x = torch.randn(LARGE)
+
+    def loss(module):
+        return lambda p: functional_call(module, p, (x,)).pow(3).sum()
+
+    expected = grad(loss(theirs))(params)
+    for key, value in grad(loss(ours))(params).items():
+        assert_close(value, expected[key], 1e-3, 1e-4, f"grad of {key}")
+    xs = torch.randn(3, 4, 8, 5, 5)
+    small_ours = bn.BatchNorm2d(8, track_running_stats=False)
+    small_theirs = nn.BatchNorm2d(8, track_running_stats=False)
+    assert_close(vmap(small_ours)(xs), vmap(small_theirs)(xs), 1e-5, 1e-5, "vmap output")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_matches_torch(training) -> None:
+    ours, theirs = bn.BatchNorm2d(LARGE[1]), nn.BatchNorm2d(LARGE[1])
+    ours.train(training)
+    theirs.train(training)
+    x, tangent = torch.randn(LARGE), torch.randn(LARGE)
+    with fwAD.dual_level():
+        jvp_ours = fwAD.unpack_dual(ours(fwAD.make_dual(x, tangent))).tangent
+        jvp_theirs = fwAD.unpack_dual(theirs(fwAD.make_dual(x, tangent))).tangent
+    assert_close(jvp_ours, jvp_theirs, 1e-4, 1e-4, "jvp")
+    assert_close(ours.running_var, theirs.running_var, 1e-5, 1e-5, "running_var")
+
+
+def test_numba_eval_with_zero_variance_and_eps_zero_is_not_an_error() -> None:
+    layer = bn.BatchNorm2d(3, eps=0.0, backend="numba").eval()
+    with torch.no_grad():
+        layer.running_var[0] = 0.0
+        x = torch.randn(2, 3, 4, 4)
+        y = layer(x)
+        expected = nn.functional.batch_norm(x, layer.running_mean, layer.running_var, eps=0.0)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert_close(y[finite], expected[finite], 1e-6, 1e-6, "finite values")
+
+
+def test_numba_eval_on_an_empty_batch() -> None:
+    layer = bn.BatchNorm2d(3, backend="numba").eval()
+    with torch.no_grad():
+        assert layer(torch.randn(0, 3, 4, 4)).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("eps", [3e-5, 0.3])
+def test_dead_channel_keeps_a_non_negative_running_variance(eps) -> None:
+    """aten saves invstd; var = invstd⁻² − eps of a constant channel rounds around 0."""
+    layer = bn.BatchNorm2d(4, eps=eps, backend="aten")
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        x = torch.relu(torch.randn(8, 4, 6, 6, generator=gen))
+        x[:, 1] = 0.0
+        layer(x)
+    assert float(layer.running_var.min()) >= 0.0
