@@ -55,6 +55,20 @@ def test_tiny_run_then_report(
         (["run", "fig1", "--data", "imagenet"], "unknown data set 'imagenet'"),
         (["run", "fig1", "--data", "mnist:/does/not/exist"], "directory not found"),
         (["report", "/does/not/exist"], "results directory not found"),
+        # Values that fit the type but not the experiment: refused before any training.
+        (["run", "fig1", "--eval_every=0"], "--eval_every: expected values >= 1, got 0"),
+        (["run", "fig1", "--eval_every=7000"], "--eval_every: expected at most --steps (6000)"),
+        (["run", "fig1", "--lr=nan"], "--lr: expected finite numbers, got nan"),
+        (["run", "fig1", "--lr=0"], "--lr: expected values > 0"),
+        (["run", "speedup", "--bn_multipliers=1,-1"], "--bn_multipliers: expected values > 0"),
+        (["run", "fig1", "--hidden=100,0"], "--hidden: expected values >= 1"),
+        (["run", "fig1", "--unit=99", "--hidden=10"], "--unit: expected 0 <= unit < 10"),
+        (["run", "distributions", "--layer=9"], "--layer: expected 0 <= layer < 3"),
+        (["run", "speedup", "--norm_backend=bogus"], "--norm_backend: expected one of auto"),
+        (["run", "smoothness", "--eval_every=1500"], "needs at least 2 evaluations"),
+        (["run", "init", "--within=-5"], "--within/--count_margin: expected values >= 0"),
+        (["run", "fig1", "--data", "digits", "--batch_size=5000"],
+         "--batch_size: expected at most 1437"),
     ],
 )
 def test_errors_exit_2_with_a_message(
@@ -65,6 +79,25 @@ def test_errors_exit_2_with_a_message(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_output_paths_are_checked_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["lab", "run", "fig1", "--preset", "tiny", "--out", str(a_file)]) == 2
+    assert "--out: expected a directory, got the file" in capsys.readouterr().err
+    assert main(["lab", "report", str(tmp_path), "-o", str(tmp_path)]) == 2
+    assert "--output: expected a file name, got the directory" in capsys.readouterr().err
+    assert main(["lab", "report", str(tmp_path), "-o", str(a_file / "r.html")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_lab_without_a_command_shows_its_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab"]) == 2
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("list", "run", "report"))
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,6 +73,10 @@ def test_stats_rules() -> None:
         {"step": 20, "split": "test", "accuracy": 0.7, "loss": 0.8},
     ]}
     assert stats.steps_to_reach(run, 0.5) == 10 and stats.steps_to_reach(run, 0.9) is None
+    # The untrained network (step 0) reaching a target does not count, nor does a run
+    # that diverged later.
+    assert stats.steps_to_reach(run, 0.05) == 10
+    assert stats.steps_to_reach({**run, "outcome": "diverged"}, 0.5) is None
     assert stats.final_accuracy(run, 0.1) == pytest.approx((0.1 + 0.5 + 0.7) / 3)
     assert stats.final_accuracy({**run, "outcome": "diverged"}, 0.1) == 0.1
 

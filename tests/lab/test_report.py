@@ -95,3 +95,30 @@ def test_report_output_option_and_missing_dir(tiny_results: Path, tmp_path: Path
     assert out == tmp_path / "r.html" and out.stat().st_size > 1000
     with pytest.raises(FileNotFoundError):
         report.build(tmp_path / "empty")
+
+
+def test_damaged_results_give_a_clear_error_or_a_partial_report(
+    tiny_results: Path, tmp_path: Path
+) -> None:
+    import json
+
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_results, copy)
+    result = copy / "fig1" / "result.json"
+    record = json.loads(result.read_text())
+    for content, match in (("null", "a JSON NoneType, not an object"),
+                           (b"\xff\xfe", "not valid JSON"),
+                           ('{"experiment": "fig1", "config": {}, "runs": [1]}',
+                            "'runs' is not a list of objects")):
+        if isinstance(content, bytes):
+            result.write_bytes(content)
+        else:
+            result.write_text(content)
+        with pytest.raises(ValueError, match=match):
+            report.build(copy)
+    # Runs without fields a later version added: that section says so, the rest renders.
+    for run in record["runs"]:
+        del run["wall_s"], run["outcome"]
+    result.write_text(json.dumps(record))
+    text = report.build(copy).read_text()
+    assert "runs table failed" in text and 'id="exp-speedup"' in text

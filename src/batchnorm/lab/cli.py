@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = top.add_parser("lab", help="train networks with and without BN and report",
                          allow_abbrev=False)
     lab.add_argument("--version", action="version", version=_version())
+    lab.set_defaults(lab_parser=lab)
     sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
 
     sub.add_parser("list", help="list the experiments, their claims and config keys",
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "lab" or args.lab_command is None:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "lab":
+            args.lab_parser.print_help()  # the lab's own help: list, run, report
+            return 2
         parser.print_help()
         return 0 if args.command is None else 2
     if extra and args.lab_command != "run":
@@ -99,10 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.lab_command == "report":
             return _report(args.dir, args.output)
         return _run(args, extra)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, KeyError, ValueError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"batchnorm lab: error: {message}", file=sys.stderr)
         return 2
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed; raise ValueError unless it is a directory we can write."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: expected a directory, got the file {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot create the directory {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: the directory {path} is not writable")
 
 
 def _list() -> int:
@@ -135,6 +152,10 @@ def _show(value: object) -> str:
 def _report(directory: Path, output: Path | None) -> int:
     from batchnorm.lab import report
 
+    if output is not None and output.is_dir():
+        raise ValueError(f"--output: expected a file name, got the directory {output}")
+    if output is not None and output.parent.exists() and not output.parent.is_dir():
+        raise ValueError(f"--output: {output.parent} is a file, not a directory")
     path = report.build(directory, output)
     print(f"report: {path}")
     return 0
@@ -151,6 +172,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.data is not None:
         overrides["data"] = args.data
     jobs = args.jobs if args.jobs is not None else default_jobs()
+    _check_writable_dir(args.out, "--out")  # before training, not after it
     t0 = time.perf_counter()
     try:
         with Runner(jobs=jobs, threads=args.threads) as runner:

@@ -9,6 +9,7 @@ keys; a value that does not fit names the key, the expected type and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -41,9 +42,55 @@ class LabConfig:
     norm_backend: str = "auto"
 
     def check(self) -> None:
-        """Raise :class:`ConfigError` for values of the right type that make no sense."""
+        """Raise :class:`ConfigError` for values of the right type that make no sense.
+
+        Rules every experiment shares: no float is NaN or infinite; the fields named in
+        :data:`AT_LEAST_ONE` (sizes, counts, step budgets) are >= 1 and those in
+        :data:`POSITIVE` (rates, multipliers, scales) > 0, entry by entry for lists;
+        ``eval_every <= steps``, so that training is evaluated at least once; and
+        ``norm_backend`` is one of the library's backends. Experiments add their own.
+        """
         if self.seeds < 1:
             raise ConfigError(f"--seeds: expected an int >= 1, got {self.seeds}")
+        from batchnorm._backends import BACKEND_NAMES  # the library, as the lab uses it
+
+        if self.norm_backend not in BACKEND_NAMES:
+            raise ConfigError(
+                f"--norm_backend: expected one of {', '.join(BACKEND_NAMES)}, "
+                f"got {self.norm_backend!r}"
+            )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"--{f.name}: expected finite numbers, got {_to_text(value)}")
+            if f.name in AT_LEAST_ONE and any(v < 1 for v in numbers):
+                raise ConfigError(f"--{f.name}: expected values >= 1, got {_to_text(value)}")
+            if f.name in POSITIVE and any(v <= 0 for v in numbers):
+                raise ConfigError(f"--{f.name}: expected values > 0, got {_to_text(value)}")
+        steps, every = getattr(self, "steps", None), getattr(self, "eval_every", None)
+        if isinstance(steps, int) and isinstance(every, int) and every > steps:
+            raise ConfigError(
+                f"--eval_every: expected at most --steps ({steps}) so that training is "
+                f"evaluated, got {every}"
+            )
+
+
+#: Field names that mean a size, a count or a step budget in every experiment.
+AT_LEAST_ONE = frozenset({
+    "steps", "eval_every", "batch_size", "batch_sizes", "test_batch_sizes",
+    "recal_batch_size", "hidden", "deep_hidden", "hidden_size", "probe_examples",
+    "probe_batches", "sample_size", "single_examples", "noise_examples", "noise_draws",
+    "noise_batch_sizes", "landscape_batches", "num_scales", "num_groups", "ghost_batch",
+    "evals", "train_examples", "sequence_length",
+})
+#: Field names that mean a learning rate, a multiplier or a scale in every experiment.
+POSITIVE = frozenset({
+    "lr", "noisy_lr", "deep_lr", "base_lr", "lr_grid", "bn_multipliers",
+    "baseline_multipliers", "step_multipliers", "init_std", "scale_min", "scale_max",
+    "epochs", "speedup_threshold",
+})
 
 
 def field_types(config_class: type) -> dict[str, Any]:

@@ -119,7 +119,11 @@ def _section(record: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         parts.append("<h3>Numbers</h3>")
         header = ("measure", "value: mean (min..max) over seeds")
         parts.append(_table(list(analysis.measures.items()), header))
-    parts.append(_runs_table(record))
+    try:
+        parts.append(_runs_table(record))
+    except Exception:  # noqa: BLE001 - runs of another version may lack a field
+        parts.append(f'<p class="error">runs table failed:\n{_e(traceback.format_exc())}</p>')
+        print(f"warning: {name}: runs table failed", file=sys.stderr)
     parts.append("<details><summary>Config</summary>"
                  + _table([(k, v) for k, v in record["config"].items()]) + "</details>")
     env = {**record.get("environment", {}), "preset": record.get("preset"),

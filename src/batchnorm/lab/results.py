@@ -148,11 +148,18 @@ def load_records(directory: Path) -> list[dict[str, Any]]:
     for path in sorted(directory.glob(f"*/{RESULT_FILE}")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise ValueError(  # noqa: TRY004 - one exception type for every damaged file
+                f"{path}: not a lab result (a JSON {type(record).__name__}, not an object)")
         missing = [k for k in ("experiment", "config", "runs") if k not in record]
         if missing:
             raise ValueError(f"{path}: not a lab result (missing {', '.join(missing)})")
+        if not isinstance(record["runs"], list) or not all(
+            isinstance(r, dict) for r in record["runs"]
+        ):
+            raise ValueError(f"{path}: not a lab result ('runs' is not a list of objects)")
         record["_path"] = str(path)
         records.append(record)
     if not records:

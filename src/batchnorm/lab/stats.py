@@ -50,15 +50,28 @@ def final_accuracy(run: Run, chance: float) -> float:
 
 
 def best_accuracy(run: Run) -> float:
-    """The highest test accuracy the run reached at any evaluation (0 if none)."""
-    _, acc = curve(run)
-    return max(acc, default=0.0)
+    """The highest test accuracy the run reached at an evaluation after training began
+    (step > 0; 0 if none): the untrained network's score is not something it learned."""
+    return max((a for step, a in zip(*curve(run)) if step > 0), default=0.0)
+
+
+def show(value: float, spec: str, suffix: str = "") -> str:
+    """``value`` formatted with ``spec`` and ``suffix``; "n/a" when it is not finite (a
+    measure no completed run gave), so a verdict's text never reads "nan%"."""
+    return f"{value:{spec}}{suffix}" if math.isfinite(value) else "n/a"
 
 
 def steps_to_reach(run: Run, target: float) -> int | None:
-    """The first evaluated step whose test accuracy is at least ``target``, else None."""
+    """The first evaluated step after training began (step > 0) whose test accuracy is
+    at least ``target``; None if there is none.
+
+    Step 0 is the untrained network: a target it meets (chance, in a run too short to
+    learn) is not reached by training. A diverged run never reaches a target.
+    """
+    if diverged(run):
+        return None
     for step, acc in zip(*curve(run)):
-        if acc >= target:
+        if step > 0 and acc >= target:
             return step
     return None
 

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from batchnorm.lab.config import PRESETS, LabConfig, apply_overrides
+from batchnorm.lab.config import PRESETS, ConfigError, LabConfig, apply_overrides
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -122,7 +122,14 @@ class Experiment(ABC):
         """Raise :class:`~batchnorm.lab.config.ConfigError` for a config that does not
         fit ``data`` (a batch larger than its training split, ...). Run for every
         experiment before any of them trains; a config's own checks are in its
-        ``check()``. The default accepts everything."""
+        ``check()``. The default checks that ``batch_size``, where the config has one,
+        is at most the training split; experiments that override this call it too."""
+        batch_size = getattr(config, "batch_size", None)
+        n_train = len(data.x_train)
+        if isinstance(batch_size, int) and batch_size > n_train:
+            raise ConfigError(
+                f"--batch_size: expected at most {n_train} (the training examples of "
+                f"{config.data}), got {batch_size}")
 
     @abstractmethod
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:

@@ -240,6 +240,7 @@ class BatchSize(Experiment):
     }
 
     def check_data(self, config: Any, data: Dataset) -> None:
+        super().check_data(config, data)
         n_train = len(data.x_train)
         if config.batch_sizes[-1] > n_train:
             raise ConfigError(

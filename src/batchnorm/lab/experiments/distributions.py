@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from batchnorm.lab import plots, stats
-from batchnorm.lab.config import LabConfig
+from batchnorm.lab.config import ConfigError, LabConfig
 from batchnorm.lab.diagnostics import layer_inputs, quantiles
 from batchnorm.lab.experiments.base import (
     MIXED,
@@ -73,6 +73,12 @@ class DistributionsConfig(LabConfig):
     drift_threshold: float = 2.0
     moved: float = 0.1
     moved_share: float = 0.5
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.layer < len(self.hidden):
+            raise ConfigError(
+                f"--layer: expected 0 <= layer < {len(self.hidden)}, got {self.layer}")
 
 
 class StagesProbe(Probe):
@@ -180,8 +186,6 @@ class Distributions(Experiment):
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:
         cfg: DistributionsConfig = config
         data = dataset(cfg.data)
-        if not 0 <= cfg.layer < len(cfg.hidden):
-            raise ValueError(f"--layer: expected 0..{len(cfg.hidden) - 1}, got {cfg.layer}")
         probe = StagesProbe(cfg.layer, cfg.probe_examples, cfg.sample_size)
         train = TrainSpec(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                           optimizer=cfg.optimizer, eval_every=cfg.eval_every)

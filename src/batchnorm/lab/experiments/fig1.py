@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from batchnorm.lab import plots, stats
-from batchnorm.lab.config import LabConfig
+from batchnorm.lab.config import ConfigError, LabConfig
 from batchnorm.lab.diagnostics import layer_inputs, quantiles
 from batchnorm.lab.experiments.base import Analysis, Experiment, Verdict, grade
 from batchnorm.lab.models import MLP, Activation, MLPSpec
@@ -58,6 +58,13 @@ class Fig1Config(LabConfig):
     probe_examples: int = 1000
     speedup_threshold: float = 2.0
     drift_threshold: float = 2.0
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.unit < self.hidden[-1]:
+            raise ConfigError(
+                f"--unit: expected 0 <= unit < {self.hidden[-1]} (the last hidden layer's "
+                f"units), got {self.unit}")
 
 
 class SigmoidInputProbe(Probe):
@@ -125,8 +132,6 @@ class Fig1(Experiment):
     def run(self, config: Any, runner: Runner) -> tuple[list[RunResult], dict[str, Any]]:
         cfg: Fig1Config = config
         data = dataset(cfg.data)
-        if not 0 <= cfg.unit < cfg.hidden[-1]:
-            raise ValueError(f"--unit: expected 0..{cfg.hidden[-1] - 1}, got {cfg.unit}")
         probe = SigmoidInputProbe(cfg.unit, cfg.probe_examples)
         train = TrainSpec(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                           optimizer=cfg.optimizer, eval_every=cfg.eval_every)
@@ -160,7 +165,7 @@ class Fig1(Experiment):
             base_steps.append(float(b))
             # BN never reaching the target counts as taking forever (ratio 0).
             bn_steps.append(float(n) if n is not None else float("inf"))
-            ratios.append(b / max(n, 1) if n is not None else 0.0)
+            ratios.append(b / n if n is not None else 0.0)  # n > 0: step 0 never counts
         reached = [s for s in bn_steps if s != float("inf")]
         mean_ratio = stats.mean(ratios)
 

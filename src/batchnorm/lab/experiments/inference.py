@@ -281,10 +281,12 @@ class Inference(Experiment):
             statement="With population statistics one example at a time is classified "
                       "exactly as in a batch; batch statistics at test time fail for "
                       "small batches.",
-            measured=f"one at a time: {'same' if agree else 'different'} predictions "
-                     f"(logits within {max_diff:.1e}); batch statistics of {small} "
-                     f"examples: {100 * stats.mean(by_batch):.1f}% vs population "
-                     f"{100 * stats.mean(pop):.1f}% ({drop:+.1f} points lost)",
+            measured=(f"one at a time: {'same' if agree else 'different'} predictions "
+                      f"(logits within {stats.show(max_diff, '.1e')}); batch statistics of "
+                      f"{small} examples: {stats.show(100 * stats.mean(by_batch), '.1f', '%')} "
+                      f"vs population {stats.show(100 * stats.mean(pop), '.1f', '%')} "
+                      f"({stats.show(drop, '+.1f')} points lost)"
+                      if all_ends else "no completed run"),
             verdict=(SUPPORTED if agree and needs_population
                      else MIXED if agree or needs_population else NOT_SUPPORTED),
             criterion=f"identical predictions (logits within {cfg['logit_tolerance']:g}) and "

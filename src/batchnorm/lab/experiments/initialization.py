@@ -60,6 +60,10 @@ class InitConfig(LabConfig):
             )
         if self.num_scales < 2:
             raise ConfigError(f"--num_scales: expected >= 2, got {self.num_scales}")
+        if self.within < 0 or self.count_margin < 0:
+            raise ConfigError(
+                f"--within/--count_margin: expected values >= 0, got {self.within}, "
+                f"{self.count_margin}")
 
 
 class InitScale(Experiment):

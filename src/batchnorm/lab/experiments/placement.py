@@ -209,12 +209,12 @@ class BNPlacement(Experiment):
                            - stats.mean(acc.get((a, "BN before"), []))) for a in activations}
         same = all(math.isfinite(d) and abs(d) <= cfg["same_tolerance"] for d in diffs.values())
         bias_verdict = SUPPORTED if inert and same else MIXED if inert or same else NOT_SUPPORTED
-        diff_text = ", ".join(f"{a} {d:+.2f}" for a, d in diffs.items())
+        diff_text = ", ".join(f"{a} {stats.show(d, '+.2f')}" for a, d in diffs.items())
         verdicts = [Verdict(
             claim=8,
             statement="A bias in front of BN is redundant: BN subtracts it, its gradient "
                       "is zero, and dropping it changes nothing.",
-            measured=f"|grad b| / |grad W| <= {max(ratios) if ratios else math.nan:.1e}; "
+            measured=f"|grad b| / |grad W| <= {stats.show(max(ratios, default=math.nan), '.1e')}; "
                      f"accuracy with the bias minus without (points): {diff_text}",
             verdict=bias_verdict,
             criterion=f"gradient ratio < {cfg['grad_ratio_max']:g} everywhere and accuracy "

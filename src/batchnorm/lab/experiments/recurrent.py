@@ -113,6 +113,7 @@ class Recurrent(Experiment):
     }
 
     def check_data(self, config: Any, data: Dataset) -> None:
+        super().check_data(config, data)
         steps = sequence_length(config.sequence_length, data.num_features)
         if data.num_features % steps:
             raise ConfigError(

@@ -267,6 +267,7 @@ class Regularization(Experiment):
     }
 
     def check_data(self, config: Any, data: Dataset) -> None:
+        super().check_data(config, data)
         n_train = len(data.x_train)
         if config.train_examples + config.validation_examples > n_train:
             raise ConfigError(

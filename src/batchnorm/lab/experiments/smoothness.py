@@ -125,6 +125,10 @@ class SmoothnessConfig(LabConfig):
             raise ConfigError(
                 f"--noise_shift/--noise_scale: expected shift >= 0 and scale >= 1, got "
                 f"{self.noise_shift}, {self.noise_scale}")
+        if self.steps // self.eval_every < 2:
+            raise ConfigError(
+                f"--eval_every: the layer-input instability needs at least 2 evaluations "
+                f"after step 0, so at most steps / 2 = {self.steps // 2}, got {self.eval_every}")
         if self.landscape_batches < 1:
             raise ConfigError(
                 f"--landscape_batches: expected an int >= 1, got {self.landscape_batches}")
@@ -314,10 +318,11 @@ class Smoothness(Experiment):
                 claim=10,
                 statement="BN still helps when noise makes its layers' input distributions "
                           "unstable: its benefit is not a reduced internal covariate shift.",
-                measured=f"at lr {cfg['noisy_lr']:g}: noisy BN {100 * stats.mean(noisy):.1f}% "
-                         f"vs baseline {100 * stats.mean(base):.1f}% and BN "
-                         f"{100 * stats.mean(bn):.1f}%; noisy BN's instability {ratio:.1f}x "
-                         "BN's",
+                measured=f"at lr {cfg['noisy_lr']:g}: noisy BN "
+                         f"{stats.show(100 * stats.mean(noisy), '.1f', '%')} vs baseline "
+                         f"{stats.show(100 * stats.mean(base), '.1f', '%')} and BN "
+                         f"{stats.show(100 * stats.mean(bn), '.1f', '%')}; noisy BN's "
+                         f"instability {stats.show(ratio, '.1f', 'x')} BN's",
                 verdict=noisy_verdict,
                 criterion=f"BN and noisy BN >= {need:g} points above the baseline, seed "
                           f"ranges apart, noisy BN's instability >= {cfg['unstable_ratio']:g}x "
@@ -333,9 +338,9 @@ class Smoothness(Experiment):
                 claim=10,
                 statement="BN makes the loss landscape smoother: the loss and the gradient "
                           "change less along the gradient direction.",
-                measured=f"at lr {cfg['lr']:g} (baseline {both_train[0]:.1f}%, BN "
-                         f"{both_train[1]:.1f}%), baseline / BN: " + ", ".join(
-                    f"{key.replace('_', ' ')} {r:.2f}x" for key, r, _ in parts),
+                measured=f"at lr {cfg['lr']:g} (baseline {stats.show(both_train[0], '.1f', '%')}, "
+                         f"BN {stats.show(both_train[1], '.1f', '%')}), baseline / BN: " + ", ".join(
+                    f"{key.replace('_', ' ')} {stats.show(r, '.2f', 'x')}" for key, r, _ in parts),
                 verdict=grade(
                     effect_ok=all(sep for _, _, sep in parts),
                     threshold_ok=all(r >= cfg["smooth_ratio"] for _, r, _ in parts),

@@ -178,7 +178,7 @@ class Speedup(Experiment):
                 n = stats.steps_to_reach(run, target)
                 base_n = base_steps[seeds.index(run["seed"])]
                 steps.append(float(n) if n is not None else float("inf"))
-                ratios.append(base_n / max(n, 1) if n is not None else 0.0)
+                ratios.append(base_n / n if n is not None else 0.0)  # n > 0: step 0 never counts
                 final = stats.final_accuracy(run, chance)
                 well.append(not stats.diverged(run) and final >= target - cfg["tolerance"] / 100)
             ratios_by[label], steps_by[label], well_by[label] = ratios, steps, well
