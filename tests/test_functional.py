@@ -458,3 +458,24 @@ def test_split_backend_copies_and_keeps_private_names() -> None:
     assert copy.copy(split).name == "numba+aten"
     assert copy.deepcopy(split).name == "numba+aten"
     assert not hasattr(split, "_not_there")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_zero_dim_tensor_eps_and_momentum(backend) -> None:
+    """torch.nn.functional.batch_norm takes 0-dim tensors for both; so does ours."""
+    x = torch.randn(6, 3, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm_t, rv_t = torch.zeros(3), torch.ones(3)
+    y = bn.functional.batch_norm(x, rm, rv, training=True, momentum=torch.tensor(0.3),
+                                 eps=torch.tensor(1e-3), backend=backend)
+    expected = torch.nn.functional.batch_norm(x, rm_t, rv_t, training=True, momentum=0.3, eps=1e-3)
+    assert_close(y, expected, 1e-5, 1e-5, "output")
+    assert_close(rv, rv_t, 1e-6, 1e-6, "running_var")
+    with pytest.raises(ValueError, match="eps must be a number or a 0-dim real tensor"):
+        bn.functional.batch_norm(x, rm, rv, training=True, eps=torch.ones(2))
+
+
+def test_numpy_integer_num_features() -> None:
+    np = pytest.importorskip("numpy")
+    layer = bn.BatchNorm2d(np.int64(3))
+    assert layer(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)

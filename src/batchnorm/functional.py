@@ -8,6 +8,7 @@ Triton CUDA kernels, or the pure-torch reference.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,6 +102,7 @@ def batch_norm(
             running statistics in inference, or a bad ``momentum``/``eps``/``backend``.
         FloatingPointError: with ``check_finite=True`` and non-finite batch statistics.
     """
+    momentum, eps = _plain_number("momentum", momentum), _plain_number("eps", eps)
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
     if not training:
         if running_mean is None or running_var is None:
@@ -202,6 +204,18 @@ def _composed_train(
         _raise_if_not_finite(input, mean.detach(), invstd.detach())
     scale, shift = _reference.affine_coefficients(weight, bias, mean, invstd)
     return _reference.apply_affine(input, scale, shift)
+
+
+def _plain_number(name: str, value: Any) -> Any:
+    """A 0-dim tensor (torch.nn.functional.batch_norm accepts them) as a Python float."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.dim() != 0 or value.is_complex():
+        raise ValueError(
+            f"batch_norm: {name} must be a number or a 0-dim real tensor, got a tensor of "
+            f"shape {tuple(value.shape)} and dtype {value.dtype}"
+        )
+    return float(value)
 
 
 def _validate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -16,7 +17,9 @@ def check_layer_args(
     owner: str, num_features: object, eps: float, momentum: float | None, backend: str
 ) -> None:
     """The constructor checks every batch-norm layer shares; errors name ``owner``."""
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+    # numbers.Integral: NumPy integers too, as torch's layers take them.
+    if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
+            or num_features < 1):
         raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"{owner}: eps must be >= 0 and finite, got {eps}")
