@@ -51,7 +51,16 @@ def _cost(spec: RunSpec) -> int:
 
 
 def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)  # NUMBA_NUM_THREADS came with the parent's environment
+    torch.set_num_threads(threads)
+    # numba (one of the library's CPU backends) gets the same count, or parallel
+    # workers oversubscribe the cores. Set at run time, not through NUMBA_NUM_THREADS:
+    # changing that variable in a process whose numba pool already runs makes numba's
+    # next compilation raise.
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def _run_in_worker(spec: RunSpec) -> RunResult:
@@ -77,10 +86,6 @@ class Runner:
             raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
         self.jobs = jobs
         self.threads = threads
-        # numba (one of the library's CPU backends) sizes its thread pool from this
-        # when first imported; match torch's, or parallel runs oversubscribe the cores.
-        # A value the user set wins.
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
         self.progress = sys.stdout.isatty() if progress is None else progress
         self._pool: ProcessPoolExecutor | None = None
 
