@@ -534,6 +534,23 @@ def test_act_eval(act, slope, with_residual):
     assert_close(out, ref_act(z, act, slope), torch.float32, f"eval {act}")
 
 
+def test_short_per_channel_vectors_are_refused():
+    """The kernels index vectors by channel unchecked: a short one would be read and
+    written past its end."""
+    x = torch.randn(4, 3, 5, device=DEVICE)
+    store = torch.full((6,), 7.0, device=DEVICE)
+    short = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got \(2,\)"):
+        H.BACKEND.forward_train(x, None, None, 1e-5, store[0:2], store[3:5], 0.1, None, None)
+    assert torch.equal(store, torch.full((6,), 7.0, device=DEVICE))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        H.act_forward_train(x, short, None, 1e-5, None, None, 0.1, activation="relu")
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        H.BACKEND.forward_eval(x, None, None, torch.zeros(3, device=DEVICE), short, 1e-5)
+    with pytest.raises(ValueError, match="invstd must have shape"):
+        H.BACKEND.backward_train(x, x, None, torch.zeros(3, device=DEVICE), short)
+
+
 def test_bad_activation_name():
     x = make_x((2, 3, 4))
     with pytest.raises(ValueError, match="activation"):

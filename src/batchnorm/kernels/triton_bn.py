@@ -566,7 +566,8 @@ def fwd_merge_kernel(
     cmask = c < C
     cnt, mean, m2 = _merge_partials(pcnt_ptr, pmean_ptr, pm2_ptr, c, cmask, SPLIT,
                                     BLOCK_C, BLOCK_SP)
-    mean += tl.load(x_ptr + c * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
+    # int64: (C - 1)·S passes 2^31 on large inputs, and this kernel sees no IDX64 flag.
+    mean += tl.load(x_ptr + c.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
     var = tl.div_rn(m2, tl.maximum(cnt, 1.0))
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, _invstd(var, eps), mask=cmask)

@@ -335,11 +335,21 @@ def plan_for(x: Tensor, mode: str = "forward") -> Plan:
 # ----------------------------------------------------------------------------------------
 # launches
 # ----------------------------------------------------------------------------------------
-def _check(x: Tensor) -> None:
+def _check(x: Tensor, **vectors: Tensor | None) -> None:
+    """The input's dtype and rank, and that each given per-channel vector has C values:
+    the kernels index them by channel without bounds, so a short one would be read
+    and written past its end."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"expected a (N, C, *) input, got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    for name, t in vectors.items():
+        if t is not None and t.shape != (C,):
+            raise ValueError(
+                f"{name} must have shape ({C},) to match input {tuple(x.shape)}, got "
+                f"{tuple(t.shape)}"
+            )
 
 
 def _param(t: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
@@ -375,7 +385,7 @@ def _reads_sign(act: int, slope: float) -> bool:
 
 def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
                    num_batches_tracked, num_batches_skipped, residual, act, slope):
-    _check(x)
+    _check(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     xk, v = _prepare(x)
     C = v.C
     dev = x.device
@@ -493,7 +503,7 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
 def _backward_train(dout, x, weight, bias, mean, invstd, out, residual, write_dres, act,
                     from_out, slope):
     """dx, dweight, dbias (float32), dres (= dz, or None) of act(BN(x) [+ residual])."""
-    _check(x)
+    _check(x, weight=weight, bias=bias, mean=mean, invstd=invstd)
     xk, v = _prepare(x)
     C = v.C
     dev = x.device
@@ -574,7 +584,7 @@ def _backward_train(dout, x, weight, bias, mean, invstd, out, residual, write_dr
 
 
 def _forward_eval(x, weight, bias, running_mean, running_var, eps, residual, act, slope):
-    _check(x)
+    _check(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     xk, v = _prepare(x)
     y = torch.empty_like(xk)
     if xk.numel() == 0:
