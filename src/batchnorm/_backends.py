@@ -285,12 +285,20 @@ def under_transform() -> bool:
     )
 
 
-def select_backend(name: str, x: Tensor, *params: Tensor | None) -> Backend:
+def select_backend(
+    name: str, x: Tensor, *params: Tensor | None, transform_safe: bool = False
+) -> Backend:
     """Return the backend ``name`` for input ``x`` (see :func:`_select`) that can also
     take ``params``, the call's weight, bias and running statistics (see
-    :func:`_for_params`). Under a transform (:func:`under_transform`) ``"auto"`` is the
-    reference."""
-    if name == "auto" and under_transform():
+    :func:`_for_params`).
+
+    Under a transform (:func:`under_transform`) ``"auto"`` is the reference, unless the
+    caller says it has dealt with transforms itself (``transform_safe=True``: plain
+    batch norm's eval, which lands on aten's kernel, a torch op, and its training,
+    which has taken its composed path by then). The check costs ~0.2 µs, a visible
+    share of a small layer's call, so it runs once per call, not twice.
+    """
+    if name == "auto" and not transform_safe and under_transform():
         return _get("reference")  # type: ignore[return-value]
     key = (name, x.is_cpu, x.is_cuda, x.dtype)
     backend = _chosen.get(key)

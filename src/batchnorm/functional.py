@@ -102,7 +102,8 @@ def batch_norm(
             running statistics in inference, or a bad ``momentum``/``eps``/``backend``.
         FloatingPointError: with ``check_finite=True`` and non-finite batch statistics.
     """
-    momentum, eps = _plain_number("momentum", momentum), _plain_number("eps", eps)
+    if isinstance(momentum, Tensor) or isinstance(eps, Tensor):
+        momentum, eps = _plain_number("momentum", momentum), _plain_number("eps", eps)
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
     if not training:
         if running_mean is None or running_var is None:
@@ -139,7 +140,9 @@ def batch_norm(
             input, weight, bias, eps, running_mean, running_var, momentum,
             num_batches_tracked, num_batches_skipped, check_finite,
         )
-    chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
+    chosen = select_backend(
+        backend, input, weight, bias, running_mean, running_var, transform_safe=True
+    )
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=True)
     x = _dense(input)
@@ -475,8 +478,10 @@ def eval_on_aten(
     if _wants_grad(input, running_mean, running_var, weight, bias):
         return None
     chosen = prefer_aten(
-        select_backend("auto", input, weight, bias, running_mean, running_var), input,
-        training=False,
+        select_backend(
+            "auto", input, weight, bias, running_mean, running_var, transform_safe=True
+        ),
+        input, training=False,
     )
     if chosen.name != "aten":
         return None
