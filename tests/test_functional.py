@@ -479,3 +479,15 @@ def test_numpy_integer_num_features() -> None:
     np = pytest.importorskip("numpy")
     layer = bn.BatchNorm2d(np.int64(3))
     assert layer(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+
+
+def test_double_backward_with_a_bias_and_no_weight_under_auto() -> None:
+    """aten's double backward fails for weight=None with a bias; "auto" keeps off it."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def fn(inp, bias):
+        return bn.functional.batch_norm(inp, None, None, None, bias, training=True)
+
+    assert torch.autograd.gradgradcheck(fn, (x, b))

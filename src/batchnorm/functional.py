@@ -143,7 +143,9 @@ def batch_norm(
     chosen = select_backend(
         backend, input, weight, bias, running_mean, running_var, transform_safe=True
     )
-    if backend == "auto":
+    if backend == "auto" and not (weight is None and bias is not None):
+        # (A bias without a weight stays off aten: torch's native_batch_norm double
+        # backward fails on that combination.)
         chosen = prefer_aten(chosen, input, training=True)
     x = _dense(input)
     autograd_train = getattr(chosen, "autograd_train", None)
