@@ -366,7 +366,10 @@ def freeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
     being parameters. Same as ``convert(model, "frozen", default_dim=default_dim)``
     (``default_dim``: the rank for SyncBatchNorm layers whose source rank is unknown).
     Layers with no frozen form (RecurrentBatchNorm, subclasses that override
-    ``forward``) are left as they are, with a warning naming them.
+    ``forward``) are left as they are, with a warning naming them. A layer that cannot
+    be frozen without changing the model raises ValueError, and the model is left
+    unchanged: one without running statistics (``track_running_stats=False``), or a
+    BatchNormAct layer with an activation (the frozen layer has none).
     """
     return _convert(model, "frozen", default_dim, {}, "freeze")
 

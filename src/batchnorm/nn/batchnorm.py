@@ -31,8 +31,9 @@ _DOC_COMMON = r"""
         track_running_stats: keep running estimates; if False, batch statistics are
             used in eval mode too. Default: True.
         bias: learn β (with ``affine``). Default: True.
-        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
-        check_finite: raise on non-finite batch statistics instead of skipping.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"aten"`` or ``"triton"``.
+        check_finite: also raise FloatingPointError on non-finite batch statistics
+            (the batch is still skipped and counted in ``num_batches_skipped``).
 
     Raises:
         ValueError: wrong number of dims, channel count not equal to ``num_features``,

@@ -81,7 +81,9 @@ class RecurrentBatchNorm(nn.Module):
     Padded rows never enter the statistics: in training the batch statistics are those
     of the real rows only and only they update the running estimates. The output of a
     padded row is 0 (in training and in eval) and its input receives zero gradient, so
-    padded rows may hold anything, NaN included. A mask in training makes the host
+    padded rows may hold anything, NaN included, in training; in eval, NaN in a padded
+    row leaves the output and the input and β gradients clean but makes γ's gradient
+    NaN (0·NaN in its sum), so zero the padding there if γ gets a gradient. A mask in training makes the host
     wait for the device once (to count the real rows); without a mask nothing waits.
     A step with no real row outputs zeros and updates nothing; a step with exactly one
     real row cannot be normalized with batch statistics and raises, as
@@ -102,8 +104,9 @@ class RecurrentBatchNorm(nn.Module):
         bias: learn β (with ``affine``); the BN-LSTM turns it off where the LSTM's own
             bias already shifts. Default: True.
         weight_init: the initial γ (the BN-LSTM uses 0.1). Default: 1.0.
-        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
-        check_finite: raise on non-finite batch statistics instead of skipping.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"aten"`` or ``"triton"``.
+        check_finite: also raise FloatingPointError on non-finite batch statistics
+            (the batch is still skipped and counted in ``num_batches_skipped``).
 
     Shape:
         ``forward(x, t, mask=None)``: x (N, C) or (N, C, L), mask (N,); output as x.
