@@ -116,3 +116,58 @@ def test_every_experiment_survives_rates_that_break_training(
         assert all(v["verdict"] != "supported" for v in verdicts
                    if record["experiment"] == "batchsize")
     assert report.build(tmp_path).is_file()
+
+
+# Claims that credit a network's learning, by experiment: (claim, words of the statement).
+_LEARNING_CLAIMS = {
+    "fig1": [(1, "fewer steps")],
+    "speedup": [(1, "fewer steps"), (3, "higher learning rates")],
+    "init": [(4, "less sensitive")],
+    "regularization": [(5, "regularizes"), (5, "need for dropout")],
+    "batchsize": [(6, "degrade less")],
+    "placement": [(8, "redundant")],
+    "rnn": [(9, "")],
+    "smoothness": [(10, "")],
+}
+
+
+def _at_chance(record: dict, chance: float) -> dict:
+    """The record with every accuracy of every run replaced by chance."""
+    import copy
+
+    out = copy.deepcopy(record)
+    for run in out["runs"]:
+        for row in run["rows"]:
+            if "accuracy" in row:
+                row["accuracy"] = chance
+    return out
+
+
+def test_networks_at_chance_support_no_claim_about_learning(tiny_results: Path) -> None:
+    """A network that learned nothing "reaches" chance-level targets at once, is near its
+    best at every scale, has a flat landscape: none of that may read as support."""
+    from batchnorm.lab.experiments import REGISTRY
+
+    for record in load_records(tiny_results):
+        claims = _LEARNING_CLAIMS.get(record["experiment"])
+        if not claims:
+            continue
+        chance = 1.0 / record["data"]["classes"]
+        analysis = REGISTRY[record["experiment"]].analyze(_at_chance(record, chance))
+        for claim, words in claims:
+            matched = [v for v in analysis.verdicts if v.claim == claim and words in v.statement]
+            assert matched, (record["experiment"], claim, words)  # the test is not vacuous
+            for v in matched:
+                assert v.verdict != "supported", (record["experiment"], v.statement)
+
+
+def test_seed_spread_and_training_rules() -> None:
+    assert not stats.separated([0.9], [0.1])  # one seed has no spread to compare
+    assert stats.separated([0.9, 0.8], [0.1, 0.2])
+    rows = [{"step": 10 * i, "split": "test", "accuracy": a}
+            for i, a in enumerate((0.1, 0.9, 0.9, 0.9))]
+    run = {"outcome": "completed", "rows": rows}
+    assert stats.trained(run, 0.1)  # final 0.9 >= 0.55, halfway from chance to 100%
+    assert not stats.trained({**run, "outcome": "diverged"}, 0.1)
+    at_chance = [{**r, "accuracy": 0.1} for r in rows]
+    assert not stats.trained({"outcome": "completed", "rows": at_chance}, 0.1)

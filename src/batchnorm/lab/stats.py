@@ -106,9 +106,17 @@ def separated(high: Sequence[float], low: Sequence[float]) -> bool:
     """The lab's seed-spread rule: every seed of ``high`` beats every seed of ``low``.
 
     The ranges over seeds do not overlap, so the difference is larger than the
-    variation between seeds.
+    variation between seeds. With fewer than two seeds on a side there is no spread to compare, so the rule
+    cannot hold: a single-seed run never passes it.
     """
-    return bool(high) and bool(low) and min(high) > max(low)
+    return len(high) >= 2 and len(low) >= 2 and min(high) > max(low)
+
+
+def trained(run: Run, chance: float) -> bool:
+    """Whether a run learned: it completed, and its final accuracy is at least halfway
+    from chance to 100%. A claim that credits a network needs it to have trained: a
+    network at chance "reaches" chance-level targets at once and has a flat landscape."""
+    return not diverged(run) and final_accuracy(run, chance) >= chance + (1.0 - chance) / 2
 
 
 def mean_curve(runs: Sequence[Run], key: str = "accuracy", split: str = "test") -> tuple[

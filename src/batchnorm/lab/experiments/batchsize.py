@@ -323,7 +323,12 @@ class BatchSize(Experiment):
                                        ((RENORM,), "batch renorm")):
                 present = [k for k in labels if drops.get(k)]
                 if present:
-                    verdicts.append(self._less(cfg, drops, present, claim_part, smallest))
+                    # A norm that never trained has nothing to lose: its drop of ~0 is
+                    # no evidence that it degrades less.
+                    trained = {k: all(max(accs.values()) >= chance + 0.5 * (1.0 - chance)
+                                      for accs in table[k].values()) for k in present}
+                    verdicts.append(
+                        self._less(cfg, drops, present, claim_part, smallest, trained))
         if GHOST in table and BN in table:
             verdicts.append(self._ghost(cfg, table[GHOST], table[BN]))
         return Analysis(measures, verdicts)
@@ -405,15 +410,17 @@ class BatchSize(Experiment):
         )
 
     def _less(self, cfg: dict[str, Any], drops: dict[str, list[float]], labels: list[str],
-              claim_part: str, smallest: int) -> Verdict:
-        """(c), (d) the named norms lose at least ``less_margin`` points less than BN."""
+              claim_part: str, smallest: int, trained: dict[str, bool]) -> Verdict:
+        """(c), (d) the named norms lose at least ``less_margin`` points less than BN;
+        each must have trained (its best at least halfway from chance to 100%) in every
+        seed."""
         bn = drops[BN]
         grades: list[str] = []
         parts: list[str] = []
         for label in labels:
             gap = 100 * (stats.mean(bn) - stats.mean(drops[label]))
             grades.append(grade(
-                effect_ok=stats.separated(bn, drops[label]),
+                effect_ok=stats.separated(bn, drops[label]) and trained[label],
                 threshold_ok=gap >= cfg["less_margin"],
                 direction_ok=gap > 0,
             ))
@@ -432,7 +439,8 @@ class BatchSize(Experiment):
                      f"{100 * stats.mean(bn):.1f}, " + ", ".join(parts),
             verdict=verdict,
             criterion=f"each one's mean drop >= {cfg['less_margin']:g} points below BN's, every "
-                      "BN seed's drop above every seed's of the other norm"
+                      "BN seed's drop above every seed's of the other norm, which trained "
+                      "(its best at least halfway from chance to 100%) in every seed"
                       + ("; mixed if only one of them passes" if len(labels) > 1 else ""),
         )
 

@@ -208,6 +208,9 @@ class Distributions(Experiment):
         groups = stats.by_label(record["runs"])
         base = [r for r in groups.get("baseline", []) if not stats.diverged(r)]
         bn = [r for r in groups.get("BN", []) if not stats.diverged(r)]
+        # "Every seed" means every seed: a diverged run is not left out of the judgment.
+        none_diverged = len(base) == len(groups.get("baseline", [])) and len(bn) == len(
+            groups.get("BN", []))
         base_drift = [drift(r, ACT_INPUT["baseline"]) for r in base]
         bn_drift = [drift(r, ACT_INPUT["BN"]) for r in bn]
         ratio = stats.mean(base_drift) / max(stats.mean(bn_drift), 1e-12)
@@ -243,14 +246,16 @@ class Distributions(Experiment):
             measured=f"drift {stats.mean(base_drift):.3f} (baseline) vs "
                      f"{stats.mean(bn_drift):.3f} (BN): ratio {ratio:.2f}",
             verdict=grade(
-                effect_ok=stats.separated(base_drift, bn_drift),
+                effect_ok=stats.separated(base_drift, bn_drift) and none_diverged,
                 threshold_ok=ratio >= cfg["drift_threshold"],
                 direction_ok=ratio > 1.0,
             ),
-            criterion=f"baseline drift >= {cfg['drift_threshold']:g}x BN's, seed ranges apart",
+            criterion=f"baseline drift >= {cfg['drift_threshold']:g}x BN's, seed ranges apart, "
+                      "no run diverged",
         )]
         if shares:
-            if min(shares) >= cfg["moved_share"]:
+            # A missing probe value (NaN) fails the test; min() would skip over it.
+            if none_diverged and all(s >= cfg["moved_share"] for s in shares):
                 verdict = SUPPORTED
             elif stats.mean(shares) >= 0.1:
                 verdict = MIXED

@@ -197,12 +197,15 @@ class Fig1(Experiment):
             measured=f"{mean_ratio:.2f}x fewer steps (seeds: "
                      + ", ".join(f"{r:.2f}" for r in ratios) + ")",
             verdict=grade(
-                effect_ok=len(reached) == len(bn_steps) and stats.separated(base_steps, bn_steps),
+                # BN must have trained: at chance it "reaches" a chance-level target at once.
+                effect_ok=len(reached) == len(bn_steps) and stats.separated(base_steps, bn_steps)
+                and all(stats.trained(r, chance) for r in bn),
                 threshold_ok=mean_ratio >= cfg["speedup_threshold"],
                 direction_ok=mean_ratio > 1.0,
             ),
-            criterion=f"mean speed-up >= {cfg['speedup_threshold']:g}x and every BN seed "
-                      "reaches the target before every baseline seed",
+            criterion=f"mean speed-up >= {cfg['speedup_threshold']:g}x, every BN seed "
+                      "reaches the target before every baseline seed, and BN trained "
+                      "(final accuracy at least halfway from chance to 100%)",
         )
         drift = Verdict(
             claim=2,
@@ -211,11 +214,14 @@ class Fig1(Experiment):
             measured=f"median drifts {stats.mean(base_drift):.3f} (baseline) vs "
                      f"{stats.mean(bn_drift):.3f} (BN): ratio {drift_ratio:.2f}",
             verdict=grade(
-                effect_ok=stats.separated(base_drift, bn_drift),
+                # A run that diverged has no drift to measure (one row at step 0).
+                effect_ok=stats.separated(base_drift, bn_drift)
+                and not any(stats.diverged(r) for r in base + bn),
                 threshold_ok=drift_ratio >= cfg["drift_threshold"],
                 direction_ok=drift_ratio > 1.0,
             ),
-            criterion=f"baseline drift >= {cfg['drift_threshold']:g}x BN's, seed ranges apart",
+            criterion=f"baseline drift >= {cfg['drift_threshold']:g}x BN's, seed ranges apart, "
+                      "no run diverged",
         )
         return Analysis(measures, [speed, drift])
 

@@ -8,6 +8,7 @@ hidden layer's output is renormalized, so only the last layer still sees the sca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -112,12 +113,17 @@ class InitScale(Experiment):
         chance = 1.0 / record["data"]["classes"]
         table = stats.final_by_param(record["runs"], "scale", chance)
         within = cfg["within"] / 100
+        halfway = chance + (1.0 - chance) / 2
         counts: dict[str, list[float]] = {}
         for label, by_seed in table.items():
             counts[label] = []
             for accs in by_seed.values():
                 best = max(accs.values())
-                counts[label].append(float(sum(a >= best - within for a in accs.values())))
+                # A scale "works" if it is near the best and trained at all: a network at
+                # chance everywhere is near its best everywhere.
+                works = halfway if best >= halfway else math.inf
+                counts[label].append(float(sum(a >= max(best - within, works)
+                                               for a in accs.values())))
         base, bn = counts.get("baseline", []), counts.get("BN", [])
         diff = stats.mean(bn) - stats.mean(base)
 
@@ -145,7 +151,9 @@ class InitScale(Experiment):
                 direction_ok=diff > 0,
             ),
             criterion=f"BN works at >= {cfg['count_margin']} more scales on average, every "
-                      "BN seed's count above every baseline seed's",
+                      "BN seed's count above every baseline seed's; a scale works if its "
+                      f"final accuracy is within {cfg['within']:g} points of the seed's best "
+                      "and at least halfway from chance to 100%",
         )
         return Analysis(measures, [verdict])
 

@@ -192,10 +192,15 @@ class BNPlacement(Experiment):
                 values, 2, 100)
         ratios: list[float] = []
         moved: list[float] = []
+        unmeasured = 0  # runs of the bias-kept variant that left a ratio out
         for run in record["runs"]:
             end = run["extra"].get("end") or {}
             # a non-finite value was saved as None (a run whose weights overflowed)
-            ratios += [v for v in end.get("grad_ratio", []) if _finite(v)]
+            values = end.get("grad_ratio", [])
+            ratios += [v for v in values if _finite(v)]
+            if run["params"].get("variant") == "BN before, bias kept" and (
+                    stats.diverged(run) or not values or not all(_finite(v) for v in values)):
+                unmeasured += 1
             moved += [v for v in end.get("bias_moved", []) if _finite(v)]
         measures["bias kept: largest |grad b| / |grad W| (any layer, seed)"] = (
             f"{max(ratios):.2e}" if ratios else "n/a")
@@ -204,10 +209,16 @@ class BNPlacement(Experiment):
 
         activations = list(dict.fromkeys(a for a, _ in acc))
         # Redundant bias: inert gradient, and no accuracy difference.
-        inert = bool(ratios) and max(ratios) < cfg["grad_ratio_max"]
+        # "Everywhere": a run that diverged or gave no finite ratio is not inert evidence.
+        inert = bool(ratios) and not unmeasured and max(ratios) < cfg["grad_ratio_max"]
         diffs = {a: 100 * (stats.mean(acc.get((a, "BN before, bias kept"), []))
                            - stats.mean(acc.get((a, "BN before"), []))) for a in activations}
-        same = all(math.isfinite(d) and abs(d) <= cfg["same_tolerance"] for d in diffs.values())
+        # Equal accuracy means something only if those networks trained (two diverged
+        # variants both score chance).
+        kept_trained = all(stats.trained(r, chance) for r in record["runs"]
+                           if r["params"].get("variant") in ("BN before", "BN before, bias kept"))
+        same = kept_trained and all(
+            math.isfinite(d) and abs(d) <= cfg["same_tolerance"] for d in diffs.values())
         bias_verdict = SUPPORTED if inert and same else MIXED if inert or same else NOT_SUPPORTED
         diff_text = ", ".join(f"{a} {stats.show(d, '+.2f')}" for a, d in diffs.items())
         verdicts = [Verdict(
@@ -217,8 +228,10 @@ class BNPlacement(Experiment):
             measured=f"|grad b| / |grad W| <= {stats.show(max(ratios, default=math.nan), '.1e')}; "
                      f"accuracy with the bias minus without (points): {diff_text}",
             verdict=bias_verdict,
-            criterion=f"gradient ratio < {cfg['grad_ratio_max']:g} everywhere and accuracy "
-                      f"within {cfg['same_tolerance']:g} points for every activation",
+            criterion=f"gradient ratio < {cfg['grad_ratio_max']:g} in every run that keeps the "
+                      f"bias (none diverged or unmeasured) and accuracy within "
+                      f"{cfg['same_tolerance']:g} points for every activation, both variants "
+                      "trained (at least halfway from chance to 100%) in every run",
         )]
 
         # Placement: before vs after, per activation.

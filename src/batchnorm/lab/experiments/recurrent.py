@@ -178,7 +178,11 @@ class Recurrent(Experiment):
                              "gamma = 1.")),
         ):
             if better in final and worse in final:
-                verdicts.append(_lead(cfg, final, better, worse, statement))
+                # Both must have completed (a diverged rival scores chance: no comparison)
+                # and the better one trained.
+                comparable = (not any(stats.diverged(r) for r in groups[better] + groups[worse])
+                              and all(stats.trained(r, chance) for r in groups[better]))
+                verdicts.append(_lead(cfg, final, better, worse, statement, comparable))
         return Analysis(measures, verdicts)
 
     def figures(self, record: dict[str, Any]) -> list[tuple[str, Figure]]:
@@ -205,7 +209,7 @@ def sequence_length(configured: int | None, features: int) -> int:
 
 
 def _lead(cfg: dict[str, Any], final: dict[str, list[float]], better: str, worse: str,
-          statement: str) -> Verdict:
+          statement: str, comparable: bool) -> Verdict:
     lead = 100 * (stats.mean(final[better]) - stats.mean(final[worse]))
     return Verdict(
         claim=9,
@@ -213,9 +217,10 @@ def _lead(cfg: dict[str, Any], final: dict[str, list[float]], better: str, worse
         measured=f"{better} {100 * stats.mean(final[better]):.1f}% vs {worse} "
                  f"{100 * stats.mean(final[worse]):.1f}% ({lead:+.1f} points)",
         verdict=grade(
-            effect_ok=stats.separated(final[better], final[worse]),
+            effect_ok=stats.separated(final[better], final[worse]) and comparable,
             threshold_ok=lead >= cfg["margin"],
             direction_ok=lead > 0,
         ),
-        criterion=f">= {cfg['margin']:g} points, seed ranges apart",
+        criterion=f">= {cfg['margin']:g} points, seed ranges apart, no run of either "
+                  f"diverged, and {better} trained (at least halfway from chance to 100%)",
     )

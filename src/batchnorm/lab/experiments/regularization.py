@@ -333,10 +333,11 @@ class Regularization(Experiment):
                 stats.fmt_range(noise["slopes"], 3))
 
         verdicts: list[Verdict] = []
+        halfway = chance_of(record) + (1.0 - chance_of(record)) / 2
         if m.get(BN) and m.get(BASELINE):
-            verdicts.append(_verdict_regularizes(cfg, m[BASELINE], m[BN]))
+            verdicts.append(_verdict_regularizes(cfg, m[BASELINE], m[BN], halfway))
         if all(m.get(name) for name, _, _ in CONFIGS):
-            verdicts.append(_verdict_dropout(cfg, m))
+            verdicts.append(_verdict_dropout(cfg, m, halfway))
         if noise["slopes"]:
             verdicts.append(_verdict_noise(cfg, noise))
         return Analysis(measures, verdicts)
@@ -485,11 +486,23 @@ def _plot_noise(ax: Axes, runs: list[dict[str, Any]], name: str, color: str,
         ax.plot([b] * len(values), values, ".", color=color, alpha=0.5)
 
 
+def chance_of(record: dict[str, Any]) -> float:
+    return 1.0 / record["data"]["classes"]
+
+
+def _learned(t: dict[str, list[float]], halfway: float) -> bool:
+    """Every seed tests at least halfway from chance to 100%: the network learned."""
+    return bool(t["test_acc"]) and all(a >= halfway for a in t["test_acc"])
+
+
 def _verdict_regularizes(cfg: dict[str, Any], base: dict[str, list[float]],
-                         bn: dict[str, list[float]]) -> Verdict:
-    """5a: BN's generalization gap is smaller, without a lower test accuracy."""
+                         bn: dict[str, list[float]], halfway: float) -> Verdict:
+    """5a: BN's generalization gap is smaller, without a lower test accuracy, and not
+    because BN fits the training set less (its train accuracy at most gap_margin points
+    below the baseline's), with both networks having learned."""
     shrink = 100 * (stats.mean(base["gap"]) - stats.mean(bn["gap"]))
     test_diff = 100 * (stats.mean(bn["test_acc"]) - stats.mean(base["test_acc"]))
+    fits = 100 * (stats.mean(base["train_acc"]) - stats.mean(bn["train_acc"])) <= cfg["gap_margin"]
     return Verdict(
         claim=5,
         statement="BN regularizes: a network that fits its training set generalizes better "
@@ -500,17 +513,22 @@ def _verdict_regularizes(cfg: dict[str, Any], base: dict[str, list[float]],
                  f"{100 * stats.mean(bn['train_acc']):.1f}% vs "
                  f"{100 * stats.mean(base['train_acc']):.1f}%",
         verdict=grade(
-            effect_ok=stats.separated(base["gap"], bn["gap"]),
+            effect_ok=stats.separated(base["gap"], bn["gap"]) and fits
+            and _learned(base, halfway) and _learned(bn, halfway),
             threshold_ok=shrink >= cfg["gap_margin"],
             direction_ok=shrink > 0 and test_diff >= 0,
         ),
         criterion=f"BN's gap >= {cfg['gap_margin']:g} points smaller on average, seed ranges "
-                  "apart, and its test accuracy not lower",
+                  "apart, its test accuracy not lower, its train accuracy at most "
+                  f"{cfg['gap_margin']:g} points below the baseline's, and both networks "
+                  "testing at least halfway from chance to 100%",
     )
 
 
-def _verdict_dropout(cfg: dict[str, Any], m: dict[str, dict[str, list[float]]]) -> Verdict:
-    """5b: BN alone is as good as the baseline with dropout, and dropout adds less to BN."""
+def _verdict_dropout(cfg: dict[str, Any], m: dict[str, dict[str, list[float]]],
+                     halfway: float) -> Verdict:
+    """5b: BN alone is as good as the baseline with dropout, and dropout adds less to BN;
+    all four configurations must have learned."""
     bn_vs_drop = 100 * (stats.mean(m[BN]["test_acc"]) - stats.mean(m[BASELINE_DROPOUT]["test_acc"]))
     gain_base = _paired_gain(m[BASELINE], m[BASELINE_DROPOUT])
     gain_bn = _paired_gain(m[BN], m[BN_DROPOUT])
@@ -524,13 +542,15 @@ def _verdict_dropout(cfg: dict[str, Any], m: dict[str, dict[str, list[float]]]) 
                  f"{100 * stats.mean(gain_base):+.2f} (baseline) and "
                  f"{100 * stats.mean(gain_bn):+.2f} (BN) points",
         verdict=grade(
-            effect_ok=stats.separated(gain_base, gain_bn),
+            effect_ok=stats.separated(gain_base, gain_bn)
+            and all(_learned(t, halfway) for t in m.values()),
             threshold_ok=as_good,
             direction_ok=as_good or less_gain,
         ),
         criterion=f"BN within {cfg['dropout_tolerance']:g} points of baseline + dropout (mean "
                   "test accuracy), and dropout's per-seed gain for BN below every seed's gain "
-                  "for the baseline; mixed if only one holds",
+                  "for the baseline, all four testing at least halfway from chance to "
+                  "100%; mixed if only one holds",
     )
 
 

@@ -310,7 +310,10 @@ class Smoothness(Experiment):
                 instab[NOISY], instab[HIGH_BN])
             if bn_helps and margin <= 0:
                 noisy_verdict = NOT_SUPPORTED
-            elif bn_helps and margin >= need and stats.separated(noisy, base) and unstable:
+            elif (bn_helps and margin >= need and stats.separated(noisy, base) and unstable
+                  and all(stats.trained(r, chance) for r in groups.get(NOISY, []))):
+                # ... and noisy BN really trained: a few points above a diverged baseline
+                # at chance is not "still helps".
                 noisy_verdict = SUPPORTED
             else:
                 noisy_verdict = MIXED
@@ -326,7 +329,7 @@ class Smoothness(Experiment):
                 verdict=noisy_verdict,
                 criterion=f"BN and noisy BN >= {need:g} points above the baseline, seed "
                           f"ranges apart, noisy BN's instability >= {cfg['unstable_ratio']:g}x "
-                          "BN's",
+                          "BN's, and noisy BN trained (at least halfway from chance to 100%)",
             ))
         if BASELINE in landscape and BN in landscape:
             parts = []
@@ -342,12 +345,16 @@ class Smoothness(Experiment):
                          f"BN {stats.show(both_train[1], '.1f', '%')}), baseline / BN: " + ", ".join(
                     f"{key.replace('_', ' ')} {stats.show(r, '.2f', 'x')}" for key, r, _ in parts),
                 verdict=grade(
-                    effect_ok=all(sep for _, _, sep in parts),
+                    # Both must train at this rate: a network stuck on a plateau has a
+                    # flat landscape.
+                    effect_ok=all(sep for _, _, sep in parts) and all(
+                        stats.trained(r, chance) for k in (BASELINE, BN) for r in groups[k]),
                     threshold_ok=all(r >= cfg["smooth_ratio"] for _, r, _ in parts),
                     direction_ok=any(r > 1 for _, r, _ in parts),
                 ),
                 criterion=f"loss range and gradient change each >= {cfg['smooth_ratio']:g}x "
-                          "lower with BN, seed ranges apart",
+                          "lower with BN, seed ranges apart, both networks trained (at least "
+                          "halfway from chance to 100%)",
             ))
         return Analysis(measures, verdicts)
 
