@@ -46,11 +46,15 @@ def time_interleaved(
     order each function nearly always follows the same neighbour. Shuffled rounds
     give every function every predecessor equally often on average."""
     slowest = 0.0
-    for _ in range(warmup):
+    for i in range(warmup):
         for fn in fns.values():
             t0 = time.perf_counter()
             fn()
-            slowest = max(slowest, time.perf_counter() - t0)
+            if i == warmup - 1:
+                # The last warm-up round only: the first call of a shape carries
+                # one-time costs (a kernel's cache load, a plan) and would cut the
+                # number of rounds to a fraction of the intended one.
+                slowest = max(slowest, time.perf_counter() - t0)
     if slowest > 0:
         repeats = max(repeats, min(max_repeats, int(min_seconds / slowest)))
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -51,6 +51,7 @@ def _train_step(name: str, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
                 residual: torch.Tensor):
     def step() -> None:
         x.grad = None
+        residual.grad = None
         layer.zero_grad(set_to_none=True)
         y = layer(x, residual) if name.startswith("BNAct") else layer(x)
         y.backward(dy)
@@ -61,7 +62,9 @@ def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape).mul_(2).add_(0.5).contiguous(memory_format=fmt).requires_grad_()
     dy = torch.randn(shape).contiguous(memory_format=fmt)
-    residual = torch.randn(shape).contiguous(memory_format=fmt)
+    # The skip path of a residual block requires grad: BatchNormAct's backward then
+    # writes the residual's gradient too, as in a real network.
+    residual = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     layers = _layers(shape)
     fns = {name: _train_step(name, layer, x, dy, residual) for name, layer in layers.items()}
     times = time_interleaved(fns, repeats)
