@@ -130,10 +130,14 @@ class _ReferenceBackend:
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None and running_var is not None:
             m = x.numel() // x.shape[1]
-            update_running_stats(
-                running_mean, running_var, mean, var, m, momentum,
-                num_batches_tracked, num_batches_skipped,
-            )
+            # Detached and without grad: the ops here are differentiable, and this
+            # forward also runs outside an autograd Function (under torch.compile and
+            # torch.func), where the buffers must not join the graph.
+            with torch.no_grad():
+                update_running_stats(
+                    running_mean, running_var, mean.detach(), var.detach(), m, momentum,
+                    num_batches_tracked, num_batches_skipped,
+                )
         scale, shift = affine_coefficients(weight, bias, mean, invstd)
         return apply_affine(x, scale, shift), mean, invstd
 

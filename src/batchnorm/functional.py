@@ -136,10 +136,15 @@ def batch_norm(
         return _reference.apply_affine(input, scale, shift)
 
     if backend in ("auto", "reference") and under_transform():
-        return _composed_train(
+        # torch.compile traces and torch.func transforms only plain torch ops: the
+        # reference forward, differentiated by autograd, with no Function around it.
+        y, mean, invstd = _reference.BACKEND.forward_train(
             input, weight, bias, eps, running_mean, running_var, momentum,
-            num_batches_tracked, num_batches_skipped, check_finite,
+            num_batches_tracked, num_batches_skipped,
         )
+        if check_finite:
+            _raise_if_not_finite(input, mean.detach(), invstd.detach())
+        return y
     chosen = select_backend(
         backend, input, weight, bias, running_mean, running_var, transform_safe=True
     )
@@ -175,40 +180,6 @@ def batch_norm(
         if check_finite:
             _raise_if_not_finite(input, mean, invstd)
     return y
-
-
-def _composed_train(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
-    check_finite: bool,
-) -> Tensor:
-    """Training forward from plain differentiable torch ops, no autograd Function.
-
-    What torch.compile traces and torch.func transforms (see ``under_transform``):
-    autograd derives every gradient, forward-mode ones included, and the compiler
-    fuses the ops. The running statistics get the same guarded update from detached
-    batch statistics.
-    """
-    mean, var = _reference.batch_stats(input)
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            _reference.update_running_stats(
-                running_mean, running_var, mean.detach(), var.detach(),
-                input.numel() // input.shape[1], momentum,
-                num_batches_tracked, num_batches_skipped,
-            )
-    invstd = torch.rsqrt(var + eps)
-    if check_finite:
-        _raise_if_not_finite(input, mean.detach(), invstd.detach())
-    scale, shift = _reference.affine_coefficients(weight, bias, mean, invstd)
-    return _reference.apply_affine(input, scale, shift)
 
 
 def _plain_number(name: str, value: Any) -> Any:

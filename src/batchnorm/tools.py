@@ -18,13 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.nn._base import _BatchNormBase
 from batchnorm.nn.act import _BatchNormAct
-from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.batchnorm import BatchNorm1d
 from batchnorm.nn.frozen import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -35,7 +34,13 @@ from batchnorm.nn.ghost import _GhostBatchNorm
 from batchnorm.nn.recurrent import RecurrentBatchNorm
 from batchnorm.nn.registry import get_norm_layer, norm_names
 from batchnorm.nn.renorm import _BatchRenorm
-from batchnorm.nn.sync import SyncBatchNorm, _all_gather_rows, merge_stats
+from batchnorm.nn.sync import (
+    SyncBatchNorm,
+    _all_gather_rows,
+    group_and_size,
+    layer_rank,
+    merge_stats,
+)
 
 __all__ = [
     "Recalibrated",
@@ -67,11 +72,6 @@ class Recalibrated(NamedTuple):
 # ----------------------------------------------------------------------------------------
 # which modules are batch norm, and of which dimensionality
 # ----------------------------------------------------------------------------------------
-_BY_DIM: dict[int, tuple[type, ...]] = {
-    1: (nn.BatchNorm1d, nn.LazyBatchNorm1d, BatchNorm1d, FrozenBatchNorm1d),
-    2: (nn.BatchNorm2d, nn.LazyBatchNorm2d, BatchNorm2d, FrozenBatchNorm2d),
-    3: (nn.BatchNorm3d, nn.LazyBatchNorm3d, BatchNorm3d, FrozenBatchNorm3d),
-}
 _TORCH: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _FROZEN: dict[int, type[_FrozenBatchNorm]] = {
     1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d,
@@ -129,19 +129,6 @@ def _left_alone(model: nn.Module, select: Callable[[nn.Module], bool]) -> list[s
                 "forward, which the new layer would not reproduce)"
             )
     return notes
-
-
-def _layer_dim(module: nn.Module) -> int | None:
-    """1, 2 or 3 for a layer tied to an input rank; None for rank-agnostic ones (SyncBN).
-
-    A rank-agnostic layer that :func:`convert` (or SyncBatchNorm.convert_sync_batchnorm)
-    made from a ranked one remembers that rank in ``_source_dim``.
-    """
-    for dim, classes in _BY_DIM.items():
-        if isinstance(module, classes):
-            return dim
-    source = getattr(module, "_source_dim", None)
-    return source if source in (1, 2, 3) else None
 
 
 def _check_initialized(module: nn.Module, name: str) -> None:
@@ -236,8 +223,9 @@ def _build(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: st
     except TypeError as e:
         raise TypeError(f"convert: cannot build a {kind!r} layer for {where}: {e}") from e
     _copy_state(old, new)
-    if _layer_dim(new) is None and _layer_dim(old) is not None:
-        new._source_dim = _layer_dim(old)  # so a later convert back knows the rank
+    source = layer_rank(old)
+    if layer_rank(new) is None and source is not None:
+        new._source_dim = source  # so a later convert back knows the rank
     new.train(old.training)
     return new
 
@@ -352,7 +340,7 @@ def _convert(
         raise ValueError(f"{what}: default_dim must be 1, 2 or 3, got {default_dim!r}")
 
     def build(old: nn.Module, name: str) -> nn.Module:
-        dim = _layer_dim(old) or default_dim
+        dim = layer_rank(old) or default_dim
         return _build(old, kind, dim, kwargs, name)
 
     _warn_left_alone(model, what, _is_batch_norm)
@@ -385,7 +373,7 @@ def unfreeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
         raise ValueError(f"unfreeze: default_dim must be 1, 2 or 3, got {default_dim!r}")
 
     def build(old: nn.Module, name: str) -> nn.Module:
-        return _build(old, "batchnorm", _layer_dim(old) or default_dim, {}, name)
+        return _build(old, "batchnorm", layer_rank(old) or default_dim, {}, name)
 
     return _replace(model, lambda m: isinstance(m, _FrozenBatchNorm), build)
 
@@ -516,7 +504,7 @@ def _feeding_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Modul
             continue
         if any(owners[id(p)] != 1 for p in producer.parameters(recurse=False)):
             continue
-        if isinstance(producer, nn.Linear) and _layer_dim(layer) not in (1, None):
+        if isinstance(producer, nn.Linear) and layer_rank(layer) not in (1, None):
             continue  # Linear's features are the last dim, a 2-d/3-d BN's channels dim 1
         if _out_channels(producer) != layer.num_features:
             continue
@@ -807,6 +795,7 @@ def recalibrate(
         for m in layers
     ]
     skipped = [None if s is None else s.clone() for *_, s in saved]
+    # id -> (process group, world size) of the SyncBatchNorm layers with several ranks
     groups = {id(m): g for m in plain if (g := _sync_group(m)) is not None}
     # (layer, slot) -> accumulator; slot None for plain batch norm. A batch's statistics
     # wait in ``pending`` until its forward has run through, so that a skipped batch
@@ -871,8 +860,7 @@ def recalibrate(
         for m in plain:
             if id(m) in groups:
                 acc = accumulators.setdefault((id(m), None), _Accumulator())
-                world = dist.get_world_size(groups[id(m)])
-                acc.merge_ranks(groups[id(m)], world, m.num_features, m.running_mean.device)
+                acc.merge_ranks(*groups[id(m)], m.num_features, m.running_mean.device)
         ok = True
     finally:
         for h in hooks:
@@ -918,11 +906,10 @@ def recalibrate(
     return Recalibrated(model, updated, used)
 
 
-def _sync_group(module: nn.Module) -> Any:
-    """The process group of a SyncBatchNorm layer with more than one rank, else None."""
+def _sync_group(module: nn.Module) -> tuple[Any, int] | None:
+    """(process group, world size) of a SyncBatchNorm layer with more than one rank,
+    else None."""
     if not isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
         return None
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = module.process_group if module.process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+    group, size = group_and_size(module.process_group)
+    return (group, size) if size > 1 else None

@@ -112,11 +112,16 @@ def separated(high: Sequence[float], low: Sequence[float]) -> bool:
     return len(high) >= 2 and len(low) >= 2 and min(high) > max(low)
 
 
+def halfway(chance: float) -> float:
+    """The accuracy halfway from chance to 100%: the lab's bar for "it learned"."""
+    return chance + (1.0 - chance) / 2
+
+
 def trained(run: Run, chance: float) -> bool:
     """Whether a run learned: it completed, and its final accuracy is at least halfway
     from chance to 100%. A claim that credits a network needs it to have trained: a
     network at chance "reaches" chance-level targets at once and has a flat landscape."""
-    return not diverged(run) and final_accuracy(run, chance) >= chance + (1.0 - chance) / 2
+    return not diverged(run) and final_accuracy(run, chance) >= halfway(chance)
 
 
 def mean_curve(runs: Sequence[Run], key: str = "accuracy", split: str = "test") -> tuple[

@@ -57,6 +57,28 @@ class _RenormSpec(NamedTuple):
     backend: Backend
 
 
+def _renorm_constants(
+    mean: Tensor, invstd: Tensor, old_mean: Tensor, sigma: Tensor, r_max: float, d_max: float
+) -> tuple[Tensor, Tensor]:
+    """r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max), from the
+    batch's mean and invstd = 1/σ_B and the running μ, σ from before the update."""
+    r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)
+    d = ((mean - old_mean) / sigma).clamp(-d_max, d_max)
+    return r, d
+
+
+def _renorm_affine(
+    weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The affine map of batch renorm over x̂: scale γr and shift γd + β (r and d when
+    there is no γ), in r's dtype."""
+    scale = r if weight is None else weight.to(r.dtype) * r
+    shift = d if weight is None else weight.to(d.dtype) * d
+    if bias is not None:
+        shift = shift + bias.to(d.dtype)
+    return scale, shift
+
+
 def _renorm_traceable(
     x: Tensor,
     weight: Tensor | None,
@@ -80,16 +102,14 @@ def _renorm_traceable(
     with torch.no_grad():
         mean, var = _reference.batch_stats(x)
         sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
-        r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+        r, d = _renorm_constants(
+            mean, torch.rsqrt(var + eps), running_mean.to(mean.dtype), sigma, r_max, d_max
+        )
         _reference.update_running_stats(
             running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
             num_batches_tracked, num_batches_skipped,
         )
-    scale = r if weight is None else weight.to(r.dtype) * r
-    shift = d if weight is None else weight.to(d.dtype) * d
-    if bias is not None:
-        shift = shift + bias.to(d.dtype)
+    scale, shift = _renorm_affine(weight, bias, r, d)
     return torch.nn.functional.batch_norm(x, None, None, scale, shift, True, 0.0, eps)
 
 
@@ -195,12 +215,11 @@ def _renorm_composed(
         x, None, None, eps, running_mean, running_var, momentum,
         num_batches_tracked, num_batches_skipped,
     )
-    r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)  # sigma_B / sigma
-    d = ((mean - old_mean) / sigma).clamp(-d_max, d_max)
-    scale = r if weight is None else weight.detach().to(dtype) * r
-    shift = d if weight is None else weight.detach().to(dtype) * d
-    if bias is not None:
-        shift = shift + bias.detach().to(dtype)
+    r, d = _renorm_constants(mean, invstd, old_mean, sigma, r_max, d_max)
+    scale, shift = _renorm_affine(
+        None if weight is None else weight.detach(), None if bias is None else bias.detach(),
+        r, d,
+    )
     if y.dtype == dtype:
         y = torch.addcmul(channel_view(shift, x), y, channel_view(scale, x), out=y)
     else:  # half precision: combine in float32, round once

@@ -34,6 +34,21 @@ def _distributed_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def group_and_size(process_group: Any) -> tuple[Any, int]:
+    """A SyncBatchNorm layer's process group (None: the default one) and its size, or
+    (None, 1) without torch.distributed. Raises if this process is not a member."""
+    if not _distributed_ready():
+        return None, 1
+    group = process_group if process_group is not None else dist.group.WORLD
+    size = dist.get_world_size(group)
+    if size < 1:
+        raise ValueError(
+            f"SyncBatchNorm: this process (global rank {dist.get_rank()}) is not a member "
+            "of process_group"
+        )
+    return group, size
+
+
 def _all_gather_rows(t: Tensor, group: Any, world_size: int) -> Tensor:
     """Every rank's 1-D ``t`` stacked into a (world_size, len(t)) tensor, rank order."""
     if dist.get_backend(group) == "gloo":
@@ -286,17 +301,7 @@ class SyncBatchNorm(_BatchNormBase):
             )
 
     def _group_and_size(self) -> tuple[Any, int]:
-        """The process group and its size, or (None, 1) without torch.distributed."""
-        if not _distributed_ready():
-            return None, 1
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        size = dist.get_world_size(group)
-        if size < 1:
-            raise ValueError(
-                f"SyncBatchNorm: this process (global rank {dist.get_rank()}) is not a member "
-                "of process_group"
-            )
-        return group, size
+        return group_and_size(self.process_group)
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -410,18 +415,23 @@ def _is_plain_batch_norm(module: nn.Module) -> bool:
     return type(module) in plain
 
 
-def _rank_of(module: nn.Module) -> int | None:
-    """1, 2 or 3 for the BatchNormXd classes; a SyncBatchNorm's remembered rank; else None."""
+def layer_rank(module: nn.Module) -> int | None:
+    """1, 2 or 3 for a batch-norm layer tied to an input rank (torch's, this package's,
+    lazy and frozen BatchNormXd); for a rank-agnostic one (SyncBatchNorm) the rank it
+    was converted from, remembered in ``_source_dim``; else None."""
     from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from batchnorm.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
     ranked = {
-        1: (nn.BatchNorm1d, BatchNorm1d), 2: (nn.BatchNorm2d, BatchNorm2d),
-        3: (nn.BatchNorm3d, BatchNorm3d),
+        1: (nn.BatchNorm1d, nn.LazyBatchNorm1d, BatchNorm1d, FrozenBatchNorm1d),
+        2: (nn.BatchNorm2d, nn.LazyBatchNorm2d, BatchNorm2d, FrozenBatchNorm2d),
+        3: (nn.BatchNorm3d, nn.LazyBatchNorm3d, BatchNorm3d, FrozenBatchNorm3d),
     }
     for dim, classes in ranked.items():
         if isinstance(module, classes):
             return dim
-    return getattr(module, "_source_dim", None)
+    source = getattr(module, "_source_dim", None)
+    return source if source in (1, 2, 3) else None
 
 
 def _to_sync(cls: type[SyncBatchNorm], old: Any, process_group: Any) -> SyncBatchNorm:
@@ -445,7 +455,7 @@ def _to_sync(cls: type[SyncBatchNorm], old: Any, process_group: Any) -> SyncBatc
             skipped if skipped is not None else torch.zeros_like(old.num_batches_tracked)
         )
     # The rank of the layer it replaces, so that tools.convert can give it back.
-    new._source_dim = _rank_of(old)
+    new._source_dim = layer_rank(old)
     new.train(old.training)
     if hasattr(old, "qconfig"):
         new.qconfig = old.qconfig

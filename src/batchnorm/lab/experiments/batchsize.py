@@ -325,7 +325,7 @@ class BatchSize(Experiment):
                 if present:
                     # A norm that never trained has nothing to lose: its drop of ~0 is
                     # no evidence that it degrades less.
-                    trained = {k: all(max(accs.values()) >= chance + 0.5 * (1.0 - chance)
+                    trained = {k: all(max(accs.values()) >= stats.halfway(chance)
                                       for accs in table[k].values()) for k in present}
                     verdicts.append(
                         self._less(cfg, drops, present, claim_part, smallest, trained))
@@ -367,7 +367,7 @@ class BatchSize(Experiment):
         seeds_ok = all(accs[bs] >= best - within for accs in bn.values() for bs in large
                        if bs in accs)
         worst = min(large, key=lambda bs: mean_acc[bs])
-        trains = best >= chance + 0.5 * (1.0 - chance)
+        trains = best >= stats.halfway(chance)
         return Verdict(
             claim=6,
             statement=f"BN works across batch sizes (>= {cfg['works_from']}).",

@@ -113,7 +113,7 @@ class InitScale(Experiment):
         chance = 1.0 / record["data"]["classes"]
         table = stats.final_by_param(record["runs"], "scale", chance)
         within = cfg["within"] / 100
-        halfway = chance + (1.0 - chance) / 2
+        halfway = stats.halfway(chance)
         counts: dict[str, list[float]] = {}
         for label, by_seed in table.items():
             counts[label] = []

@@ -333,7 +333,7 @@ class Regularization(Experiment):
                 stats.fmt_range(noise["slopes"], 3))
 
         verdicts: list[Verdict] = []
-        halfway = chance_of(record) + (1.0 - chance_of(record)) / 2
+        halfway = stats.halfway(1.0 / record["data"]["classes"])
         if m.get(BN) and m.get(BASELINE):
             verdicts.append(_verdict_regularizes(cfg, m[BASELINE], m[BN], halfway))
         if all(m.get(name) for name, _, _ in CONFIGS):
@@ -484,10 +484,6 @@ def _plot_noise(ax: Axes, runs: list[dict[str, Any]], name: str, color: str,
             label=f"{name} (n={len(runs)})", markerfacecolor="none")
     for b, values in by_size.items():
         ax.plot([b] * len(values), values, ".", color=color, alpha=0.5)
-
-
-def chance_of(record: dict[str, Any]) -> float:
-    return 1.0 / record["data"]["classes"]
 
 
 def _learned(t: dict[str, list[float]], halfway: float) -> bool:
