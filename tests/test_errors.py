@@ -80,6 +80,19 @@ def test_constructor_arguments(kwargs: dict, match: str) -> None:
         bn.BatchNorm2d(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"momentum": "0.1"}, "BatchNorm2d: momentum must be a real number or None, got str '0.1'"),
+        ({"eps": "1e-5"}, "BatchNorm2d: eps must be a real number, got str '1e-5'"),
+        ({"eps": None}, "BatchNorm2d: eps must be a real number, got NoneType None"),
+    ],
+)
+def test_constructor_argument_types(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        bn.BatchNorm2d(3, **kwargs)
+
+
 def test_nan_batch_in_module_counts_and_keeps_stats() -> None:
     layer = bn.BatchNorm2d(3)
     layer(torch.randn(4, 3, 2, 2))

@@ -65,13 +65,69 @@ def test_state_dict_round_trips_both_ways(ours_cls, torch_cls, shape) -> None:
 
 
 def test_old_checkpoint_without_num_batches_tracked() -> None:
+    """A version-1 state_dict has no counter: the layer keeps its own, as torch's does
+    (a momentum=None layer's next step would otherwise overwrite its averages)."""
     state = torch.nn.BatchNorm2d(3).state_dict()
     del state["num_batches_tracked"]
     state._metadata[""]["version"] = 1  # type: ignore[attr-defined]
-    layer = bn.BatchNorm2d(3)
-    layer.num_batches_tracked.fill_(5)
-    layer.load_state_dict(state)
-    assert int(layer.num_batches_tracked) == 0
+    for layer in (bn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        layer.num_batches_tracked.fill_(5)
+        layer.load_state_dict(state)
+        assert int(layer.num_batches_tracked) == 5, type(layer)
+    meta = bn.BatchNorm2d(3, device="meta")
+    meta.load_state_dict(state, assign=True)
+    assert int(meta.num_batches_tracked) == 0 and meta.num_batches_tracked.device.type == "cpu"
+
+
+# Each takes ``weight`` out of the parameter registry in its own way.
+def _double(layer: torch.nn.Module) -> torch.nn.Module:
+    class Double(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    return layer
+
+
+REWEIGHTS = {
+    "parametrize": _double,
+    "parametrizations.weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m, dim=0),
+    "weight_norm (hooks)": lambda m: torch.nn.utils.weight_norm(m, dim=0),
+    "spectral_norm (hooks)": lambda m: torch.nn.utils.spectral_norm(m, dim=0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("make", [
+    lambda: bn.BatchNorm2d(3),
+    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2),
+    lambda: bn.BatchRenorm2d(3),
+    lambda: bn.BatchNormAct2d(3, activation="relu"),
+], ids=["batchnorm", "ghost", "renorm", "batch_act"])
+@pytest.mark.parametrize("reweight", list(REWEIGHTS), ids=list(REWEIGHTS))
+def test_reparametrized_weight_is_the_one_used(make, reweight) -> None:
+    """The layers read ``self.weight`` as torch's do when something has replaced it."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    layer = REWEIGHTS[reweight](layer)
+    x = torch.randn(4, 3, 5, 5)
+    layer.train()
+    layer(x).square().sum().backward()  # the gradient reaches the underlying parameters
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)  # (the old-style hooks recompute the weight here)
+        expected = torch.nn.functional.batch_norm(
+            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, eps=layer.eps
+        )
+    if isinstance(layer, bn.BatchNormAct2d):
+        expected = expected.relu()
+    assert_close(y, expected, 1e-5, 1e-5, reweight)
 
 
 def test_skipped_counter_stays_out_of_state_dict() -> None:
@@ -121,6 +177,20 @@ def test_channels_last_in_channels_last_out() -> None:
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     x3 = torch.randn(2, 8, 3, 4, 4).contiguous(memory_format=torch.channels_last_3d)
     assert bn.BatchNorm3d(8)(x3).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize(("shape", "dims"), [((8, 10, 5), (0, 2, 1)), ((2, 3, 4, 6), (0, 1, 3, 2))])
+def test_eval_output_of_a_permuted_input_is_contiguous_in_grad_mode_too(shape, dims) -> None:
+    """As torch's: the output's layout does not depend on whether autograd records."""
+    x = torch.randn(shape).permute(dims)
+    layer = (bn.BatchNorm1d if x.dim() == 3 else bn.BatchNorm2d)(x.shape[1]).eval()
+    theirs = (torch.nn.BatchNorm1d if x.dim() == 3 else torch.nn.BatchNorm2d)(x.shape[1]).eval()
+    with torch.no_grad():
+        quiet = layer(x)
+    recorded = layer(x)
+    assert recorded.requires_grad
+    assert recorded.stride() == quiet.stride() == theirs(x).stride()
+    assert_close(recorded.detach(), quiet, 0, 0, "output")
 
 
 def test_no_tracking_uses_batch_stats_in_eval() -> None:

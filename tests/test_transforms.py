@@ -102,3 +102,81 @@ def test_dead_channel_keeps_a_non_negative_running_variance(eps) -> None:
         x[:, 1] = 0.0
         layer(x)
     assert float(layer.running_var.min()) >= 0.0
+
+
+class _Block(nn.Module):
+    """Every layer kind in one traceable forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = bn.BatchNorm2d(4)
+        self.act = bn.BatchNormAct2d(4, activation="relu")
+        self.ghost = bn.GhostBatchNorm2d(4, virtual_batch_size=2)
+        self.renorm = bn.BatchRenorm2d(4)
+        self.frozen = bn.FrozenBatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.frozen(self.renorm(self.ghost(self.act(y, y))))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = bn.BNLSTM(3, 5, batch_first=True, max_timesteps=6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, (h, _) = self.lstm(x)
+        return out + h[-1].unsqueeze(1)
+
+
+@pytest.mark.parametrize(("make", "shape"), [
+    (_Block, (4, 3, 5, 5)), (_Recurrent, (2, 6, 3)),
+], ids=["layers", "bnlstm"])
+def test_fx_symbolic_trace_keeps_the_layers_as_leaves(make, shape) -> None:
+    """As torch.nn's layers: one call_module node each, and the traced module computes
+    what the eager one does, running statistics included."""
+    torch.manual_seed(0)
+    eager = make()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    ours = {name for name, m in eager.named_children() if type(m).__module__.startswith("batchnorm")}
+    called = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert ours <= called
+    x = torch.randn(shape)
+    for mode in ("train", "eval"):
+        eager.train(mode == "train")
+        traced.train(mode == "train")
+        assert torch.equal(traced(x), eager(x)), mode
+    for key, value in eager.state_dict().items():
+        assert torch.equal(traced.state_dict()[key], value), key
+
+
+def test_fx_symbolic_trace_of_a_bare_layer_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="BatchNorm2d: torch.fx traces this layer as a leaf"):
+        torch.fx.symbolic_trace(bn.BatchNorm2d(3))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_in_training_matches_torch() -> None:
+    torch.manual_seed(0)
+    ours, theirs = bn.BatchNorm2d(3).train(), nn.BatchNorm2d(3).train()
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    traced_ours, traced_theirs = torch.jit.trace(ours, x), torch.jit.trace(theirs, x)
+    x2 = torch.randn(4, 3, 5, 5) * 3 - 1
+    assert_close(traced_ours(x2), traced_theirs(x2), 1e-5, 1e-5, "output")
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], value, 1e-6, 1e-6, key)
+
+
+@pytest.mark.parametrize("backend", ["numba", "aten"])
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_named_kernel_backend_under_a_recorder_is_a_clear_error(backend) -> None:
+    layer = bn.BatchNorm2d(3, backend=backend, track_running_stats=True)
+    x = torch.randn(4, 3, 5, 5)
+    message = f"backend='{backend}' runs compiled kernels"
+    with pytest.raises(RuntimeError, match=message):
+        torch.jit.trace(layer, x)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    with pytest.raises(RuntimeError, match=message):
+        grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)

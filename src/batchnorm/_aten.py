@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from batchnorm._backends import check_recordable
 from batchnorm.kernels.numba_cpu import (
     _counters,
     _update_running_from_invstd,
@@ -54,6 +55,7 @@ def _update(
     """The guarded running-statistics update from aten's (mean, invstd)."""
     if running_mean is None or running_var is None:
         return
+    check_recordable("aten")  # the update is a numba kernel
     shape = (x.shape[1],)
     _update_running_from_invstd(
         _vector(running_mean, shape), _vector(running_var, shape), _vector(mean, shape),

@@ -271,18 +271,36 @@ os.register_at_fork(after_in_child=_chosen.clear)
 
 
 def under_transform() -> bool:
-    """Whether torch.compile is tracing, or a torch.func transform (grad, vmap, ...) or
-    forward-mode AD is active.
+    """Whether torch.compile or torch.jit.trace is tracing, or a torch.func transform
+    (grad, vmap, ...) or forward-mode AD is active.
 
     Then only plain torch ops work: the compiled kernels read raw data pointers, which
-    neither a tracer nor a functorch wrapper has, and the autograd Functions define no
-    forward-mode or vmap rules. ``"auto"`` takes the reference then.
+    neither a tracer nor a functorch wrapper has (and jit.trace records none of their
+    work), and the autograd Functions define no forward-mode or vmap rules and take
+    arguments jit.trace cannot record. ``"auto"`` takes the reference then.
     """
     return (
         torch.compiler.is_compiling()
+        or torch._C._is_tracing()
         or torch._C._are_functorch_transforms_active()
         or _forward_ad._current_level >= 0
     )
+
+
+def check_recordable(name: str) -> None:
+    """Raise a clear error for the kernels of backend ``name`` under torch.jit.trace, a
+    torch.func transform or forward-mode AD (:func:`under_transform`, but not
+    torch.compile, which runs what it cannot trace eagerly, after a graph break)."""
+    if (
+        torch._C._is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0
+    ):
+        raise RuntimeError(
+            f"backend={name!r} runs compiled kernels, which torch.jit.trace, torch.func "
+            "transforms and forward-mode AD cannot see into; use backend='auto' (plain "
+            "torch ops there) or 'reference'"
+        )
 
 
 def select_backend(
@@ -300,6 +318,8 @@ def select_backend(
     """
     if name == "auto" and not transform_safe and under_transform():
         return _get("reference")  # type: ignore[return-value]
+    if name in ("numba", "triton"):
+        check_recordable(name)
     key = (name, x.is_cpu, x.is_cuda, x.dtype)
     backend = _chosen.get(key)
     if backend is None:

@@ -413,7 +413,8 @@ def _inference(
         scale, shift = _reference.affine_coefficients(
             weight, bias, running_mean.to(dtype), invstd
         )
-        return _reference.apply_affine(input, scale, shift)
+        # A dense input, as below: the output's layout must not depend on grad mode.
+        return _reference.apply_affine(_dense(input), scale, shift)
     chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=False)

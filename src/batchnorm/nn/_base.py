@@ -21,6 +21,12 @@ def check_layer_args(
     if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
             or num_features < 1):
         raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+    for name, value in (("eps", eps), ("momentum", momentum)):
+        if not isinstance(value, (numbers.Real, Tensor)) and not (name == "momentum" and value is None):
+            raise TypeError(
+                f"{owner}: {name} must be a real number{' or None' if name == 'momentum' else ''}"
+                f", got {type(value).__name__} {value!r}"
+            )
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"{owner}: eps must be >= 0 and finite, got {eps}")
     if momentum is not None and not (0.0 <= momentum <= 1.0):
@@ -77,6 +83,28 @@ def reset_state(module: nn.Module) -> None:
         module.running_var.fill_(1)
         module.num_batches_tracked.zero_()
         module.num_batches_skipped.zero_()
+
+
+def fx_leaf(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+    """Under ``torch.fx.symbolic_trace`` (an input is an fx Proxy): record ``module`` as
+    one ``call_module`` node, as fx records torch.nn's own layers, and return its Proxy.
+
+    fx traces into every module outside ``torch.nn``; the layers' input checks and
+    kernels cannot run on a Proxy, and the graph would lose the layer (its backend,
+    running statistics, counters) anyway. As a leaf the traced GraphModule calls the
+    layer itself. A layer traced as the root has no parent to call it from: TypeError.
+    """
+    kwargs = kwargs or {}
+    proxy = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy))
+    tracer = proxy.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        raise TypeError(
+            f"{type(module).__name__}: torch.fx traces this layer as a leaf, one call of "
+            "the module, so it cannot be the root of symbolic_trace; trace a module that "
+            "contains it"
+        )
+    return tracer.create_proxy("call_module", path, args, kwargs)
 
 
 class _BatchNormBase(nn.Module):
@@ -160,12 +188,26 @@ class _BatchNormBase(nn.Module):
                 f"{tuple(input.shape)}"
             )
 
+    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """(weight, bias), read from the parameter registry when both are plain
+        parameters there: nn.Module's attribute lookup costs more than the arithmetic of
+        a small layer. A parametrization (``torch.nn.utils.parametrize``,
+        ``parametrizations.weight_norm``), the old ``weight_norm``/``spectral_norm``
+        hooks and anything else that takes ``weight`` or ``bias`` out of the registry
+        are honoured through the attributes, as torch's layers read them."""
+        params = self._parameters
+        if "weight" in params and "bias" in params:
+            return params["weight"], params["bias"]
+        return self.weight, self.bias
+
     def _uses_batch_stats(self) -> bool:
         """Batch statistics in training, and in eval when no running ones are kept."""
         return self.training or self.running_mean is None
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input,))
             raise TypeError(
                 f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
             )
@@ -173,7 +215,8 @@ class _BatchNormBase(nn.Module):
         self._check_num_channels(input)
         # Read the registries once: nn.Module's attribute lookup costs more than the
         # arithmetic of a small layer.
-        params, buffers = self._parameters, self._buffers
+        weight, bias = self._affine()
+        buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         training = self.training
         if (
@@ -183,7 +226,7 @@ class _BatchNormBase(nn.Module):
             and self.backend == "auto"
         ):
             y = F.eval_on_aten(
-                input, running_mean, running_var, params["weight"], params["bias"], self.eps
+                input, running_mean, running_var, weight, bias, self.eps
             )
             if y is not None:
                 return y
@@ -195,8 +238,8 @@ class _BatchNormBase(nn.Module):
             input,
             running_mean if use_running else None,
             running_var if use_running else None,
-            params["weight"],
-            params["bias"],
+            weight,
+            bias,
             training=training or running_mean is None,  # as _uses_batch_stats()
             momentum=self.momentum,
             eps=self.eps,
@@ -228,11 +271,14 @@ class _BatchNormBase(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Version 1 checkpoints (PyTorch < 0.4.1) have no num_batches_tracked: start at 0.
+        # Version 1 checkpoints (PyTorch < 0.4.1) have no num_batches_tracked.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # As torch's layers: the module's own count stays, unless it has none yet.
+            own = self.num_batches_tracked
+            keep = own is not None and own.device.type != "meta"
+            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         # num_batches_skipped is not persistent; a state_dict that carries one (saved by a
         # variant that made it persistent) is accepted rather than rejected.
         skipped = state_dict.pop(prefix + "num_batches_skipped", None)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
+from batchnorm.nn._base import fx_leaf
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -57,6 +58,8 @@ class _FrozenBatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input,))
             raise TypeError(
                 f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
             )

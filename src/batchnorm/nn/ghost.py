@@ -26,7 +26,7 @@ from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
 from batchnorm._backends import Backend, is_channels_last, select_backend
 from batchnorm._reference import differentiable_backward, stats_dtype, update_running_stats
-from batchnorm.nn._base import _BatchNormBase
+from batchnorm.nn._base import _BatchNormBase, fx_leaf
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -240,6 +240,8 @@ class _GhostBatchNorm(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input,))
             raise TypeError(
                 f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
             )
@@ -266,9 +268,9 @@ class _GhostBatchNorm(_BatchNormBase):
             # it joins the previous chunk, which then has v + tail examples.
             num_equal, tail = num_equal - 1, v + tail
         sizes = [v] * num_equal + ([tail] if tail else [])
-        params, buffers = self._parameters, self._buffers
+        buffers = self._buffers
         backend = select_backend(
-            self.backend, input, params["weight"], params["bias"], buffers["running_mean"],
+            self.backend, input, *self._affine(), buffers["running_mean"],
             buffers["running_var"],
         )
         if hasattr(backend, "ghost_forward_train"):
@@ -317,8 +319,8 @@ class _GhostBatchNorm(_BatchNormBase):
         x = F._dense(input)
         # Read the registries once: nn.Module's attribute lookup costs more than the
         # arithmetic of a small layer.
-        params, buffers = self._parameters, self._buffers
-        weight, bias = params["weight"], params["bias"]
+        weight, bias = self._affine()
+        buffers = self._buffers
         update = self.training and self.track_running_stats
         spec = _GhostSpec(
             sizes, self.eps, backend, buffers["running_mean"] if update else None,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import check_layer_args, register_state, reset_state
+from batchnorm.nn._base import check_layer_args, fx_leaf, register_state, reset_state
 
 __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
 
@@ -213,6 +213,8 @@ class RecurrentBatchNorm(nn.Module):
         """
         name = type(self).__name__
         if not isinstance(x, Tensor):
+            if isinstance(x, torch.fx.Proxy):
+                return fx_leaf(self, (x, t, mask))
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3):
             raise ValueError(
@@ -477,6 +479,8 @@ class BNLSTMCell(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input, hx), {"t": t, "mask": mask})  # type: ignore[no-any-return]
             raise TypeError(f"BNLSTMCell: input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 2 or input.shape[1] != self.input_size:
             raise ValueError(
@@ -614,6 +618,8 @@ class BNLSTM(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input, hx), {"lengths": lengths, "mask": mask})  # type: ignore[no-any-return]
             raise TypeError(f"BNLSTM: input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 3 or input.shape[2] != self.input_size:
             layout = "(N, T, input_size" if self.batch_first else "(T, N, input_size"

@@ -21,7 +21,7 @@ from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
 from batchnorm._backends import Backend, prefer_aten_renorm, select_backend, under_transform
 from batchnorm._reference import channel_view, stats_dtype
-from batchnorm.nn._base import _BatchNormBase
+from batchnorm.nn._base import _BatchNormBase, fx_leaf
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -265,6 +265,8 @@ class _BatchRenorm(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input,))
             raise TypeError(
                 f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
             )
@@ -295,8 +297,8 @@ class _BatchRenorm(_BatchNormBase):
         x = F._dense(input)
         # Read the registries once: nn.Module's attribute lookup costs more than the
         # arithmetic of a small layer.
-        params, buffers = self._parameters, self._buffers
-        weight, bias = params["weight"], params["bias"]
+        weight, bias = self._affine()
+        buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         assert running_mean is not None and running_var is not None
         skipped = buffers["num_batches_skipped"]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from batchnorm import _reference
-from batchnorm.nn._base import _BatchNormBase
+from batchnorm.nn._base import _BatchNormBase, fx_leaf
 
 __all__ = ["SyncBatchNorm"]
 
@@ -305,6 +305,8 @@ class SyncBatchNorm(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return fx_leaf(self, (input,))
             raise TypeError(
                 f"SyncBatchNorm: input must be a torch.Tensor, got {type(input).__name__}"
             )
