@@ -180,3 +180,49 @@ def test_named_kernel_backend_under_a_recorder_is_a_clear_error(backend) -> None
     params = {k: v.detach() for k, v in layer.named_parameters()}
     with pytest.raises(RuntimeError, match=message):
         grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+
+
+def _chunked_torch(x: torch.Tensor, p: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """Ghost batch norm written with torch's functional, chunk by chunk."""
+    return torch.cat([
+        nn.functional.batch_norm(c, None, None, p["weight"], p["bias"], training=True)
+        for c in x.split(size)
+    ])
+
+
+@pytest.mark.parametrize("shape", [LARGE, (8, 4, 3, 3)], ids=["large", "small"])
+def test_ghost_under_func_transforms_matches_torch_by_chunks(shape) -> None:
+    torch.manual_seed(0)
+    layer = bn.GhostBatchNorm2d(shape[1], virtual_batch_size=4, track_running_stats=False)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(shape)
+    ours = grad(lambda p: functional_call(layer, p, (x,)).pow(3).sum())(params)
+    theirs = grad(lambda p: _chunked_torch(x, p, 4).pow(3).sum())(params)
+    for key, value in theirs.items():
+        assert_close(ours[key], value, 1e-3, 1e-4, f"grad of {key}")
+    xs = torch.randn(2, *shape)
+    expected = torch.stack([_chunked_torch(xi, params, 4) for xi in xs])
+    assert_close(vmap(layer)(xs), expected, 1e-5, 1e-5, "vmap output")
+    tangent = torch.randn(shape)
+    with fwAD.dual_level():
+        jvp_ours = fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent))).tangent
+        jvp_theirs = fwAD.unpack_dual(_chunked_torch(fwAD.make_dual(x, tangent), params, 4)).tangent
+    assert_close(jvp_ours, jvp_theirs, 1e-4, 1e-4, "jvp")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_ghost_with_several_chunks_matches_eager() -> None:
+    torch.manual_seed(0)
+    eager = bn.GhostBatchNorm2d(8, virtual_batch_size=4)
+    traced_layer = copy.deepcopy(eager)
+    x = torch.randn(16, 8, 5, 5) + 2
+    traced = torch.jit.trace(traced_layer, x)
+    for _ in range(int(traced_layer.num_batches_tracked)):  # as often as tracing ran it
+        eager(x)
+    x2 = torch.randn(16, 8, 5, 5) * 3
+    assert_close(traced(x2), eager(x2), 1e-5, 1e-5, "output")
+    for key, value in eager.state_dict().items():
+        assert_close(traced_layer.state_dict()[key], value, 1e-5, 1e-6, key)

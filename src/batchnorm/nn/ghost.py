@@ -24,8 +24,13 @@ from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, is_channels_last, select_backend
-from batchnorm._reference import differentiable_backward, stats_dtype, update_running_stats
+from batchnorm._backends import Backend, is_channels_last, select_backend, under_transform
+from batchnorm._reference import (
+    batch_stats,
+    differentiable_backward,
+    stats_dtype,
+    update_running_stats,
+)
 from batchnorm.nn._base import _BatchNormBase, fx_leaf
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -127,6 +132,8 @@ class _SwapLeadingAxes(torch.autograd.Function):
 
 
 def _swap(t: Tensor) -> Tensor:
+    if under_transform():  # a Function without setup_context / jvp: plain ops there
+        return t.transpose(0, 1).contiguous()
     return _SwapLeadingAxes.apply(t)
 
 
@@ -253,9 +260,11 @@ class _GhostBatchNorm(_BatchNormBase):
         return self._ghost_forward(input)
 
     def _ghost_forward(self, input: Tensor) -> Tensor:
-        n = input.shape[0]
+        # int(): under torch.jit.trace sizes are 0-dim tensors; the chunking is fixed
+        # by the traced shape anyway.
+        n = int(input.shape[0])
         v = self.virtual_batch_size
-        per_example = input.numel() // (n * input.shape[1])  # values per channel per example
+        per_example = int(input.numel()) // (n * int(input.shape[1]))  # per channel and example
         if v * per_example < 2:
             raise ValueError(
                 f"{type(self).__name__}: virtual_batch_size={v} leaves one value per channel "
@@ -268,6 +277,8 @@ class _GhostBatchNorm(_BatchNormBase):
             # it joins the previous chunk, which then has v + tail examples.
             num_equal, tail = num_equal - 1, v + tail
         sizes = [v] * num_equal + ([tail] if tail else [])
+        if under_transform():
+            return self._traceable_forward(input, sizes, per_example)
         buffers = self._buffers
         backend = select_backend(
             self.backend, input, *self._affine(), buffers["running_mean"],
@@ -353,6 +364,37 @@ class _GhostBatchNorm(_BatchNormBase):
             "has non-finite statistics (NaN or Inf in the input); the running "
             "statistics were left unchanged"
         )
+
+    def _traceable_forward(self, input: Tensor, sizes: list[int], per_example: int) -> Tensor:
+        """Under torch.compile, jit.trace, torch.func or forward-mode AD: plain torch ops
+        only, nothing written in place but the running statistics (which vmap and grad
+        cannot transform, as with torch's layers: use track_running_stats=False there).
+        Each chunk through the functional's traceable path; the statistics, when the
+        update or check_finite needs them, from each chunk again, without grad."""
+        weight, bias = self._affine()
+        chunks = input.split(sizes)
+        output = torch.cat([
+            F.batch_norm(chunk, None, None, weight, bias, training=True, eps=self.eps)
+            for chunk in chunks
+        ])
+        update = self.training and self.track_running_stats
+        if update or self.check_finite:
+            with torch.no_grad():
+                stats = [batch_stats(chunk.detach()) for chunk in chunks]
+                mean, var = combine_stats(
+                    torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]),
+                    [size * per_example for size in sizes],
+                )
+            if update:
+                assert self.running_mean is not None and self.running_var is not None
+                update_running_stats(
+                    self.running_mean, self.running_var, mean, var,
+                    input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
+                    self.num_batches_skipped,
+                )
+            if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                raise FloatingPointError(self._non_finite_message(input))
+        return output
 
     def _equal_chunks(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """Normalize k equal chunks of ``x`` along N in one call; stats of shape (k, C).
