@@ -130,3 +130,32 @@ def test_bad_buffers_in_eval_are_named(buffer: str, value: torch.Tensor, match: 
     setattr(layer, buffer, value)
     with torch.no_grad(), pytest.raises((ValueError, TypeError), match=match):
         layer(torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bn.BatchNorm2d(3, eps=0.0),
+    lambda: bn.GhostBatchNorm2d(3, eps=0.0, virtual_batch_size=2),
+    lambda: bn.BatchRenorm2d(3, eps=0.0),
+    lambda: bn.BatchNormAct2d(3, eps=0.0),
+    lambda: bn.SyncBatchNorm(3, eps=0.0),
+], ids=["batchnorm", "ghost", "renorm", "batch_act", "sync"])
+def test_eps_zero_in_training_is_an_error_as_in_torch(make) -> None:
+    """A constant channel would be NaN on some backends and a skipped update on others;
+    torch refuses eps = 0 in training. Eval with running statistics is fine."""
+    layer = make()
+    x = torch.randn(4, 3, 5, 5)
+    x[:, 0] = 3.0
+    with pytest.raises(ValueError, match=r"eps must be positive in training .* got 0.0"):
+        layer(x)
+    assert int(layer.num_batches_tracked) == 0
+    assert torch.equal(layer.running_var, torch.ones(3))
+    layer.eval()
+    assert layer(x).isfinite().all()
+
+
+def test_eps_zero_in_the_functional_training() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="batch_norm: eps must be positive in training"):
+        F.batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="batch_norm_act: eps must be positive in training"):
+        F.batch_norm_act(x, None, None, training=True, eps=0.0)

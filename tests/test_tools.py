@@ -112,8 +112,10 @@ def test_convert_sync_and_rank_agnostic_layers() -> None:
 def test_convert_errors() -> None:
     with pytest.raises(ValueError, match=r"unknown kind 'gohst'; valid kinds: batchnorm, torch, ghost"):
         bn.convert(nn.BatchNorm2d(3), "gohst")
-    with pytest.raises(ValueError, match="keeps no running statistics"):
+    with pytest.raises(ValueError, match="^convert: .* keeps no running statistics"):
         bn.convert(nn.BatchNorm2d(3, track_running_stats=False), "frozen")
+    with pytest.raises(ValueError, match="^freeze: .* keeps no running statistics"):
+        bn.freeze(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)))
     with pytest.raises(ValueError, match="default_dim"):
         bn.convert(nn.BatchNorm2d(3), "torch", default_dim=4)
     with pytest.raises(ValueError, match="lazy layer"):

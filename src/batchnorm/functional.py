@@ -113,6 +113,7 @@ def batch_norm(
             )
         return _inference(input, running_mean, running_var, weight, bias, eps, backend)
 
+    check_training_eps("batch_norm", eps)
     num_channels = input.shape[1]
     m = input.numel() // num_channels
     if m == 1:
@@ -180,6 +181,17 @@ def batch_norm(
         if check_finite:
             _raise_if_not_finite(input, mean, invstd)
     return y
+
+
+def check_training_eps(owner: str, eps: float) -> None:
+    """Batch statistics need eps > 0, as torch's batch norm requires in training: a
+    constant channel has variance 0 and 1/sqrt(0 + eps) must stay finite (backends
+    would otherwise disagree: NaN on some, a skipped update on others)."""
+    if not eps > 0.0:
+        raise ValueError(
+            f"{owner}: eps must be positive in training (a constant channel's batch "
+            f"variance is 0), got {eps}"
+        )
 
 
 def _plain_number(name: str, value: Any) -> Any:
@@ -293,6 +305,8 @@ def batch_norm_act(
                 )
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
     batch_stats_used = training or running_mean is None
+    if batch_stats_used:
+        check_training_eps("batch_norm_act", eps)
     m = input.numel() // input.shape[1]
     chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     # Small input under "auto": aten's batch norm and in-place ops cost less.

@@ -180,15 +180,18 @@ def _factory_of(old: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def _build(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: str) -> nn.Module:
-    """A new layer of ``kind`` with ``old``'s configuration, state and mode."""
+def _build(
+    old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: str, what: str = "convert"
+) -> nn.Module:
+    """A new layer of ``kind`` with ``old``'s configuration, state and mode; errors name
+    ``what`` (the public tool called)."""
     _check_initialized(old, name)
     where = name or "the model's root"
     cls = _target_class(kind, dim)
     target_has_act = isinstance(cls, type) and issubclass(cls, _BatchNormAct)
     if isinstance(old, _BatchNormAct) and old.activation != "identity" and not target_has_act:
         raise ValueError(
-            f"convert: {where} is {type(old).__name__} with activation={old.activation!r}; "
+            f"{what}: {where} is {type(old).__name__} with activation={old.activation!r}; "
             f"a {kind!r} layer has no activation, so converting it would change the model "
             "(convert to 'batch_act', or build the model with a separate activation)"
         )
@@ -197,7 +200,7 @@ def _build(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: st
     if kind == "frozen":
         if not frozen_source and getattr(old, "running_mean", None) is None:
             raise ValueError(
-                f"convert: {where} ({type(old).__name__}) keeps no running statistics "
+                f"{what}: {where} ({type(old).__name__}) keeps no running statistics "
                 "(track_running_stats=False), so it has no fixed form to freeze"
             )
         config: dict[str, Any] = {"eps": old.eps}
@@ -341,7 +344,7 @@ def _convert(
 
     def build(old: nn.Module, name: str) -> nn.Module:
         dim = layer_rank(old) or default_dim
-        return _build(old, kind, dim, kwargs, name)
+        return _build(old, kind, dim, kwargs, name, what)
 
     _warn_left_alone(model, what, _is_batch_norm)
     return _replace(model, _is_batch_norm, build)
@@ -373,7 +376,7 @@ def unfreeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
         raise ValueError(f"unfreeze: default_dim must be 1, 2 or 3, got {default_dim!r}")
 
     def build(old: nn.Module, name: str) -> nn.Module:
-        return _build(old, "batchnorm", layer_rank(old) or default_dim, {}, name)
+        return _build(old, "batchnorm", layer_rank(old) or default_dim, {}, name, "unfreeze")
 
     return _replace(model, lambda m: isinstance(m, _FrozenBatchNorm), build)
 

@@ -260,6 +260,7 @@ class _GhostBatchNorm(_BatchNormBase):
         return self._ghost_forward(input)
 
     def _ghost_forward(self, input: Tensor) -> Tensor:
+        F.check_training_eps(type(self).__name__, self.eps)
         # int(): under torch.jit.trace sizes are 0-dim tensors; the chunking is fixed
         # by the traced shape anyway.
         n = int(input.shape[0])

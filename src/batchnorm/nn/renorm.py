@@ -289,6 +289,7 @@ class _BatchRenorm(_BatchNormBase):
                 f"{type(self).__name__}: input must be a floating-point tensor, got dtype "
                 f"{input.dtype}"
             )
+        F.check_training_eps(type(self).__name__, self.eps)
         if input.numel() // input.shape[1] == 1:
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when "

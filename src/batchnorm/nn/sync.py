@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from batchnorm import _reference
+from batchnorm import functional as F
 from batchnorm.nn._base import _BatchNormBase, fx_leaf
 
 __all__ = ["SyncBatchNorm"]
@@ -312,6 +313,7 @@ class SyncBatchNorm(_BatchNormBase):
             )
         if not self.training:
             return super().forward(input)  # eval never communicates
+        F.check_training_eps("SyncBatchNorm", self.eps)  # the same on every rank
         group, world_size = self._group_and_size()
         if world_size == 1:
             return super().forward(input)
