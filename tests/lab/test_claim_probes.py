@@ -123,14 +123,14 @@ def test_placement_verdicts(final: dict[str, tuple[float, float]], ratio: float,
     assert [v.verdict for v in analysis.verdicts] == [bias, placement]
 
 
-def _inference_record(gain: float, batch2: float) -> dict[str, Any]:
+def _inference_record(gain: float, batch2: float, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
     from batchnorm.lab.config import to_dict
 
     exp = Inference()
     cfg = to_dict(exp.make_config("quick"))
     runs = []
     for i, setting in enumerate(("momentum 0.1", "momentum 0.001")):
-        for seed in (0, 1):
+        for seed in seeds:
             ema = [0.90 + 0.01 * seed] * 3
             # the slower average lags: only there does recalibrating gain
             g = gain if i == 1 else 0.0
@@ -155,6 +155,80 @@ def test_inference_verdicts(gain: float, batch2: float, single: str, recal: str)
     analysis = Inference().analyze(_inference_record(gain, batch2))
     assert [v.verdict for v in analysis.verdicts] == [single, recal]
     assert "stalest: momentum 0.001" in analysis.verdicts[1].measured or recal == NOT_SUPPORTED
+
+
+def test_inference_single_seed_is_never_supported() -> None:
+    """A seed's settings share their weights: two settings are not two seeds."""
+    analysis = Inference().analyze(_inference_record(0.05, 0.4, seeds=(0,)))
+    assert analysis.verdicts[0].verdict == MIXED
+
+
+def _smoothness_record(final: dict[str, tuple[float, float]],
+                       landscape: dict[str, dict[str, tuple[float, float]]]) -> dict[str, Any]:
+    from batchnorm.lab.config import to_dict
+    from batchnorm.lab.experiments.smoothness import RUNS, Smoothness
+
+    cfg = to_dict(Smoothness().make_config("quick"))
+    runs = []
+    for label, _, part in RUNS:
+        for seed in (0, 1):
+            acc = final[label][seed]
+            noise = 0.5 if label.startswith("noisy") else 0.02
+            rows = []
+            for i in range(4):
+                row: dict[str, Any] = {"unit_means": [noise * (-1) ** (i + u) for u in range(4)]}
+                if part == "landscape":
+                    row.update({k: v[seed] for k, v in landscape[label].items()})
+                rows.append(row)
+            runs.append(_run(label, seed, {"lr": cfg["lr"], "part": part},
+                             [0.1, acc, acc, acc], rows))
+    return {"config": cfg, "data": {"classes": 10}, "runs": runs}
+
+
+_SMOOTH = {"loss_range": (0.4, 0.5), "grad_change": (0.4, 0.5), "ics_cos": (0.90, 0.91),
+           "ics_l2": (0.1, 0.1)}
+_ROUGH = {"loss_range": (2.0, 2.2), "grad_change": (2.0, 2.1), "ics_cos": (0.70, 0.72),
+          "ics_l2": (0.2, 0.2)}
+
+
+@pytest.mark.parametrize(("final", "landscape", "expected"), [
+    # noisy BN as good as BN; BN smoother, but with a smaller ICS too
+    ({"baseline": (0.95, 0.95), "BN": (0.95, 0.95), "baseline, high rate": (0.1, 0.1),
+      "BN, high rate": (0.95, 0.95), "noisy BN, high rate": (0.949, 0.948)},
+     {"baseline": _ROUGH, "BN": _SMOOTH}, [SUPPORTED, SUPPORTED, NOT_SUPPORTED]),
+    # noisy BN trains but 12 points behind BN: only part of the benefit kept;
+    # BN's ICS as large as the baseline's
+    ({"baseline": (0.95, 0.95), "BN": (0.95, 0.95), "baseline, high rate": (0.1, 0.1),
+      "BN, high rate": (0.95, 0.95), "noisy BN, high rate": (0.83, 0.83)},
+     {"baseline": _ROUGH | {"ics_cos": (0.9, 0.91)}, "BN": _SMOOTH | {"ics_cos": (0.85, 0.86)}},
+     [MIXED, SUPPORTED, SUPPORTED]),
+    # the baseline does not train at lr: its flat plateau is no landscape comparison
+    ({"baseline": (0.1, 0.1), "BN": (0.95, 0.95), "baseline, high rate": (0.1, 0.1),
+      "BN, high rate": (0.95, 0.95), "noisy BN, high rate": (0.95, 0.95)},
+     {"baseline": _SMOOTH, "BN": _ROUGH}, [SUPPORTED, MIXED, MIXED]),
+])
+def test_smoothness_verdicts(final, landscape, expected) -> None:
+    from batchnorm.lab.experiments.smoothness import Smoothness
+
+    analysis = Smoothness().analyze(_smoothness_record(final, landscape))
+    assert [v.verdict for v in analysis.verdicts] == expected
+    if expected[1] == MIXED:
+        assert "not testable" in analysis.verdicts[1].measured
+
+
+def test_fig1_probe_uses_batch_statistics_at_step_0(cache_dir: Path) -> None:
+    """A fresh BN network's running statistics are placeholders, not estimates."""
+    from batchnorm.lab.experiments.fig1 import SigmoidInputProbe
+
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16, 16), 10, norm="batch", activation="sigmoid",
+                          norm_backend="reference"), 0).eval()
+    before = _buffers(model)
+    probe = SigmoidInputProbe(0, 200)
+    start, later = probe.at_eval(model, data, 0), probe.at_eval(model, data, 100)
+    assert start["p85"] - start["p15"] > 0.5  # x̂ of the batch: spread about ±1
+    assert later["p85"] - later["p15"] < start["p85"] - start["p15"]  # placeholder stats
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
 
 
 def test_batchsize_plan() -> None:
@@ -242,6 +316,10 @@ def test_smoothness_probe(cache_dir: Path) -> None:
     assert torch.equal(torch.rand(2), expected_next)  # the run's generator is untouched
     assert len(out["unit_means"]) == 16
     assert out["loss_range"] > 0 and out["grad_change"] > 0 and out["beta"] > 0
+    # ℓ2 change (the paper's), and the same over ‖g‖; the internal covariate shift of
+    # layer 1 when layer 0 takes its step
+    assert out["grad_change_relative"] > 0 and out["grad_change"] != out["grad_change_relative"]
+    assert out["ics_l2"] > 0 and -1 <= out["ics_cos"] <= 1
     assert out == probe.at_eval(model, data, step=10)  # seeded by (seed, step)
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))

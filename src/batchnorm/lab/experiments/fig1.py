@@ -68,7 +68,10 @@ class Fig1Config(LabConfig):
 
 
 class SigmoidInputProbe(Probe):
-    """Percentiles of the last hidden layer's activation inputs on test examples."""
+    """Percentiles of the last hidden layer's activation inputs on test examples, in
+    eval mode (population statistics), except at step 0: there a BN network's running
+    statistics are still their placeholders (mean 0, variance 1), not estimates, so the
+    batch's own statistics stand in for them, as training sees them."""
 
     def __init__(self, unit: int, examples: int):
         self.unit = unit
@@ -76,7 +79,9 @@ class SigmoidInputProbe(Probe):
 
     def at_eval(self, model: MLP, data: Dataset, step: int) -> dict[str, Any]:
         act = model.blocks[-1].act
-        z = layer_inputs(model, data.x_test[: self.examples], {"act": act})["act"]
+        z = layer_inputs(
+            model, data.x_test[: self.examples], {"act": act}, batch_stats=step == 0
+        )["act"]
         qs = quantiles(z, PERCENTILES)
         unit = qs[:, self.unit].tolist()
         return {

@@ -270,8 +270,13 @@ class Inference(Experiment):
             v["single_agree"] == 1.0 and v["single_max_rel_diff"] <= cfg["logit_tolerance"]
             for v in all_ends)
         small = sizes[0]
-        pop = [v["population_accuracy"] for v in all_ends]
-        by_batch = [v["batch_stat_accuracy"][small] for v in all_ends]
+        # One value per seed: a seed's runs share their weights (the running averages
+        # never enter training), so its batch-statistics accuracy is the same number in
+        # every setting, and pooling them would count one seed several times.
+        seeds = sorted({r["seed"] for r in runs})
+        per_seed = [[r["extra"]["end"] for r in runs if r["seed"] == seed] for seed in seeds]
+        pop = [stats.mean([v["population_accuracy"] for v in e]) for e in per_seed]
+        by_batch = [stats.mean([v["batch_stat_accuracy"][small] for v in e]) for e in per_seed]
         drop = 100 * (stats.mean(pop) - stats.mean(by_batch))
         needs_population = (stats.separated(pop, by_batch)
                             and 100 * (min(pop) - max(by_batch)) >= cfg["batch_stat_drop"])

@@ -1,7 +1,7 @@
 """Claim 10: BN's benefit may come from a smoother loss landscape rather than from
 reduced "internal covariate shift" (Santurkar, Tsipras, Ilyas & Madry 2018).
 
-Two tests, as in that paper, on one network:
+Three tests, as in that paper, on one network:
 
 * If BN helped by keeping each layer's input distribution stable, noise that makes
   those distributions move at every step should take the benefit away. At a learning
@@ -12,16 +12,24 @@ Two tests, as in that paper, on one network:
   measures how much the distribution moves: on a fixed batch of training examples, in
   training mode (noise on), the per-unit mean of one layer's activation input at each
   evaluation; its instability is the standard deviation over evaluations of a unit's
-  mean, averaged over units.
+  mean, averaged over units. That is a manipulation check (the noise did move the
+  distributions), not a measure of internal covariate shift.
+* Internal covariate shift as the paper measures it (its section 2.2): on a training
+  batch, G = ∇_{W_i} L, the gradient of one layer's weight, and G′, the same gradient
+  after every layer before it has taken a gradient step of the run's rate (the layers
+  from i on unchanged); reported: ‖G − G′‖ and cos(G, G′). If BN reduced internal
+  covariate shift, G′ would stay closer to G with BN.
 * The landscape: at a rate where both networks train (``lr``: a trained network and
   one stuck on a plateau would compare a slope with a flat), without and with BN; at
   each evaluation, on a training batch, the loss L and gradient g
   (training mode, as an optimizer step sees them), then at points w − η·g along the
   gradient for η = lr·k over ``step_multipliers`` k. Reported: the loss's range over
   those points (how far one step's effect can be from what the gradient predicts), the
-  gradient's largest relative change ‖∇L(w − ηg) − g‖ / ‖g‖ ("gradient
-  predictiveness", smaller = more predictive), and the effective smoothness
-  max ‖∇L(w − ηg) − g‖ / ‖ηg‖ (a local Lipschitz constant of the gradient).
+  gradient's largest change max ‖∇L(w − ηg) − g‖ (the paper's "gradient
+  predictiveness", its Figure 4b: an ℓ2 distance, smaller = more predictive; the same
+  divided by ‖g‖ is reported beside it), and the effective smoothness
+  max ‖∇L(w − ηg) − g‖ / ‖ηg‖ (a local Lipschitz constant of the gradient, Figure 4c).
+  The internal covariate shift is measured on the same batches.
 
 The landscape is not measured for noisy BN: its loss along a direction would mix
 the landscape with fresh noise at every point.
@@ -89,10 +97,13 @@ class SmoothnessConfig(LabConfig):
         landscape_batches: training batches each landscape measurement averages over.
         noisy_margin: accuracy points by which BN and noisy BN must beat the baseline
             at ``noisy_lr``.
+        noisy_gap: accuracy points noisy BN may end below BN and still count as
+            keeping BN's benefit (the paper: noisy BN trains almost exactly like BN).
         unstable_ratio: noisy BN's instability must be at least this many times BN's
             (the noise really moved the distributions).
         smooth_ratio: the baseline's loss range and gradient change must each be at
-            least this many times BN's.
+            least this many times BN's; and for internal covariate shift, a reduction
+            by BN means the baseline's 1 − cos(G, G′) at least this many times BN's.
     """
 
     hidden: tuple[int, ...] = (100,) * 6
@@ -110,6 +121,7 @@ class SmoothnessConfig(LabConfig):
     step_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     landscape_batches: int = 4
     noisy_margin: float = 1.0
+    noisy_gap: float = 1.0
     unstable_ratio: float = 2.0
     smooth_ratio: float = 1.5
 
@@ -199,25 +211,48 @@ class SmoothnessProbe(Probe):
         norm0 = float(g0.norm())
         if not (math.isfinite(loss0) and norm0 > 0):
             return {}
-        losses, changes, betas = [loss0], [], []
-        for k in self.multipliers:
-            eta = self.lr * k
+        weight = work.blocks[self.layer].linear.weight
+        offset = 0
+        for p in work.parameters():  # where layer i's weight sits in the flat gradient
+            if p is weight:
+                break
+            offset += p.numel()
+        g_layer = g0[offset:offset + weight.numel()].clone()
+
+        def move(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+            """Loss and flat gradient at start − step (flat), from the same buffers."""
             with torch.no_grad():
-                offset = 0
+                at = 0
                 for p, p0 in zip(work.parameters(), start):
                     n = p.numel()
-                    p.copy_(p0 - eta * g0[offset:offset + n].view_as(p))
-                    offset += n
-                # the same batch statistics' starting point at every η
-                for name, v in work.named_buffers():
+                    p.copy_(p0 - step[at:at + n].view_as(p))
+                    at += n
+                for name, v in work.named_buffers():  # the same starting statistics
                     v.copy_(buffers[name])
-            loss, g = _loss_and_grad(work, x, y)
+            return _loss_and_grad(work, x, y)
+
+        losses, changes = [loss0], []
+        betas = []
+        for k in self.multipliers:
+            eta = self.lr * k
+            loss, g = move(eta * g0)
             change = float((g - g0).norm())
             losses.append(loss)
-            changes.append(change / norm0)
+            changes.append(change)
             betas.append(change / (eta * norm0))
-        return {"loss_range": max(losses) - min(losses), "grad_change": max(changes),
-                "beta": max(betas)}
+        out = {"loss_range": max(losses) - min(losses), "grad_change": max(changes),
+               "grad_change_relative": max(changes) / norm0, "beta": max(betas)}
+        if self.layer > 0:
+            # Internal covariate shift (Santurkar et al. 2018, section 2.2): layer i's
+            # weight gradient after the layers before it (their weights and BN's γ, β)
+            # take a gradient step of the run's rate, the rest left where they were.
+            earlier = torch.zeros_like(g0)
+            earlier[:offset] = self.lr * g0[:offset]  # parameters() lists blocks in order
+            _, g_after = move(earlier)
+            g_layer_after = g_after[offset:offset + weight.numel()]
+            out["ics_l2"] = float((g_layer_after - g_layer).norm())
+            out["ics_cos"] = float(F.cosine_similarity(g_layer_after, g_layer, dim=0))
+        return out
 
 
 class Smoothness(Experiment):
@@ -228,17 +263,24 @@ class Smoothness(Experiment):
         "followed by a random per-unit shift and scale redrawn at every step, which makes "
         "the next layer's input distribution unstable), measuring how much a layer's input "
         "distribution moves. At a rate where both train, without and with BN, the loss "
-        "and gradient along the gradient direction at every evaluation."
+        "and gradient along the gradient direction, and the change of a layer's gradient "
+        "when the layers before it take their step, at every evaluation."
     )
     criterion = (
         "Noisy BN: supported if, at `noisy_lr`, BN and noisy BN each end at least "
-        "`noisy_margin` points above the baseline, seed ranges apart, while noisy BN's "
-        "layer-input instability is at least `unstable_ratio` times BN's; not supported if "
-        "BN helps and noisy BN ends at or below the baseline; mixed otherwise (including "
+        "`noisy_margin` points above the baseline, seed ranges apart, noisy BN at most "
+        "`noisy_gap` points below BN, while noisy BN's layer-input instability is at least "
+        "`unstable_ratio` times BN's (the noise did move the distributions); not supported "
+        "if BN helps and noisy BN ends at or below the baseline; mixed otherwise (including "
         "when BN itself does not help at that rate). Smoothness: supported if, at `lr`, "
-        "the baseline's loss range and gradient change along the gradient (means over the "
-        "evaluations after step 0) are each at least `smooth_ratio` times BN's, seed "
-        "ranges apart; not supported if neither is smaller with BN; mixed otherwise."
+        "the baseline's loss range and ℓ2 gradient change along the gradient (means over "
+        "the evaluations after step 0) are each at least `smooth_ratio` times BN's, seed "
+        "ranges apart; not supported if neither is smaller with BN; mixed otherwise, or when "
+        "a network did not train at `lr`. Internal covariate shift (the change of layer "
+        "`layer`'s weight gradient when the layers before it take a gradient step): "
+        "supported if BN's 1 − cos(G, G′) is at least the baseline's, not supported if the "
+        "baseline's is at least `smooth_ratio` times BN's, seed ranges apart; mixed "
+        "otherwise."
     )
     Config = SmoothnessConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -287,15 +329,13 @@ class Smoothness(Experiment):
             measures[f"{label}: layer-input instability (std over training of a unit's "
                      "mean)"] = stats.fmt_range(instab[label], 3)
         landscape = {k: {key: [_mean_over_training(r, key) for r in groups[k]]
-                         for key in ("loss_range", "grad_change", "beta")}
+                         for key in LANDSCAPE_KEYS}
                      for k in (BASELINE, BN) if k in groups}
         for label, values in landscape.items():
-            measures[f"{label}: loss range along the gradient (mean over training)"] = (
-                stats.fmt_range(values["loss_range"], 3))
-            measures[f"{label}: gradient change, relative (mean over training)"] = (
-                stats.fmt_range(values["grad_change"], 3))
-            measures[f"{label}: effective smoothness (mean over training)"] = (
-                stats.fmt_range(values["beta"], 2))
+            for key, (text, digits) in LANDSCAPE_KEYS.items():
+                if any(math.isfinite(v) for v in values[key]):
+                    measures[f"{label}: {text} (mean over training)"] = stats.fmt_range(
+                        values[key], digits)
         verdicts: list[Verdict] = []
 
         base, bn = final.get(HIGH_BASELINE, []), final.get(HIGH_BN, [])
@@ -305,15 +345,18 @@ class Smoothness(Experiment):
             bn_helps = (100 * (stats.mean(bn) - stats.mean(base)) >= need
                         and stats.separated(bn, base))
             margin = 100 * (stats.mean(noisy) - stats.mean(base))
+            behind_bn = 100 * (stats.mean(bn) - stats.mean(noisy))
             ratio = _ratio(instab[NOISY], instab[HIGH_BN])
             unstable = ratio >= cfg["unstable_ratio"] and stats.separated(
                 instab[NOISY], instab[HIGH_BN])
             if bn_helps and margin <= 0:
                 noisy_verdict = NOT_SUPPORTED
             elif (bn_helps and margin >= need and stats.separated(noisy, base) and unstable
+                  and behind_bn <= cfg.get("noisy_gap", math.inf)
                   and all(stats.trained(r, chance) for r in groups.get(NOISY, []))):
-                # ... and noisy BN really trained: a few points above a diverged baseline
-                # at chance is not "still helps".
+                # ... noisy BN trained (a few points above a diverged baseline at chance
+                # is not "still helps"), and about as well as BN: the paper's finding is
+                # that the noise takes none of BN's benefit away, not some of it.
                 noisy_verdict = SUPPORTED
             else:
                 noisy_verdict = MIXED
@@ -328,34 +371,20 @@ class Smoothness(Experiment):
                          f"instability {stats.show(ratio, '.1f', 'x')} BN's",
                 verdict=noisy_verdict,
                 criterion=f"BN and noisy BN >= {need:g} points above the baseline, seed "
-                          f"ranges apart, noisy BN's instability >= {cfg['unstable_ratio']:g}x "
-                          "BN's, and noisy BN trained (at least halfway from chance to 100%)",
+                          f"ranges apart, noisy BN at most {cfg.get('noisy_gap', math.inf):g} "
+                          f"points below BN, noisy BN's instability >= "
+                          f"{cfg['unstable_ratio']:g}x BN's (the noise moved the "
+                          "distributions), and noisy BN trained (at least halfway from chance "
+                          "to 100%)",
             ))
         if BASELINE in landscape and BN in landscape:
-            parts = []
-            for key in ("loss_range", "grad_change"):
-                b, n = landscape[BASELINE][key], landscape[BN][key]
-                parts.append((key, _ratio(b, n), stats.separated(b, n)))
-            both_train = [100 * stats.mean(final[k]) for k in (BASELINE, BN)]
-            verdicts.append(Verdict(
-                claim=10,
-                statement="BN makes the loss landscape smoother: the loss and the gradient "
-                          "change less along the gradient direction.",
-                measured=f"at lr {cfg['lr']:g} (baseline {stats.show(both_train[0], '.1f', '%')}, "
-                         f"BN {stats.show(both_train[1], '.1f', '%')}), baseline / BN: " + ", ".join(
-                    f"{key.replace('_', ' ')} {stats.show(r, '.2f', 'x')}" for key, r, _ in parts),
-                verdict=grade(
-                    # Both must train at this rate: a network stuck on a plateau has a
-                    # flat landscape.
-                    effect_ok=all(sep for _, _, sep in parts) and all(
-                        stats.trained(r, chance) for k in (BASELINE, BN) for r in groups[k]),
-                    threshold_ok=all(r >= cfg["smooth_ratio"] for _, r, _ in parts),
-                    direction_ok=any(r > 1 for _, r, _ in parts),
-                ),
-                criterion=f"loss range and gradient change each >= {cfg['smooth_ratio']:g}x "
-                          "lower with BN, seed ranges apart, both networks trained (at least "
-                          "halfway from chance to 100%)",
-            ))
+            trained = all(stats.trained(r, chance) for k in (BASELINE, BN) for r in groups[k])
+            accuracy = (f"baseline {stats.show(100 * stats.mean(final[BASELINE]), '.1f', '%')}, "
+                        f"BN {stats.show(100 * stats.mean(final[BN]), '.1f', '%')}")
+            verdicts.append(_landscape_verdict(landscape, cfg, trained, accuracy))
+            ics = _ics_verdict(landscape, cfg, trained, accuracy)
+            if ics is not None:
+                verdicts.append(ics)
         return Analysis(measures, verdicts)
 
     def figures(self, record: dict[str, Any]) -> list[tuple[str, Figure]]:
@@ -379,7 +408,7 @@ class Smoothness(Experiment):
 
         fig, axes = plots.figure(ncols=2, width=5.0)
         for ax, key, ylabel in ((axes[0], "loss_range", "loss range along the gradient"),
-                                (axes[1], "grad_change", "relative gradient change")):
+                                (axes[1], "grad_change", "gradient change (ℓ2)")):
             for label in (BASELINE, BN):
                 if label in groups:
                     plots.band(ax, groups[label], label, COLORS[label], key=key)
@@ -389,7 +418,7 @@ class Smoothness(Experiment):
             ax.grid(alpha=0.3)
             plots.legend(ax, fontsize=8)
         out.append((f"At lr {cfg['lr']:g}, along the gradient direction on a training batch: "
-                    "the range of the loss and the largest relative change of the gradient "
+                    "the range of the loss and the largest ℓ2 change of the gradient "
                     "over steps of lr x {"
                     + ", ".join(f"{k:g}" for k in cfg["step_multipliers"])
                     + "} (lower is smoother).", fig))
@@ -411,6 +440,85 @@ class Smoothness(Experiment):
                     f"examples of five units' activation inputs in hidden layer "
                     f"{cfg['layer']}, in training mode, at each evaluation."), fig))
         return out
+
+
+#: The landscape probe's measures: (text, digits) for the report.
+LANDSCAPE_KEYS: dict[str, tuple[str, int]] = {
+    "loss_range": ("loss range along the gradient", 3),
+    "grad_change": ("gradient change along the gradient, ℓ2 (gradient predictiveness)", 3),
+    "grad_change_relative": ("gradient change along the gradient / ‖g‖", 3),
+    "beta": ("effective smoothness", 2),
+    "ics_l2": ("internal covariate shift, ‖G − G′‖", 4),
+    "ics_cos": ("internal covariate shift, cos(G, G′)", 3),
+}
+
+
+def _landscape_verdict(landscape: dict[str, dict[str, list[float]]], cfg: dict[str, Any],
+                       trained: bool, accuracy: str) -> Verdict:
+    """Smoother with BN: the baseline's loss range and ℓ2 gradient change each at least
+    ``smooth_ratio`` times BN's. Only testable when both networks trained at that rate:
+    one stuck on a plateau has a flat landscape, which says nothing about BN."""
+    parts = []
+    for key in ("loss_range", "grad_change"):
+        b, n = landscape[BASELINE][key], landscape[BN][key]
+        parts.append((key, _ratio(b, n), stats.separated(b, n)))
+    measured = f"at lr {cfg['lr']:g} ({accuracy}), baseline / BN: " + ", ".join(
+        f"{key.replace('_', ' ')} {stats.show(r, '.2f', 'x')}" for key, r, _ in parts)
+    if not trained:
+        verdict = MIXED
+        measured += "; not testable: a network did not train at this rate"
+    else:
+        verdict = grade(
+            effect_ok=all(sep for _, _, sep in parts),
+            threshold_ok=all(r >= cfg["smooth_ratio"] for _, r, _ in parts),
+            direction_ok=any(r > 1 for _, r, _ in parts),
+        )
+    return Verdict(
+        claim=10,
+        statement="BN makes the loss landscape smoother: the loss and the gradient change "
+                  "less along the gradient direction.",
+        measured=measured,
+        verdict=verdict,
+        criterion=f"loss range and ℓ2 gradient change each >= {cfg['smooth_ratio']:g}x lower "
+                  "with BN, seed ranges apart; both networks trained (at least halfway from "
+                  "chance to 100%), else not testable (mixed)",
+    )
+
+
+def _ics_verdict(landscape: dict[str, dict[str, list[float]]], cfg: dict[str, Any],
+                 trained: bool, accuracy: str) -> Verdict | None:
+    """BN does not reduce internal covariate shift as Santurkar et al. measure it: the
+    baseline's 1 − cos(G, G′) is not ``smooth_ratio`` times BN's (cosine: free of the
+    gradients' scale, which BN changes). None for records without the measure."""
+    b_cos, n_cos = landscape[BASELINE]["ics_cos"], landscape[BN]["ics_cos"]
+    if not all(math.isfinite(v) for v in (*b_cos, *n_cos)) or not b_cos or not n_cos:
+        return None
+    b_shift, n_shift = [1 - v for v in b_cos], [1 - v for v in n_cos]
+    ratio = _ratio(b_shift, n_shift)
+    reduced = ratio >= cfg["smooth_ratio"] and stats.separated(b_shift, n_shift)
+    if not trained:
+        verdict = MIXED
+    elif reduced:
+        verdict = NOT_SUPPORTED
+    elif stats.mean(n_shift) >= stats.mean(b_shift):
+        verdict = SUPPORTED
+    else:
+        verdict = MIXED
+    l2 = _ratio(landscape[BASELINE]["ics_l2"], landscape[BN]["ics_l2"])
+    return Verdict(
+        claim=10,
+        statement="BN does not reduce internal covariate shift measured as the change of a "
+                  "layer's gradient when the layers before it take their step.",
+        measured=f"at lr {cfg['lr']:g} ({accuracy}), layer {cfg['layer']}: 1 − cos(G, G′) "
+                 f"{stats.show(stats.mean(b_shift), '.3g')} (baseline) vs "
+                 f"{stats.show(stats.mean(n_shift), '.3g')} (BN); ‖G − G′‖ baseline / BN "
+                 f"{stats.show(l2, '.2f', 'x')}"
+                 + ("; not testable: a network did not train at this rate" if not trained else ""),
+        verdict=verdict,
+        criterion="supported if BN's 1 − cos(G, G′) is at least the baseline's; not supported "
+                  f"if the baseline's is >= {cfg['smooth_ratio']:g}x BN's, seed ranges apart; "
+                  "mixed otherwise or when a network did not train",
+    )
 
 
 def _instability(run: dict[str, Any]) -> float:
