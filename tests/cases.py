@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +88,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
             f"rtol={rtol}; worst at {where}: got {a.flatten()[idx].item():.8g}, expected "
             f"{e.flatten()[idx].item():.8g} (|diff| = {diff.flatten()[idx].item():.3g})"
         )
+
+
+def trainable_2d_layers() -> dict[str, Callable[[int], torch.nn.Module]]:
+    """name -> factory (channels) of each trainable 2-d layer kind with an affine map,
+    for tests that run the same check on the whole family."""
+    import batchnorm as bn
+
+    return {
+        "batchnorm": lambda c: bn.BatchNorm2d(c),
+        "ghost": lambda c: bn.GhostBatchNorm2d(c, virtual_batch_size=2),
+        "renorm": lambda c: bn.BatchRenorm2d(c),
+        "batch_act": lambda c: bn.BatchNormAct2d(c, activation="relu"),
+    }

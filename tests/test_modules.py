@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import pytest
 import torch
-from cases import assert_close
+from cases import assert_close, trainable_2d_layers
 
 import batchnorm as bn
+
+LAYERS_2D = trainable_2d_layers()
 
 PAIRS = [(bn.BatchNorm1d, torch.nn.BatchNorm1d, (6, 4)),
          (bn.BatchNorm2d, torch.nn.BatchNorm2d, (6, 4, 3, 3)),
@@ -97,12 +100,7 @@ REWEIGHTS = {
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
-@pytest.mark.parametrize("make", [
-    lambda: bn.BatchNorm2d(3),
-    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2),
-    lambda: bn.BatchRenorm2d(3),
-    lambda: bn.BatchNormAct2d(3, activation="relu"),
-], ids=["batchnorm", "ghost", "renorm", "batch_act"])
+@pytest.mark.parametrize("make", [partial(f, 3) for f in LAYERS_2D.values()], ids=list(LAYERS_2D))
 @pytest.mark.parametrize("reweight", list(REWEIGHTS), ids=list(REWEIGHTS))
 def test_reparametrized_weight_is_the_one_used(make, reweight) -> None:
     """The layers read ``self.weight`` as torch's do when something has replaced it."""

@@ -8,26 +8,24 @@ the eager layer and torch's own.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from cases import assert_close
+from cases import assert_close, trainable_2d_layers
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import batchnorm as bn
 
+LAYERS_2D = trainable_2d_layers()
+
 # Large enough for "auto" to pick the numba kernels outside a transform.
 LARGE = (16, 64, 16, 16)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: bn.BatchNorm2d(8),
-    lambda: bn.GhostBatchNorm2d(8, virtual_batch_size=2),
-    lambda: bn.BatchRenorm2d(8),
-    lambda: bn.BatchNormAct2d(8, activation="relu"),
-], ids=["batchnorm", "ghost", "renorm", "batch_act"])
+@pytest.mark.parametrize("make", [partial(f, 8) for f in LAYERS_2D.values()], ids=list(LAYERS_2D))
 def test_compiled_training_step_matches_eager(make) -> None:
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv2d(3, 8, 3), make())
