@@ -1,8 +1,9 @@
 """CPU benchmark of the batch-norm family against the core BatchNorm, and of fold().
 
 * Training forward+backward of GhostBatchNorm (virtual_batch_size = N/4), BatchRenorm
-  (r_max=3, d_max=5) and BatchNormAct (relu, with a residual) against the core
-  batchnorm.BatchNorm on the same shapes as bench_cpu.py (target: <= 1.5x).
+  (r_max=3, d_max=5) and BatchNormAct (relu; and relu with a residual whose gradient
+  is needed, as in a residual block) against the core batchnorm.BatchNorm on the same
+  shapes as bench_cpu.py (target: <= 1.5x).
 * Eval forward of small networks before and after fold() (target: folded <= 0.8x):
   a ResNet-18-style one (basic blocks of 3x3 convolutions), a ResNet-50-style one
   (bottleneck blocks) and a MobileNet-style one (depthwise-separable convolutions,
@@ -43,6 +44,7 @@ def _layers(shape: tuple[int, ...]) -> dict[str, nn.Module]:
         "BatchNorm": bn.create_norm("batch", C, dim=dim),
         "Ghost(N/4)": bn.create_norm("ghost", C, dim=dim, virtual_batch_size=max(1, n // 4)),
         "Renorm": bn.create_norm("renorm", C, dim=dim, r_max=3.0, d_max=5.0),
+        "BNAct(relu)": bn.create_norm("batch_act", C, dim=dim, activation="relu"),
         "BNAct(relu,+res)": bn.create_norm("batch_act", C, dim=dim, activation="relu"),
     }
 
@@ -53,7 +55,7 @@ def _train_step(name: str, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
         x.grad = None
         residual.grad = None
         layer.zero_grad(set_to_none=True)
-        y = layer(x, residual) if name.startswith("BNAct") else layer(x)
+        y = layer(x, residual) if name.endswith("+res)") else layer(x)
         y.backward(dy)
     return step
 
