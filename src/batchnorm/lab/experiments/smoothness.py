@@ -406,13 +406,18 @@ class Smoothness(Experiment):
                     "BN, with BN and with noisy BN. Right: at the rate of the landscape "
                     "measurements."), fig))
 
-        fig, axes = plots.figure(ncols=2, width=5.0)
-        for ax, key, ylabel in ((axes[0], "loss_range", "loss range along the gradient"),
-                                (axes[1], "grad_change", "gradient change (ℓ2)")):
+        panels = [("loss_range", "loss range along the gradient", True),
+                  ("grad_change", "gradient change (ℓ2)", True)]
+        if any("ics_cos" in row for label in (BASELINE, BN) for run in groups.get(label, [])
+               for row in run["rows"]):
+            panels.append(("ics_cos", "cos(G, G′), layer's gradient", False))
+        fig, axes = plots.figure(ncols=len(panels), width=5.0 if len(panels) == 2 else 4.0)
+        for ax, (key, ylabel, log) in zip(axes, panels):
             for label in (BASELINE, BN):
                 if label in groups:
                     plots.band(ax, groups[label], label, COLORS[label], key=key)
-            ax.set_yscale("log")
+            if log:
+                ax.set_yscale("log")
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -421,7 +426,12 @@ class Smoothness(Experiment):
                     "the range of the loss and the largest ℓ2 change of the gradient "
                     "over steps of lr x {"
                     + ", ".join(f"{k:g}" for k in cfg["step_multipliers"])
-                    + "} (lower is smoother).", fig))
+                    + "} (lower is smoother)"
+                    + (f"; and the cosine between hidden layer {cfg['layer']}'s weight gradient "
+                       "before and after the layers below it take a gradient step (internal "
+                       "covariate shift as Santurkar et al. measure it; closer to 1 is less "
+                       "shift)" if len(panels) == 3 else "")
+                    + ".", fig))
 
         noise_labels = [k for k in (HIGH_BASELINE, HIGH_BN, NOISY) if k in groups]
         fig, axes = plots.figure(ncols=max(1, len(noise_labels)), width=4.0)
