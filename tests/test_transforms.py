@@ -224,3 +224,40 @@ def test_jit_trace_of_ghost_with_several_chunks_matches_eager() -> None:
     assert_close(traced(x2), eager(x2), 1e-5, 1e-5, "output")
     for key, value in eager.state_dict().items():
         assert_close(traced_layer.state_dict()[key], value, 1e-5, 1e-6, key)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", ["auto", "reference", "aten"])
+def test_jit_trace_in_eval_matches_eager(backend) -> None:
+    """jit.trace checks its trace by running it again under no_grad: one graph both ways."""
+    torch.manual_seed(0)
+    layer = bn.BatchNorm2d(3, backend=backend)
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    layer.eval()
+    x = torch.randn(4, 3, 5, 5)
+    traced = torch.jit.trace(layer, x)
+    x2 = torch.randn(4, 3, 5, 5)
+    assert_close(traced(x2), layer(x2), 1e-6, 1e-6, "output")
+
+
+@pytest.mark.parametrize("backend", ["numba", "aten"])
+def test_named_kernel_backend_inside_dual_level_without_duals_runs(backend) -> None:
+    """A dual_level context records nothing for plain tensors; a dual input raises."""
+    x = torch.randn(4, 3, 5, 5)
+    expected = bn.BatchNorm2d(3, backend=backend)(x)
+    with fwAD.dual_level():
+        assert_close(bn.BatchNorm2d(3, backend=backend)(x), expected, 0, 0, "output")
+        with pytest.raises(RuntimeError, match="runs compiled kernels"):
+            bn.BatchNorm2d(3, backend=backend)(fwAD.make_dual(x, torch.randn_like(x)))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("make", [
+    lambda: bn.BatchRenorm2d(3, backend="aten"),
+    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+], ids=["renorm-aten", "ghost-numba"])
+def test_family_named_kernel_backend_under_jit_trace_is_a_clear_error(make) -> None:
+    with pytest.raises(RuntimeError, match="runs compiled kernels"):
+        torch.jit.trace(make(), torch.randn(4, 3, 5, 5))

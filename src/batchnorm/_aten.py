@@ -55,7 +55,7 @@ def _update(
     """The guarded running-statistics update from aten's (mean, invstd)."""
     if running_mean is None or running_var is None:
         return
-    check_recordable("aten")  # the update is a numba kernel
+    check_recordable("aten", x, mean)  # the update is a numba kernel
     shape = (x.shape[1],)
     _update_running_from_invstd(
         _vector(running_mean, shape), _vector(running_var, shape), _vector(mean, shape),
@@ -123,6 +123,7 @@ class _AtenBackend:
         Σdy`` through the two (C,) products. No Python Function sits in the graph: on
         small inputs its per-call cost (~15 µs each way) is most of the step.
         """
+        check_recordable("aten", x, weight, bias)  # r, d and the update: a numba pass
         rd = renorm_constants(
             x, eps, running_mean, running_var, momentum, num_batches_tracked,
             num_batches_skipped, r_max, d_max,

@@ -287,15 +287,24 @@ def under_transform() -> bool:
     )
 
 
-def check_recordable(name: str) -> None:
-    """Raise a clear error for the kernels of backend ``name`` under torch.jit.trace, a
-    torch.func transform or forward-mode AD (:func:`under_transform`, but not
-    torch.compile, which runs what it cannot trace eagerly, after a graph break)."""
-    if (
-        torch._C._is_tracing()
-        or torch._C._are_functorch_transforms_active()
-        or _forward_ad._current_level >= 0
-    ):
+def records_ops(*tensors: Tensor | None) -> bool:
+    """Whether torch.jit.trace is tracing, a torch.func transform is active, or one of
+    ``tensors`` carries a forward-mode tangent: under_transform() without
+    torch.compile, which runs what it cannot trace eagerly (after a graph break).
+    (Inside ``fwAD.dual_level()`` a call on plain tensors records nothing.)"""
+    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active():
+        return True
+    if _forward_ad._current_level >= 0:
+        return any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors
+        )
+    return False
+
+
+def check_recordable(name: str, *tensors: Tensor | None) -> None:
+    """Raise a clear error for the kernels of backend ``name`` where
+    :func:`records_ops` (``tensors``: the call's inputs)."""
+    if records_ops(*tensors):
         raise RuntimeError(
             f"backend={name!r} runs compiled kernels, which torch.jit.trace, torch.func "
             "transforms and forward-mode AD cannot see into; use backend='auto' (plain "
@@ -319,7 +328,7 @@ def select_backend(
     if name == "auto" and not transform_safe and under_transform():
         return _get("reference")  # type: ignore[return-value]
     if name in ("numba", "triton"):
-        check_recordable(name)
+        check_recordable(name, x, *params)
     key = (name, x.is_cpu, x.is_cuda, x.dtype)
     backend = _chosen.get(key)
     if backend is None:

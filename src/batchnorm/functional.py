@@ -436,7 +436,11 @@ def _inference(
 
 
 def _wants_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd is recording and any of ``tensors`` requires a gradient."""
+    """Whether autograd is recording and any of ``tensors`` requires a gradient, or
+    torch.jit.trace is recording: its check re-runs the call under no_grad, and the
+    trace must be the same graph both times (the differentiable one)."""
+    if torch._C._is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

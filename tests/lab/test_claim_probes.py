@@ -4,6 +4,7 @@ records."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,21 @@ def test_smoothness_verdicts(final, landscape, expected) -> None:
         assert "not testable" in analysis.verdicts[1].measured
 
 
+def test_smoothness_ics_is_not_testable_when_a_run_has_no_measure() -> None:
+    from batchnorm.lab.experiments.smoothness import Smoothness
+
+    final = {"baseline": (0.95, 0.95), "BN": (0.95, 0.95), "baseline, high rate": (0.1, 0.1),
+             "BN, high rate": (0.95, 0.95), "noisy BN, high rate": (0.95, 0.95)}
+    record = _smoothness_record(final, {"baseline": _ROUGH, "BN": _SMOOTH})
+    baseline = [r for r in record["runs"] if r["label"] == "baseline"][1]
+    for row in baseline["rows"]:  # a run whose probe found no finite loss anywhere
+        for key in _ROUGH:
+            row.pop(key)
+    verdicts = Smoothness().analyze(record).verdicts
+    assert len(verdicts) == 3
+    assert verdicts[2].verdict == MIXED and "not testable" in verdicts[2].measured
+
+
 def test_fig1_probe_uses_batch_statistics_at_step_0(cache_dir: Path) -> None:
     """A fresh BN network's running statistics are placeholders, not estimates."""
     from batchnorm.lab.experiments.fig1 import SigmoidInputProbe
@@ -323,6 +339,45 @@ def test_smoothness_probe(cache_dir: Path) -> None:
     assert out == probe.at_eval(model, data, step=10)  # seeded by (seed, step)
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_smoothness_probe_ics_matches_a_direct_computation(cache_dir: Path, norm: str) -> None:
+    """G, G′ computed here from the parameter names: layer 1's weight gradient before
+    and after every parameter listed before it takes a step of rate lr."""
+    from batchnorm.lab.experiments.smoothness import SmoothnessProbe
+
+    data = dataset("synthetic")
+    model = build(MLPSpec(64, (16, 16, 16), 10, norm=norm, activation="relu",
+                          norm_backend="reference"), 0)
+    lr, step, seed, batch = 0.1, 10, 0, 32
+    out = SmoothnessProbe(1, 50, batch, lr, (1.0,), landscape=True, seed=seed).at_eval(
+        model, data, step)
+    idx = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(
+        seed * 7919 + step))[:batch]
+    x, y = data.x_train[idx], data.y_train[idx]
+
+    def weight_grad(m: torch.nn.Module) -> torch.Tensor:
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        return m.blocks[1].linear.weight.grad.clone()
+
+    work = copy.deepcopy(model).train()
+    g = weight_grad(work)
+    names = [n for n, _ in work.named_parameters()]
+    earlier = names[:names.index("blocks.1.linear.weight")]
+    assert earlier and all(n.startswith("blocks.0.") for n in earlier)
+    moved = copy.deepcopy(model).train()
+    grads = {n: p.grad.clone() for n, p in work.named_parameters()}
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            if n in earlier:
+                p -= lr * grads[n]
+    g_after = weight_grad(moved)
+    assert out["ics_l2"] == pytest.approx(float((g_after - g).norm()), rel=1e-5)
+    assert out["ics_cos"] == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(g_after.flatten(), g.flatten(), dim=0)),
+        rel=1e-5)
 
 
 def test_batch_noise_falls_as_one_over_sqrt_batch() -> None:

@@ -24,7 +24,13 @@ from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, is_channels_last, select_backend, under_transform
+from batchnorm._backends import (
+    Backend,
+    check_recordable,
+    is_channels_last,
+    records_ops,
+    select_backend,
+)
 from batchnorm._reference import (
     batch_stats,
     differentiable_backward,
@@ -132,8 +138,6 @@ class _SwapLeadingAxes(torch.autograd.Function):
 
 
 def _swap(t: Tensor) -> Tensor:
-    if under_transform():  # a Function without setup_context / jvp: plain ops there
-        return t.transpose(0, 1).contiguous()
     return _SwapLeadingAxes.apply(t)
 
 
@@ -278,7 +282,11 @@ class _GhostBatchNorm(_BatchNormBase):
             # it joins the previous chunk, which then has v + tail examples.
             num_equal, tail = num_equal - 1, v + tail
         sizes = [v] * num_equal + ([tail] if tail else [])
-        if under_transform():
+        if records_ops(input):
+            # (torch.compile traces the fused or chunked path below, and runs what it
+            # cannot trace eagerly; only the recorders need plain ops here.)
+            if self.backend not in ("auto", "reference"):
+                check_recordable(self.backend, input)
             return self._traceable_forward(input, sizes, per_example)
         buffers = self._buffers
         backend = select_backend(

@@ -69,7 +69,7 @@ class InferenceConfig(LabConfig):
         logit_tolerance: one-at-a-time logits must match the batched ones within this,
             relative to the largest logit.
         batch_stat_drop: points of accuracy that batch statistics of the smallest test
-            batch must lose against population statistics, in every run.
+            batch must lose against population statistics, in every seed.
         recal_gain: points that recalibrated statistics must gain over the running
             averages for the stalest setting.
     """
@@ -206,7 +206,8 @@ class Inference(Experiment):
         "Single examples: supported if one-at-a-time predictions equal the batched ones "
         "(logits within `logit_tolerance`) in every run and batch statistics of the "
         "smallest test batch lose at least `batch_stat_drop` points against population "
-        "statistics, seed ranges apart; mixed if one of the two holds. Recalibration: "
+        "statistics in every seed (one value per seed), seed ranges apart; mixed if one of "
+        "the two holds. Recalibration: "
         "supported if, for the setting whose running averages are furthest from the exact "
         "statistics, recalibrating gains at least `recal_gain` points on average, seed "
         "ranges apart; not supported if it gains nothing anywhere; mixed otherwise."
@@ -295,7 +296,8 @@ class Inference(Experiment):
             verdict=(SUPPORTED if agree and needs_population
                      else MIXED if agree or needs_population else NOT_SUPPORTED),
             criterion=f"identical predictions (logits within {cfg['logit_tolerance']:g}) and "
-                      f">= {cfg['batch_stat_drop']:g} points lost in every run",
+                      f">= {cfg['batch_stat_drop']:g} points lost in every seed (one value "
+                      "per seed: a seed's settings share its weights)",
         ))
 
         # (b) recalibration over training: per run, the mean over the evaluations

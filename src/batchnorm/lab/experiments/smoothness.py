@@ -501,9 +501,13 @@ def _ics_verdict(landscape: dict[str, dict[str, list[float]]], cfg: dict[str, An
     baseline's 1 − cos(G, G′) is not ``smooth_ratio`` times BN's (cosine: free of the
     gradients' scale, which BN changes). None for records without the measure."""
     b_cos, n_cos = landscape[BASELINE]["ics_cos"], landscape[BN]["ics_cos"]
-    if not all(math.isfinite(v) for v in (*b_cos, *n_cos)) or not b_cos or not n_cos:
-        return None
-    b_shift, n_shift = [1 - v for v in b_cos], [1 - v for v in n_cos]
+    if not any(math.isfinite(v) for v in (*b_cos, *n_cos)):
+        return None  # a record from before the measure existed, or layer 0
+    # A run without the measure (it diverged before any evaluation after step 0) has no
+    # value: the comparison is then not testable, not dropped.
+    trained = trained and all(math.isfinite(v) for v in (*b_cos, *n_cos))
+    b_shift = [1 - v for v in b_cos if math.isfinite(v)]
+    n_shift = [1 - v for v in n_cos if math.isfinite(v)]
     ratio = _ratio(b_shift, n_shift)
     reduced = ratio >= cfg["smooth_ratio"] and stats.separated(b_shift, n_shift)
     if not trained:
@@ -523,7 +527,8 @@ def _ics_verdict(landscape: dict[str, dict[str, list[float]]], cfg: dict[str, An
                  f"{stats.show(stats.mean(b_shift), '.3g')} (baseline) vs "
                  f"{stats.show(stats.mean(n_shift), '.3g')} (BN); ‖G − G′‖ baseline / BN "
                  f"{stats.show(l2, '.2f', 'x')}"
-                 + ("; not testable: a network did not train at this rate" if not trained else ""),
+                 + ("; not testable: a network did not train at this rate (or has no "
+                    "measure)" if not trained else ""),
         verdict=verdict,
         criterion="supported if BN's 1 − cos(G, G′) is at least the baseline's; not supported "
                   f"if the baseline's is >= {cfg['smooth_ratio']:g}x BN's, seed ranges apart; "
