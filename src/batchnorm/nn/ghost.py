@@ -375,8 +375,8 @@ class _GhostBatchNorm(_BatchNormBase):
         )
 
     def _traceable_forward(self, input: Tensor, sizes: list[int], per_example: int) -> Tensor:
-        """Under torch.compile, jit.trace, torch.func or forward-mode AD: plain torch ops
-        only, nothing written in place but the running statistics (which vmap and grad
+        """Under torch.jit.trace, torch.func or forward-mode AD (``records_ops``): plain
+        torch ops only, nothing written in place but the running statistics (which vmap and grad
         cannot transform, as with torch's layers: use track_running_stats=False there).
         Each chunk through the functional's traceable path; the statistics, when the
         update or check_finite needs them, from each chunk again, without grad."""
