@@ -546,27 +546,46 @@ def _cm_forward_train(
 
 
 @_inline
+def _mean_shift(sdz, sdzx, sx, n):  # pragma: no cover
+    """The backward's sums re-centred on the data's mean: (Σdz, Σdz·(x − μ), δ).
+
+    The loops centre x on mu, the mean rounded to x's dtype (vectorized in it), which
+    is off the data's mean μ by δ = Σ(x − mu)/n: for float32 data at 1e4 ± 1e-2, δ is
+    ~5e-4, 5% of a standard deviation, and dγ = Σdz·x̂ would be off by δ·invstd·Σdz
+    (torch's backward has that error). With δ known, Σdz·(x − μ) = Σdz·(x − mu) −
+    δ·Σdz, and the dx pass, which still reads x − mu, takes −bx·δ into cx."""
+    delta = sx / n
+    return sdz, sdzx - delta * sdz, delta
+
+
+@_inline
 def _cm_sums(dz, za, zc, x, a, c, mu):  # pragma: no cover
-    """(Σdz, Σdz·(x − mu)) along the run x[a, c, :], dz being dz[za, zc, :], summed as
-    in _run_sum: pieces in x's dtype, the pieces in float64. (Whole-run float64
-    accumulators, as this loop had before, halve the vector width for float32 data
-    and made it 10–40 % slower than aten's backward.)"""
+    """(Σdz, Σdz·(x − mu), Σ(x − mu)) along the run x[a, c, :], dz being dz[za, zc, :],
+    summed as in _run_sum: pieces in x's dtype, the pieces in float64. (Whole-run
+    float64 accumulators, as this loop had before, halve the vector width for float32
+    data and made it 10–40 % slower than aten's backward.) The third sum measures how
+    far mu, the mean rounded to x's dtype, is from the data's mean (see _mean_shift)."""
     g = dz[za, zc]
     v = x[a, c]
     n = v.shape[0]
     s1 = 0.0
     s2 = 0.0
+    s3 = 0.0
     for p0 in range(0, n, _SUM_PIECE):
         gp = g[p0:p0 + _SUM_PIECE]
         vp = v[p0:p0 + _SUM_PIECE]
         acc1 = v.dtype.type(0)
         acc2 = v.dtype.type(0)
+        acc3 = v.dtype.type(0)
         for i in range(vp.shape[0]):
+            d = vp[i] - mu
             acc1 += gp[i]
-            acc2 += gp[i] * (vp[i] - mu)
+            acc2 += gp[i] * d
+            acc3 += d
         s1 += acc1
         s2 += acc2
-    return s1, s2
+        s3 += acc3
+    return s1, s2, s3
 
 
 @_inline
@@ -587,19 +606,24 @@ def _cm_sums_masked(dy, m, x, a, c, mu, slope):  # pragma: no cover
     zero = v.dtype.type(0)
     s1 = 0.0
     s2 = 0.0
+    s3 = 0.0
     for p0 in range(0, n, _SUM_PIECE):
         gp = g[p0:p0 + _SUM_PIECE]
         vp = v[p0:p0 + _SUM_PIECE]
         mp = mm[p0:p0 + _SUM_PIECE]
         acc1 = v.dtype.type(0)
         acc2 = v.dtype.type(0)
+        acc3 = v.dtype.type(0)
         for i in range(vp.shape[0]):
             dz = _leaky_dz(gp[i], mp[i], slope, zero)
+            d = vp[i] - mu
             acc1 += dz
-            acc2 += dz * (vp[i] - mu)
+            acc2 += dz * d
+            acc3 += d
         s1 += acc1
         s2 += acc2
-    return s1, s2
+        s3 += acc3
+    return s1, s2, s3
 
 
 @_inline
@@ -645,7 +669,7 @@ def _cm_backward_train(
     totals = np.zeros((2, C))  # Σdz and Σdz·x̂ over the chunks
     for t in numba.prange(T):
         coef = np.empty((5, B), x.dtype)  # mu, k, z's shift, bx, cx in x's dtype
-        sums = np.empty((2, B))  # Σdz, Σdz·(x − mu) of the block's channels
+        sums = np.empty((3, B))  # Σdz, Σdz·(x − mu), Σ(x − mu) of the block's channels
         g = np.empty((1, 1, L), x.dtype)  # scratch runs: dz, z
         v = np.empty((1, 1, L), x.dtype)
         for j in range(K):
@@ -669,23 +693,25 @@ def _cm_backward_train(
                     for cc in range(nb):
                         c = c0 + cc
                         if out is None:
-                            s1, s2 = _cm_sums(dyj, a, c, xj, a, c, coef[0, cc])
+                            s1, s2, s3 = _cm_sums(dyj, a, c, xj, a, c, coef[0, cc])
                         elif from_out:
-                            s1, s2 = _cm_sums_masked(dyj, mj, xj, a, c, coef[0, cc], slope)
+                            s1, s2, s3 = _cm_sums_masked(dyj, mj, xj, a, c, coef[0, cc], slope)
                         else:
                             _dz(dyj, xj, a, c, coef[1, cc], coef[2, cc], rj, has_res, act,
                                 slope, g, v)
-                            s1, s2 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
+                            s1, s2, s3 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
                         sums[0, cc] += s1
                         sums[1, cc] += s2
+                        sums[2, cc] += s3
                 for cc in range(nb):
                     c = c0 + cc
                     r = float(invstd[j * C + c])
                     k = float(w[c]) * r
-                    totals[0, c] += sums[0, cc]
-                    totals[1, c] += sums[1, cc] * r
-                    coef[3, cc] = -k * r * r * sums[1, cc] / n
-                    coef[4, cc] = -k * sums[0, cc] / n
+                    sdz, sdzx, cx_shift = _mean_shift(sums[0, cc], sums[1, cc], sums[2, cc], n)
+                    totals[0, c] += sdz
+                    totals[1, c] += sdzx * r
+                    coef[3, cc] = -k * r * r * sdzx / n
+                    coef[4, cc] = -k * sdz / n - coef[3, cc] * cx_shift
                 for a in range(xj.shape[0]):
                     for cc in range(nb):
                         c = c0 + cc
@@ -903,12 +929,14 @@ def _cl_forward_train(
 
 
 @_inline
-def _cl_sums(dz, zr, x, r, mu, acc1, acc2):  # pragma: no cover
-    """acc1 += dz, acc2 += dz·(x − mu) along row r, dz being dz[zr, :] (2-d: the row
-    views of the scratch runs are taken once per part, not per row)."""
+def _cl_sums(dz, zr, x, r, mu, acc1, acc2, acc3):  # pragma: no cover
+    """acc1 += dz, acc2 += dz·(x − mu), acc3 += x − mu along row r, dz being dz[zr, :]
+    (2-d: the row views of the scratch runs are taken once per part, not per row)."""
     for c in range(x.shape[1]):
+        d = x[r, c] - mu[c]
         acc1[c] += dz[zr, c]
-        acc2[c] += dz[zr, c] * (x[r, c] - mu[c])
+        acc2[c] += dz[zr, c] * d
+        acc3[c] += d
 
 
 @_inline
@@ -920,7 +948,7 @@ def _cl_dx(dz, zr, x, r, mu, k, bx, cx, dx):  # pragma: no cover
 
 
 @_inline
-def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2):  # pragma: no cover
+def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2, acc3):  # pragma: no cover
     """_cl_sums with dz = dy·act'(z) formed in the same loop from ``out``, the forward's
     bool mask z > 0 (relu, leaky ReLU with a slope >= 0), by _leaky_dz.
 
@@ -930,8 +958,10 @@ def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2):  # pragma: no cover
     zero = x.dtype.type(0)
     for c in range(x.shape[1]):
         g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
+        d = x[r, c] - mu[c]
         acc1[c] += g
-        acc2[c] += g * (x[r, c] - mu[c])
+        acc2[c] += g * d
+        acc3[c] += d
 
 
 @_inline
@@ -973,6 +1003,7 @@ def _cl_backward_train(
     dy3, x3 = dy.reshape(M, 1, C), x.reshape(M, 1, C)  # rows as runs, for the helpers
     part_dy = np.zeros((P, C))
     part_dyx = np.zeros((P, C))
+    part_x = np.zeros((P, C))  # Σ(x − mu): see _mean_shift
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
@@ -986,38 +1017,44 @@ def _cl_backward_train(
             rp, outp = res.reshape(M, 1, C)[r0:r1], out[r0:r1]
         acc1 = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
+        acc3 = np.empty(C, x.dtype)
         for s0 in range(0, xp.shape[0], _ROW_BLOCK):
             s1 = min(s0 + _ROW_BLOCK, xp.shape[0])
             acc1[:] = 0
             acc2[:] = 0
+            acc3[:] = 0
             if out is None:
                 for r in range(s0, s1):
-                    _cl_sums(dy2p, r, xp, r, mu, acc1, acc2)
+                    _cl_sums(dy2p, r, xp, r, mu, acc1, acc2, acc3)
             elif from_out:
                 for r in range(s0, s1):
-                    _cl_sums_masked(dy2p, outp, r, xp, mu, slope, acc1, acc2)
+                    _cl_sums_masked(dy2p, outp, r, xp, mu, slope, acc1, acc2, acc3)
             else:
                 g2 = g.reshape(1, C)
                 for r in range(s0, s1):
                     _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
-                    _cl_sums(g2, 0, xp, r, mu, acc1, acc2)
+                    _cl_sums(g2, 0, xp, r, mu, acc1, acc2, acc3)
             for c in range(C):
                 part_dy[p, c] += acc1[c]
                 part_dyx[p, c] += acc2[c]
+                part_x[p, c] += acc3[c]
     for c in range(C):
         sdy_all = 0.0
         sdyx_all = 0.0
         for j in range(K):
             sdy = 0.0
             sdyx = 0.0
+            sx = 0.0
             for p in range(j * T, (j + 1) * T):
                 sdy += part_dy[p, c]
                 sdyx += part_dyx[p, c]
+                sx += part_x[p, c]
             n = bounds[j + 1] - bounds[j]
+            sdy, sdyx, cx_shift = _mean_shift(sdy, sdyx, sx, n)
             r = float(invstd[j * C + c])
             k = float(w[c]) * r
             coef[j, 3, c] = -k * r * r * sdyx / n
-            coef[j, 4, c] = -k * sdy / n
+            coef[j, 4, c] = -k * sdy / n - coef[j, 3, c] * cx_shift
             sdy_all += sdy
             sdyx_all += sdyx * r
         db[c] = sdy_all
