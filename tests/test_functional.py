@@ -168,28 +168,33 @@ def _float32_and_float64_grads(make, x: torch.Tensor, dy: torch.Tensor):
     return grads
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
-@pytest.mark.parametrize("make", [
-    lambda: bn.BatchNorm2d(3, backend="numba"),
-    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
-    lambda: bn.BatchRenorm2d(3, backend="numba"),
-], ids=["batchnorm", "ghost", "renorm"])
-def test_numba_gradients_precise_far_from_zero(make, layout: str) -> None:
-    """The backward centres x on the float32-rounded mean and corrects the sums by how
-    far that is from the data's mean: at 1e4 ± 1e-2 dx and dγ keep ~1e-7, where torch's
-    backward (centred on the rounded mean) is off by ~1e-2 in dγ."""
+PRECISE_BACKWARD_CASES = {
+    "batchnorm-NCHW": (lambda: bn.BatchNorm2d(3, backend="numba"), (8, 3, 32, 32)),
+    "batchnorm-NCL": (lambda: bn.BatchNorm1d(3, backend="numba"), (8, 3, 1024)),
+    "ghost-NCHW": (lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+                   (8, 3, 32, 32)),
+    "renorm-NCHW": (lambda: bn.BatchRenorm2d(3, backend="numba"), (8, 3, 32, 32)),
+    "renorm-NCL": (lambda: bn.BatchRenorm1d(3, backend="numba"), (8, 3, 1024)),
+}
+
+
+@pytest.mark.parametrize("case", list(PRECISE_BACKWARD_CASES))
+def test_numba_gradients_precise_far_from_zero(case: str) -> None:
+    """The channel-major backward centres x on the float32-rounded mean and corrects
+    the sums by how far that is from the data's mean: at 1e4 ± 1e-2 dx and dγ keep
+    ~1e-7, where torch's backward (centred on the rounded mean) is off by ~1e-2 in dγ.
+    (Channel-minor inputs keep torch's precision there: see numba_cpu._cl_sums.)"""
+    make, shape = PRECISE_BACKWARD_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = (1e4 + 1e-2 * torch.randn(8, 3, 32, 32, generator=gen, dtype=torch.float64)).float()
-    x = x.contiguous(memory_format=fmt)
-    dy = torch.randn(8, 3, 32, 32, generator=gen).contiguous(memory_format=fmt)
+    x = (1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    dy = torch.randn(shape, generator=gen)
     ours, exact = _float32_and_float64_grads(make, x, dy)
     for name, a, b in zip(("dx", "dweight", "dbias"), ours, exact):
         rel = float((a.double() - b).abs().max() / b.abs().max())
         assert rel < 2e-6, (name, rel)
     # torch's own float32 backward, for scale: the correction is what makes the difference
-    theirs, _ = _float32_and_float64_grads(lambda: torch.nn.BatchNorm2d(3), x, dy)
-    _, plain = _float32_and_float64_grads(lambda: bn.BatchNorm2d(3, backend="numba"), x, dy)
+    torch_layer = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
+    theirs, plain = _float32_and_float64_grads(lambda: torch_layer(3), x, dy)
     assert float((theirs[1].double() - plain[1]).abs().max() / plain[1].abs().max()) > 1e-4
 
 
