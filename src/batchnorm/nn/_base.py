@@ -107,6 +107,18 @@ def fx_leaf(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | N
     return tracer.create_proxy("call_module", path, args, kwargs)
 
 
+def non_tensor_input(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> Any:
+    """What a layer's forward does when its input, ``args[0]``, is not a tensor: under
+    torch.fx, the leaf node of :func:`fx_leaf`; otherwise a TypeError naming the layer."""
+    if isinstance(args[0], torch.fx.Proxy):
+        return fx_leaf(module, args, kwargs)
+    raise TypeError(
+        f"{type(module).__name__}: input must be a torch.Tensor, got {type(args[0]).__name__}"
+    )
+
+
 class _BatchNormBase(nn.Module):
     """Owns γ/β, the running statistics and their counters; subclasses check dims.
 
@@ -206,11 +218,7 @@ class _BatchNormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input,))
-            raise TypeError(
-                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
+            return non_tensor_input(self, (input,))
         self._check_input_dim(input)
         self._check_num_channels(input)
         # Read the registries once: nn.Module's attribute lookup costs more than the

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import _BatchNormBase, fx_leaf
+from batchnorm.nn._base import _BatchNormBase, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
@@ -81,11 +81,7 @@ class _BatchNormAct(_BatchNormBase):
         one kernel per direction on the numba (CPU) and Triton (CUDA) backends, composed
         torch ops elsewhere."""
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input, residual))
-            raise TypeError(
-                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
+            return non_tensor_input(self, (input, residual))
         self._check_input_dim(input)
         self._check_num_channels(input)
         update = self.training and self.track_running_stats

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import fx_leaf
+from batchnorm.nn._base import non_tensor_input
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -58,11 +58,7 @@ class _FrozenBatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input,))
-            raise TypeError(
-                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
+            return non_tensor_input(self, (input,))
         if input.dim() not in self._dims:
             raise ValueError(
                 f"{type(self).__name__}: expected {self._shape_text} input, got {input.dim()}D "

@@ -16,7 +16,7 @@ obtains them from the same pass that normalizes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -37,7 +37,7 @@ from batchnorm._reference import (
     stats_dtype,
     update_running_stats,
 )
-from batchnorm.nn._base import _BatchNormBase, fx_leaf
+from batchnorm.nn._base import _BatchNormBase, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -251,11 +251,7 @@ class _GhostBatchNorm(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input,))
-            raise TypeError(
-                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
+            return non_tensor_input(self, (input,))
         self._check_input_dim(input)
         self._check_num_channels(input)
         # One chunk (or eval with running statistics) is exactly batch norm: same path.
@@ -317,22 +313,35 @@ class _GhostBatchNorm(_BatchNormBase):
             outputs.append(y)
             means.append(mean.unsqueeze(0))
             variances.append(var.unsqueeze(0))
-        counts = [size * per_example for size in sizes]
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-        if self.check_finite or (self.training and self.track_running_stats):
-            mean, var = combine_stats(torch.cat(means), torch.cat(variances), counts)
-            if self.training and self.track_running_stats:
-                # The guarded update skips a non-finite batch and counts it, before
-                # check_finite raises: the same order as the other layers.
-                assert self.running_mean is not None and self.running_var is not None
-                update_running_stats(
-                    self.running_mean, self.running_var, mean, var, input.numel() // input.shape[1],
-                    self.momentum, self.num_batches_tracked, self.num_batches_skipped,
-                )
-            if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise FloatingPointError(self._non_finite_message(input))
+        self._update_from_chunks(
+            input, lambda: (torch.cat(means), torch.cat(variances)),
+            [size * per_example for size in sizes],
+        )
         return output
+
+    def _update_from_chunks(
+        self, input: Tensor, chunk_stats: Callable[[], tuple[Tensor, Tensor]],
+        counts: list[int],
+    ) -> None:
+        """The running-statistics update and the check_finite test of the unfused
+        paths, from the whole batch's statistics merged out of the chunks' (k, C) means
+        and biased variances; ``chunk_stats`` is called only when either needs them."""
+        update = self.training and self.track_running_stats
+        if not (update or self.check_finite):
+            return
+        means, variances = chunk_stats()
+        mean, var = combine_stats(means, variances, counts)
+        if update:
+            # The guarded update skips a non-finite batch and counts it, before
+            # check_finite raises: the same order as the other layers.
+            assert self.running_mean is not None and self.running_var is not None
+            update_running_stats(
+                self.running_mean, self.running_var, mean, var, input.numel() // input.shape[1],
+                self.momentum, self.num_batches_tracked, self.num_batches_skipped,
+            )
+        if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            raise FloatingPointError(self._non_finite_message(input))
 
     def _fused_forward(self, input: Tensor, sizes: tuple[int, ...], backend: Backend) -> Tensor:
         """The whole step on the backend's ghost kernels: no copies, one kernel each way."""
@@ -386,23 +395,13 @@ class _GhostBatchNorm(_BatchNormBase):
             F.batch_norm(chunk, None, None, weight, bias, training=True, eps=self.eps)
             for chunk in chunks
         ])
-        update = self.training and self.track_running_stats
-        if update or self.check_finite:
+
+        def chunk_stats() -> tuple[Tensor, Tensor]:
             with torch.no_grad():
                 stats = [batch_stats(chunk.detach()) for chunk in chunks]
-                mean, var = combine_stats(
-                    torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]),
-                    [size * per_example for size in sizes],
-                )
-            if update:
-                assert self.running_mean is not None and self.running_var is not None
-                update_running_stats(
-                    self.running_mean, self.running_var, mean, var,
-                    input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
-                    self.num_batches_skipped,
-                )
-            if self.check_finite and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise FloatingPointError(self._non_finite_message(input))
+                return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
+
+        self._update_from_chunks(input, chunk_stats, [size * per_example for size in sizes])
         return output
 
     def _equal_chunks(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

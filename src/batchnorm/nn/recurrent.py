@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import check_layer_args, fx_leaf, register_state, reset_state
+from batchnorm.nn._base import check_layer_args, non_tensor_input, register_state, reset_state
 
 __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
 
@@ -213,9 +213,7 @@ class RecurrentBatchNorm(nn.Module):
         """
         name = type(self).__name__
         if not isinstance(x, Tensor):
-            if isinstance(x, torch.fx.Proxy):
-                return fx_leaf(self, (x, t, mask))
-            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+            return non_tensor_input(self, (x, t, mask))
         if x.dim() not in (2, 3):
             raise ValueError(
                 f"{name}: expected the input of one time step, 2D (N, C) or 3D (N, C, L), "
@@ -479,9 +477,7 @@ class BNLSTMCell(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input, hx), {"t": t, "mask": mask})  # type: ignore[no-any-return]
-            raise TypeError(f"BNLSTMCell: input must be a torch.Tensor, got {type(input).__name__}")
+            return non_tensor_input(self, (input, hx), {"t": t, "mask": mask})  # type: ignore[no-any-return]
         if input.dim() != 2 or input.shape[1] != self.input_size:
             raise ValueError(
                 f"BNLSTMCell: expected input of shape (N, input_size={self.input_size}), got "
@@ -618,9 +614,7 @@ class BNLSTM(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input, hx), {"lengths": lengths, "mask": mask})  # type: ignore[no-any-return]
-            raise TypeError(f"BNLSTM: input must be a torch.Tensor, got {type(input).__name__}")
+            return non_tensor_input(self, (input, hx), {"lengths": lengths, "mask": mask})  # type: ignore[no-any-return]
         if input.dim() != 3 or input.shape[2] != self.input_size:
             layout = "(N, T, input_size" if self.batch_first else "(T, N, input_size"
             raise ValueError(

@@ -21,7 +21,7 @@ from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
 from batchnorm._backends import Backend, prefer_aten_renorm, select_backend, under_transform
 from batchnorm._reference import channel_view, stats_dtype
-from batchnorm.nn._base import _BatchNormBase, fx_leaf
+from batchnorm.nn._base import _BatchNormBase, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -265,11 +265,7 @@ class _BatchRenorm(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input,))
-            raise TypeError(
-                f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
+            return non_tensor_input(self, (input,))
         self._check_input_dim(input)
         self._check_num_channels(input)
         plain = (

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from batchnorm import _reference
 from batchnorm import functional as F
-from batchnorm.nn._base import _BatchNormBase, fx_leaf
+from batchnorm.nn._base import _BatchNormBase, non_tensor_input
 
 __all__ = ["SyncBatchNorm"]
 
@@ -306,11 +306,7 @@ class SyncBatchNorm(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
-            if isinstance(input, torch.fx.Proxy):
-                return fx_leaf(self, (input,))
-            raise TypeError(
-                f"SyncBatchNorm: input must be a torch.Tensor, got {type(input).__name__}"
-            )
+            return non_tensor_input(self, (input,))
         if not self.training:
             return super().forward(input)  # eval never communicates
         F.check_training_eps("SyncBatchNorm", self.eps)  # the same on every rank
