@@ -261,3 +261,36 @@ def test_named_kernel_backend_inside_dual_level_without_duals_runs(backend) -> N
 def test_family_named_kernel_backend_under_jit_trace_is_a_clear_error(make) -> None:
     with pytest.raises(RuntimeError, match="runs compiled kernels"):
         torch.jit.trace(make(), torch.randn(4, 3, 5, 5))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make", [partial(f, 8) for f in LAYERS_2D.values()], ids=list(LAYERS_2D))
+def test_torch_export_matches_eager_and_updates_the_running_statistics(make, training) -> None:
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), make()).train(training)
+    with torch.no_grad():  # non-trivial running statistics for eval
+        eager[1].running_mean.uniform_(-1, 1)
+        eager[1].running_var.uniform_(0.5, 2)
+    exported_model = copy.deepcopy(eager)
+    x = torch.randn(8, 3, 10, 10) * 2 + 1
+    program = torch.export.export(exported_model, (x,)).module()
+    for step in range(2):  # the second call sees the first one's running statistics
+        x = torch.randn(8, 3, 10, 10) * (step + 2) - 1
+        assert_close(program(x), eager(x), 1e-5, 1e-5, f"output {step}")
+    state = program.state_dict()
+    for key, value in eager.state_dict().items():
+        assert_close(state[key], value, 1e-6, 1e-6, key)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bn.BatchNorm2d(3, backend="numba"),
+    lambda: bn.BatchNorm2d(3, backend="aten"),
+    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+    lambda: bn.BatchRenorm2d(3, backend="aten"),
+    lambda: bn.BatchNormAct2d(3, backend="numba"),
+], ids=["bn-numba", "bn-aten", "ghost-numba", "renorm-aten", "act-numba"])
+def test_named_kernel_backend_under_torch_export_is_a_clear_error(make) -> None:
+    # An exported program has no eager part to fall back to (as torch.compile's graph
+    # breaks do): the kernels would see fake tensors.
+    with pytest.raises(RuntimeError, match="runs compiled kernels, which .*torch.export"):
+        torch.export.export(make(), (torch.randn(4, 3, 5, 5),))

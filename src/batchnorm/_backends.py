@@ -288,11 +288,16 @@ def under_transform() -> bool:
 
 
 def records_ops(*tensors: Tensor | None) -> bool:
-    """Whether torch.jit.trace is tracing, a torch.func transform is active, or one of
-    ``tensors`` carries a forward-mode tangent: under_transform() without
-    torch.compile, which runs what it cannot trace eagerly (after a graph break).
+    """Whether torch.jit.trace is tracing, torch.export is exporting, a torch.func
+    transform is active, or one of ``tensors`` carries a forward-mode tangent:
+    under_transform() without plain torch.compile, which runs what it cannot trace
+    eagerly (after a graph break); an exported program has no eager part.
     (Inside ``fwAD.dual_level()`` a call on plain tensors records nothing.)"""
-    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active():
+    if (
+        torch._C._is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or torch.compiler.is_exporting()
+    ):
         return True
     if _forward_ad._current_level >= 0:
         return any(
@@ -306,8 +311,8 @@ def check_recordable(name: str, *tensors: Tensor | None) -> None:
     :func:`records_ops` (``tensors``: the call's inputs)."""
     if records_ops(*tensors):
         raise RuntimeError(
-            f"backend={name!r} runs compiled kernels, which torch.jit.trace, torch.func "
-            "transforms and forward-mode AD cannot see into; use backend='auto' (plain "
+            f"backend={name!r} runs compiled kernels, which torch.jit.trace, torch.export, "
+            "torch.func transforms and forward-mode AD cannot see into; use backend='auto' (plain "
             "torch ops there) or 'reference'"
         )
 
