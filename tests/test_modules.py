@@ -275,3 +275,62 @@ def test_eval_fast_path_equals_functional(shape, dtype, affine) -> None:
     with_grad = layer(x.requires_grad_())
     torch.testing.assert_close(with_grad, expected)
     assert with_grad.requires_grad
+
+
+# Code that finds batch-norm layers by isinstance (swa_utils.update_bn, FSDP's mixed
+# precision, torch.func.replace_all_batch_norm_modules_, weight-decay exemptions in
+# training recipes) must find ours. SyncBatchNorm is not a torch.nn.SyncBatchNorm:
+# DistributedDataParallel refuses those on CPU modules, and ours runs on gloo.
+ISINSTANCE_CASES = [
+    (lambda: bn.BatchNorm1d(4), torch.nn.BatchNorm1d, True),
+    (lambda: bn.BatchNorm2d(4), torch.nn.BatchNorm2d, True),
+    (lambda: bn.BatchNorm3d(4), torch.nn.BatchNorm3d, True),
+    (lambda: bn.GhostBatchNorm2d(4, virtual_batch_size=2), torch.nn.BatchNorm2d, True),
+    (lambda: bn.BatchRenorm1d(4), torch.nn.BatchNorm1d, True),
+    (lambda: bn.BatchNormAct2d(4), torch.nn.BatchNorm2d, True),
+    (lambda: bn.SyncBatchNorm(4), torch.nn.modules.batchnorm._BatchNorm, True),
+    (lambda: bn.SyncBatchNorm(4), torch.nn.SyncBatchNorm, False),
+    (lambda: bn.FrozenBatchNorm2d(4), torch.nn.modules.batchnorm._BatchNorm, False),
+    (lambda: bn.RecurrentBatchNorm(4, max_timesteps=3), torch.nn.modules.batchnorm._BatchNorm, False),
+]
+
+
+@pytest.mark.parametrize(("make", "torch_cls", "expected"), ISINSTANCE_CASES,
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_isinstance_of_torch_batch_norm_classes(make, torch_cls, expected) -> None:
+    assert isinstance(make(), torch_cls) is expected
+
+
+def _two_layer_net(norm: type) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), norm(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3), norm(5)
+    )
+
+
+def test_swa_update_bn_recomputes_our_statistics_as_torch_s() -> None:
+    torch.manual_seed(0)
+    ours, theirs = _two_layer_net(bn.BatchNorm2d), _two_layer_net(torch.nn.BatchNorm2d)
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(7.0)  # stale statistics that update_bn must replace
+    loader = [torch.randn(6, 3, 8, 8) * 2 + 1 for _ in range(4)]
+    torch.optim.swa_utils.update_bn(loader, ours)
+    torch.optim.swa_utils.update_bn(loader, theirs)
+    assert not ours.training
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], value, 1e-5, 1e-6, key)
+    assert ours[1].momentum == 0.1
+
+
+def test_func_replace_all_batch_norm_modules_turns_our_statistics_off() -> None:
+    model = _two_layer_net(bn.BatchNorm2d)
+    torch.func.replace_all_batch_norm_modules_(model)
+    layer = model[1]
+    assert not layer.track_running_stats and layer.running_mean is None
+    x = torch.randn(6, 3, 8, 8)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    assert grads["1.weight"].shape == (4,)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional as F
 from batchnorm._backends import BACKEND_NAMES
@@ -119,8 +120,16 @@ def non_tensor_input(
     )
 
 
-class _BatchNormBase(nn.Module):
+class _BatchNormBase(_BatchNorm):
     """Owns γ/β, the running statistics and their counters; subclasses check dims.
+
+    A subclass of torch's ``_BatchNorm`` (and the BatchNormXd layers of
+    :class:`torch.nn.BatchNorm2d`'s), though it reuses none of its code: code that finds
+    batch-norm layers by ``isinstance`` treats these as batch norm too. That is how
+    ``torch.optim.swa_utils.update_bn`` recomputes their statistics, FSDP's mixed
+    precision keeps them in float32, ``torch.func.replace_all_batch_norm_modules_``
+    turns their running statistics off, and training recipes exempt them from weight
+    decay. Every method torch's layers define is overridden here or in the subclasses.
 
     Parameters and buffers carry the same names, shapes and dtypes as
     :class:`torch.nn.BatchNorm2d`'s (``weight``, ``bias``, ``running_mean``,
@@ -162,7 +171,9 @@ class _BatchNormBase(nn.Module):
         backend: str = "auto",
         check_finite: bool = False,
     ) -> None:
-        super().__init__()
+        # nn.Module's, not _BatchNorm's: the state is registered here (register_state),
+        # with this package's checks and its extra counter.
+        nn.Module.__init__(self)
         check_layer_args(type(self).__name__, num_features, eps, momentum, backend)
         self.num_features = num_features
         self.eps = eps

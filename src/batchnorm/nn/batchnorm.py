@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from batchnorm.nn._base import _BatchNormBase
 
@@ -42,7 +42,7 @@ _DOC_COMMON = r"""
 """
 
 
-class BatchNorm1d(_BatchNormBase):
+class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     __doc__ = (
         "Batch normalization over a 2D (N, C) or 3D (N, C, L) input." + _DOC_COMMON + """
     Shape:
@@ -65,7 +65,7 @@ class BatchNorm1d(_BatchNormBase):
             )
 
 
-class BatchNorm2d(_BatchNormBase):
+class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     __doc__ = (
         "Batch normalization over a 4D (N, C, H, W) input." + _DOC_COMMON + """
     Shape:
@@ -89,7 +89,7 @@ class BatchNorm2d(_BatchNormBase):
             )
 
 
-class BatchNorm3d(_BatchNormBase):
+class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     __doc__ = (
         "Batch normalization over a 5D (N, C, D, H, W) input." + _DOC_COMMON + """
     Shape:
