@@ -159,3 +159,33 @@ def test_eps_zero_in_the_functional_training() -> None:
         F.batch_norm(x, None, None, training=True, eps=0.0)
     with pytest.raises(ValueError, match="batch_norm_act: eps must be positive in training"):
         F.batch_norm_act(x, None, None, training=True, eps=0.0)
+
+
+# Errors that the functional API raises under a layer begin with the layer's name, not
+# "batch_norm:" (the functional's own calls keep theirs, tested above).
+_LAYER_ERRORS = [
+    (lambda: bn.BatchNorm2d(3), lambda m: m(torch.randn(1, 3, 1, 1)), ValueError,
+     r"^BatchNorm2d: expected more than 1 value per channel"),
+    (lambda: bn.BatchNorm1d(3), lambda m: m(torch.zeros(4, 3, dtype=torch.int32)), TypeError,
+     r"^BatchNorm1d: input must be a floating-point tensor"),
+    (lambda: bn.BatchNorm2d(3, check_finite=True),
+     lambda m: m(torch.full((2, 3, 2, 2), float("nan"))), FloatingPointError,
+     r"^BatchNorm2d: the training batch .* non-finite"),
+    (lambda: bn.BatchNormAct2d(3), lambda m: m(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 3)),
+     ValueError, r"^BatchNormAct2d: residual must have the input's shape"),
+    (lambda: bn.BatchNormAct1d(3), lambda m: m(torch.randn(1, 3)), ValueError,
+     r"^BatchNormAct1d: expected more than 1 value per channel"),
+    (lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=4), lambda m: m(torch.randn(1, 3, 1, 1)),
+     ValueError, r"^GhostBatchNorm2d: expected more than 1 value per channel"),
+    (lambda: bn.FrozenBatchNorm2d(3), lambda m: m(torch.zeros(2, 3, 2, 2, dtype=torch.int64)),
+     TypeError, r"^FrozenBatchNorm2d: input must be a floating-point tensor"),
+    (lambda: bn.SyncBatchNorm(3), lambda m: m(torch.randn(1, 3)), ValueError,
+     r"^SyncBatchNorm: expected more than 1 value per channel"),
+]
+
+
+@pytest.mark.parametrize(("make", "call", "error", "match"), _LAYER_ERRORS,
+                         ids=[str(i) for i in range(len(_LAYER_ERRORS))])
+def test_functional_errors_under_a_layer_name_the_layer(make, call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call(make())

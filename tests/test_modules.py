@@ -334,3 +334,15 @@ def test_func_replace_all_batch_norm_modules_turns_our_statistics_off() -> None:
     params = {k: v.detach() for k, v in model.named_parameters()}
     grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
     assert grads["1.weight"].shape == (4,)
+
+
+@pytest.mark.parametrize("make", [partial(f, 3) for f in LAYERS_2D.values()], ids=list(LAYERS_2D))
+def test_empty_training_batch_leaves_statistics_and_counters(make) -> None:
+    # num_batches_tracked counts the batches applied (torch's layers count this one too).
+    layer = make()
+    layer(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(torch.randn(0, 3, 2, 2))
+    assert y.shape == (0, 3, 2, 2)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +122,41 @@ def non_tensor_input(
     )
 
 
+_Forward = TypeVar("_Forward", bound=Callable[..., Any])
+
+# The prefixes of the functional API's error messages (batchnorm.functional).
+_FUNCTIONAL_PREFIXES = ("batch_norm: ", "batch_norm_act: ")
+
+
+def name_the_layer(error: BaseException, module: nn.Module) -> None:
+    """Make an error of the functional API raised under ``module``'s forward name the
+    layer: a message beginning ``"batch_norm: "`` begins with the class name instead
+    (``"BatchNorm2d: expected more than 1 value per channel ..."``). The exception
+    object, and so its traceback, is kept; only its message changes."""
+    message = error.args[0] if error.args else None
+    if isinstance(message, str):
+        for prefix in _FUNCTIONAL_PREFIXES:
+            if message.startswith(prefix):
+                error.args = (f"{type(module).__name__}: {message[len(prefix):]}", *error.args[1:])
+                return
+
+
+def names_its_errors(forward: _Forward) -> _Forward:
+    """Decorate a layer's ``forward`` with :func:`name_the_layer`. The wrapper costs
+    ~0.5 µs a call; the forwards of eval's fast path (plain and frozen batch norm, ~10 µs
+    at small sizes) write the ``try`` inline instead, which costs nothing."""
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return forward(self, *args, **kwargs)
+        except Exception as error:
+            name_the_layer(error, self)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
 class _BatchNormBase(_BatchNorm):
     """Owns γ/β, the running statistics and their counters; subclasses check dims.
 
@@ -230,43 +267,47 @@ class _BatchNormBase(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))
-        self._check_input_dim(input)
-        self._check_num_channels(input)
-        # Read the registries once: nn.Module's attribute lookup costs more than the
-        # arithmetic of a small layer.
-        weight, bias = self._affine()
-        buffers = self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        training = self.training
-        if (
-            not training
-            and running_mean is not None
-            and running_var is not None
-            and self.backend == "auto"
-        ):
-            y = F.eval_on_aten(
-                input, running_mean, running_var, weight, bias, self.eps
+        try:
+            self._check_input_dim(input)
+            self._check_num_channels(input)
+            # Read the registries once: nn.Module's attribute lookup costs more than the
+            # arithmetic of a small layer.
+            weight, bias = self._affine()
+            buffers = self._buffers
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            training = self.training
+            if (
+                not training
+                and running_mean is not None
+                and running_var is not None
+                and self.backend == "auto"
+            ):
+                y = F.eval_on_aten(
+                    input, running_mean, running_var, weight, bias, self.eps
+                )
+                if y is not None:
+                    return y
+            update = training and self.track_running_stats
+            # Running statistics are passed only to be updated (training with tracking) or
+            # to normalize (eval with tracking); eval without them uses batch statistics.
+            use_running = update or not training
+            return F.batch_norm(
+                input,
+                running_mean if use_running else None,
+                running_var if use_running else None,
+                weight,
+                bias,
+                training=training or running_mean is None,  # as _uses_batch_stats()
+                momentum=self.momentum,
+                eps=self.eps,
+                backend=self.backend,
+                num_batches_tracked=buffers["num_batches_tracked"] if update else None,
+                num_batches_skipped=buffers["num_batches_skipped"] if update else None,
+                check_finite=self.check_finite,
             )
-            if y is not None:
-                return y
-        update = training and self.track_running_stats
-        # Running statistics are passed only to be updated (training with tracking) or
-        # to normalize (eval with tracking); eval without them uses batch statistics.
-        use_running = update or not training
-        return F.batch_norm(
-            input,
-            running_mean if use_running else None,
-            running_var if use_running else None,
-            weight,
-            bias,
-            training=training or running_mean is None,  # as _uses_batch_stats()
-            momentum=self.momentum,
-            eps=self.eps,
-            backend=self.backend,
-            num_batches_tracked=buffers["num_batches_tracked"] if update else None,
-            num_batches_skipped=buffers["num_batches_skipped"] if update else None,
-            check_finite=self.check_finite,
-        )
+        except Exception as error:
+            name_the_layer(error, self)
+            raise
 
     def extra_repr(self) -> str:
         text = (

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import _BatchNormBase, non_tensor_input
+from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
@@ -72,6 +72,7 @@ class _BatchNormAct(_BatchNormBase):
         self.activation = activation
         self.negative_slope = float(negative_slope)
 
+    @names_its_errors
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; ``residual`` has ``input``'s shape, dtype, device."""
         return self._forward_fused(input, residual)

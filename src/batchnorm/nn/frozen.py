@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import non_tensor_input
+from batchnorm.nn._base import name_the_layer, non_tensor_input
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -71,10 +71,14 @@ class _FrozenBatchNorm(nn.Module):
                 f"{tuple(input.shape)}"
             )
         # Inference-mode batch norm is exactly the fixed affine map, in either mode.
-        return F.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
-            training=False, eps=self.eps,
-        )
+        try:
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias,
+                training=False, eps=self.eps,
+            )
+        except Exception as error:
+            name_the_layer(error, self)
+            raise
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

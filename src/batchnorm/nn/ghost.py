@@ -37,7 +37,7 @@ from batchnorm._reference import (
     stats_dtype,
     update_running_stats,
 )
-from batchnorm.nn._base import _BatchNormBase, non_tensor_input
+from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -249,6 +249,7 @@ class _GhostBatchNorm(_BatchNormBase):
         )
         self.virtual_batch_size = virtual_batch_size
 
+    @names_its_errors
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))

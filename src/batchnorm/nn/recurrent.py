@@ -24,7 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import check_layer_args, non_tensor_input, register_state, reset_state
+from batchnorm.nn._base import (
+    check_layer_args,
+    names_its_errors,
+    non_tensor_input,
+    register_state,
+    reset_state,
+)
 
 __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
 
@@ -205,6 +211,7 @@ class RecurrentBatchNorm(nn.Module):
         """The statistics slot of time step ``t``: ``min(t, max_timesteps - 1)``."""
         return min(self._time_index(t), self.max_timesteps - 1)
 
+    @names_its_errors
     def forward(self, x: Tensor, t: int | Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize the input ``x`` (N, C) or (N, C, L) of time step ``t``.
 
@@ -277,6 +284,7 @@ class RecurrentBatchNorm(nn.Module):
         out = torch.zeros(x.shape, dtype=y_real.dtype, device=x.device)
         return out.index_copy(0, rows, y_real)
 
+    @names_its_errors
     def forward_sequence(
         self, x: Tensor, mask: Tensor | None = None, *, start: int = 0
     ) -> Tensor:

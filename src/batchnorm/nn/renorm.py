@@ -21,7 +21,7 @@ from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
 from batchnorm._backends import Backend, prefer_aten_renorm, select_backend, under_transform
 from batchnorm._reference import channel_view, stats_dtype
-from batchnorm.nn._base import _BatchNormBase, non_tensor_input
+from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -263,6 +263,7 @@ class _BatchRenorm(_BatchNormBase):
         self.r_max = float(r_max)
         self.d_max = float(d_max)
 
+    @names_its_errors
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from batchnorm import _reference
 from batchnorm import functional as F
-from batchnorm.nn._base import _BatchNormBase, non_tensor_input
+from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 
 __all__ = ["SyncBatchNorm"]
 
@@ -304,6 +304,7 @@ class SyncBatchNorm(_BatchNormBase):
     def _group_and_size(self) -> tuple[Any, int]:
         return group_and_size(self.process_group)
 
+    @names_its_errors
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))
