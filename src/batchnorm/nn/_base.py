@@ -160,9 +160,9 @@ def names_its_errors(forward: _Forward) -> _Forward:
 class _BatchNormBase(_BatchNorm):
     """Owns γ/β, the running statistics and their counters; subclasses check dims.
 
-    A subclass of torch's ``_BatchNorm`` (and the BatchNormXd layers of
-    :class:`torch.nn.BatchNorm2d`'s), though it reuses none of its code: code that finds
-    batch-norm layers by ``isinstance`` treats these as batch norm too. That is how
+    A subclass of torch's ``_BatchNorm`` (and each BatchNormXd of torch's BatchNormXd),
+    though it reuses none of their code, so that code finding batch-norm layers by
+    ``isinstance`` treats these as batch norm too. That is how
     ``torch.optim.swa_utils.update_bn`` recomputes their statistics, FSDP's mixed
     precision keeps them in float32, ``torch.func.replace_all_batch_norm_modules_``
     turns their running statistics off, and training recipes exempt them from weight
