@@ -331,14 +331,8 @@ class _BatchNormBase(_BatchNorm):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Version 1 checkpoints (PyTorch < 0.4.1) have no num_batches_tracked.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # As torch's layers: the module's own count stays, unless it has none yet.
-            own = self.num_batches_tracked
-            keep = own is not None and own.device.type != "meta"
-            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
+        # (Version 1 checkpoints, without num_batches_tracked, are torch's _NormBase's
+        # to handle, below: the module's own count stays.)
         # num_batches_skipped is not persistent; a state_dict that carries one (saved by a
         # variant that made it persistent) is accepted rather than rejected.
         skipped = state_dict.pop(prefix + "num_batches_skipped", None)
