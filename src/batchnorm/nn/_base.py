@@ -161,12 +161,13 @@ class _BatchNormBase(_BatchNorm):
     """Owns γ/β, the running statistics and their counters; subclasses check dims.
 
     A subclass of torch's ``_BatchNorm`` (and each BatchNormXd of torch's BatchNormXd),
-    though it reuses none of their code, so that code finding batch-norm layers by
+    so that code finding batch-norm layers by
     ``isinstance`` treats these as batch norm too. That is how
     ``torch.optim.swa_utils.update_bn`` recomputes their statistics, FSDP's mixed
     precision keeps them in float32, ``torch.func.replace_all_batch_norm_modules_``
     turns their running statistics off, and training recipes exempt them from weight
-    decay. Every method torch's layers define is overridden here or in the subclasses.
+    decay. Every method torch's layers define is overridden here or in the subclasses;
+    only the state_dict loading calls torch's (for checkpoints of version 1).
 
     Parameters and buffers carry the same names, shapes and dtypes as
     :class:`torch.nn.BatchNorm2d`'s (``weight``, ``bias``, ``running_mean``,
