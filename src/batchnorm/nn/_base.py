@@ -161,8 +161,8 @@ class _BatchNormBase(_BatchNorm):
     """Owns γ/β, the running statistics and their counters; subclasses check dims.
 
     A subclass of torch's ``_BatchNorm`` (and each BatchNormXd of torch's BatchNormXd),
-    so that code finding batch-norm layers by
-    ``isinstance`` treats these as batch norm too. That is how
+    so that code finding batch-norm layers by ``isinstance`` treats these as batch norm
+    too. That is how
     ``torch.optim.swa_utils.update_bn`` recomputes their statistics, FSDP's mixed
     precision keeps them in float32, ``torch.func.replace_all_batch_norm_modules_``
     turns their running statistics off, and training recipes exempt them from weight
