@@ -253,14 +253,29 @@ def test_named_kernel_backend_inside_dual_level_without_duals_runs(backend) -> N
             bn.BatchNorm2d(3, backend=backend)(fwAD.make_dual(x, torch.randn_like(x)))
 
 
+# Layers whose named backend runs a compiled kernel in training.
+_NAMED_KERNEL_LAYERS = {
+    "bn-numba": lambda: bn.BatchNorm2d(3, backend="numba"),
+    "bn-aten": lambda: bn.BatchNorm2d(3, backend="aten"),
+    "ghost-numba": lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+    "renorm-aten": lambda: bn.BatchRenorm2d(3, backend="aten"),
+    "act-numba": lambda: bn.BatchNormAct2d(3, backend="numba"),
+}
+_RECORDERS = {
+    "jit.trace": lambda m, x: torch.jit.trace(m, x),
+    # An exported program has no eager part to fall back to (as torch.compile's graph
+    # breaks do): the kernels would see fake tensors.
+    "torch.export": lambda m, x: torch.export.export(m, (x,)),
+}
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("make", [
-    lambda: bn.BatchRenorm2d(3, backend="aten"),
-    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
-], ids=["renorm-aten", "ghost-numba"])
-def test_family_named_kernel_backend_under_jit_trace_is_a_clear_error(make) -> None:
-    with pytest.raises(RuntimeError, match="runs compiled kernels"):
-        torch.jit.trace(make(), torch.randn(4, 3, 5, 5))
+@pytest.mark.parametrize("recorder", list(_RECORDERS))
+@pytest.mark.parametrize("make", list(_NAMED_KERNEL_LAYERS.values()), ids=list(_NAMED_KERNEL_LAYERS))
+def test_named_kernel_backend_under_a_recorder_names_it(make, recorder) -> None:
+    match = f"runs compiled kernels, which .*{recorder}"
+    with pytest.raises(RuntimeError, match=match):
+        _RECORDERS[recorder](make(), torch.randn(4, 3, 5, 5))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -280,17 +295,3 @@ def test_torch_export_matches_eager_and_updates_the_running_statistics(make, tra
     state = program.state_dict()
     for key, value in eager.state_dict().items():
         assert_close(state[key], value, 1e-6, 1e-6, key)
-
-
-@pytest.mark.parametrize("make", [
-    lambda: bn.BatchNorm2d(3, backend="numba"),
-    lambda: bn.BatchNorm2d(3, backend="aten"),
-    lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
-    lambda: bn.BatchRenorm2d(3, backend="aten"),
-    lambda: bn.BatchNormAct2d(3, backend="numba"),
-], ids=["bn-numba", "bn-aten", "ghost-numba", "renorm-aten", "act-numba"])
-def test_named_kernel_backend_under_torch_export_is_a_clear_error(make) -> None:
-    # An exported program has no eager part to fall back to (as torch.compile's graph
-    # breaks do): the kernels would see fake tensors.
-    with pytest.raises(RuntimeError, match="runs compiled kernels, which .*torch.export"):
-        torch.export.export(make(), (torch.randn(4, 3, 5, 5),))
