@@ -839,6 +839,12 @@ def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
 
     Blocks of _ROW_BLOCK rows are read twice while in cache (corrected two-pass, short
     sums in x's dtype, vectorized along C) and merged with Chan's formula.
+
+    Both passes add four rows an iteration into the per-channel accumulators: one
+    row at a time, every row reloads and stores each accumulator, and that chain
+    through memory, not the reads, bounded the pass. On Zen 5 (2 cores, 16×64×56×56
+    channels_last) the four-row passes took the whole forward from 1.15–1.75x
+    aten's to 0.86–1.14x, in alternating runs.
     """
     M, C = x.shape
     acc = np.empty(C, x.dtype)
@@ -847,15 +853,28 @@ def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
     for s0 in range(0, M, _ROW_BLOCK):
         s1 = min(s0 + _ROW_BLOCK, M)
         nb = s1 - s0
+        s4 = s0 + nb // 4 * 4  # the rows after s4 (fewer than four) one at a time
         acc[:] = 0
-        for r in range(s0, s1):
+        for r in range(s0, s4, 4):
+            for c in range(C):
+                acc[c] += (x[r, c] + x[r + 1, c]) + (x[r + 2, c] + x[r + 3, c])
+        for r in range(s4, s1):
             for c in range(C):
                 acc[c] += x[r, c]
         for c in range(C):
             centre[c] = acc[c] / nb
         acc[:] = 0
         acc2[:] = 0
-        for r in range(s0, s1):
+        for r in range(s0, s4, 4):
+            for c in range(C):
+                m = centre[c]
+                d0 = x[r, c] - m
+                d1 = x[r + 1, c] - m
+                d2 = x[r + 2, c] - m
+                d3 = x[r + 3, c] - m
+                acc[c] += (d0 + d1) + (d2 + d3)
+                acc2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        for r in range(s4, s1):
             for c in range(C):
                 d = x[r, c] - centre[c]
                 acc[c] += d
