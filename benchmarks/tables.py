@@ -10,6 +10,7 @@ machine, where one run's outlier sets the range.
     python benchmarks/tables.py family --median results/run*/family.json
     python benchmarks/tables.py cpu results/run1/cpu.json results/run2/cpu.json
     python benchmarks/tables.py fold results/run1/family.json results/run2/family.json
+    python benchmarks/tables.py network results/run1/network.json results/run2/network.json
 """
 
 from __future__ import annotations
@@ -109,9 +110,25 @@ def fold_table(runs: list[list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def network_table(runs: list[list[dict[str, Any]]]) -> str:
+    """bench_network's training steps: first run's times, every run's ratio."""
+    first = runs[0]
+    lines = [
+        "| model | layout | ours ms | torch ms | ours / torch |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for i, row in enumerate(first):
+        ratios = [rows[i]["ratio"] for rows in runs if i < len(rows)]
+        lines.append(
+            f"| {row['layer'].removeprefix('train step ')} | {row['layout']} | "
+            f"{row['ms']:.1f} | {row['baseline_ms']:.1f} | {_span(ratios)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["family", "cpu", "fold"])
+    parser.add_argument("kind", choices=["family", "cpu", "fold", "network"])
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--median", action="store_true",
                         help="family: cells as median (range) over three or more runs")
@@ -120,7 +137,8 @@ def main() -> None:
     if args.kind == "family":
         print(family_table(runs, args.median))
     else:
-        print({"cpu": cpu_table, "fold": fold_table}[args.kind](runs))
+        tables = {"cpu": cpu_table, "fold": fold_table, "network": network_table}
+        print(tables[args.kind](runs))
 
 
 if __name__ == "__main__":
