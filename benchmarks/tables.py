@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,22 @@ def family_table(runs: list[list[dict[str, Any]]], median: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _with_ratios(
+    runs: list[list[dict[str, Any]]],
+) -> Iterator[tuple[dict[str, Any], list[float]]]:
+    """Each row of the first run with its ratio in every run (rows matched by position:
+    the runs of one script list the same rows in the same order)."""
+    for i, row in enumerate(runs[0]):
+        yield row, [rows[i]["ratio"] for rows in runs if i < len(rows)]
+
+
 def cpu_table(runs: list[list[dict[str, Any]]]) -> str:
     """The core benchmark: first run's times, every run's ratio."""
-    first = runs[0]
     lines = [
         "| shape | layout | mode | path | batchnorm ms | torch ms | ratio (runs) |",
         "|---|---|---|---|---:|---:|---:|",
     ]
-    for i, row in enumerate(first):
-        ratios = [rows[i]["ratio"] for rows in runs if i < len(rows)]
+    for row, ratios in _with_ratios(runs):
         lines.append(
             f"| {row['shape'].replace('x', '×')} | {row['layout']} | {row['mode']} | "
             f"{row['path']} | {row['batchnorm_ms']:.3f} | {row['torch_ms']:.3f} | "
@@ -112,13 +120,11 @@ def fold_table(runs: list[list[dict[str, Any]]]) -> str:
 
 def network_table(runs: list[list[dict[str, Any]]]) -> str:
     """bench_network's training steps: first run's times, every run's ratio."""
-    first = runs[0]
     lines = [
         "| model | layout | ours ms | torch ms | ours / torch |",
         "|---|---|---:|---:|---:|",
     ]
-    for i, row in enumerate(first):
-        ratios = [rows[i]["ratio"] for rows in runs if i < len(rows)]
+    for row, ratios in _with_ratios(runs):
         lines.append(
             f"| {row['layer'].removeprefix('train step ')} | {row['layout']} | "
             f"{row['ms']:.1f} | {row['baseline_ms']:.1f} | {_span(ratios)} |"
