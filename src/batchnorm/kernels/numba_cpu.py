@@ -1007,33 +1007,35 @@ def _cl_dx(dz, zr, x, r, mu, k, bx, cx, dx):  # pragma: no cover
 
 
 @_inline
-def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2):  # pragma: no cover
+def _cl_sums_masked(dy, out, r, x, mu, slope, acc1, acc2, dres, write_dres):  # pragma: no cover
     """_cl_sums with dz = dy·act'(z) formed in the same loop from ``out``, the forward's
-    bool mask z > 0 (relu, leaky ReLU with a slope >= 0), by _leaky_dz.
+    bool mask z > 0 (relu, leaky ReLU with a slope >= 0), by _leaky_dz; with
+    ``write_dres`` dz is also stored in dres[r, :] (the residual's gradient).
 
     One loop over the row, no scratch row of dz (the shared _dz): in isolation, on
     AVX-512 (Zen 4), dz staged in a scratch row from the float output ran 1.3-1.7x
     slower than this loop over the bool mask. A NaN z has a False mask."""
     zero = _hidden_zero(x.dtype.type(0))
-    for c in range(x.shape[1]):
-        g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
-        acc1[c] += g
-        acc2[c] += g * (x[r, c] - mu[c])
-
-
-@_inline
-def _cl_dx_masked(dy, out, r, x, mu, slope, k, bx, cx, dx, dres, write_dres):  # pragma: no cover
-    """_cl_dx with dz formed as in _cl_sums_masked; dres = dz too when write_dres."""
-    zero = _hidden_zero(x.dtype.type(0))
     if write_dres:
         for c in range(x.shape[1]):
             g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
-            dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
             dres[r, c] = g
+            acc1[c] += g
+            acc2[c] += g * (x[r, c] - mu[c])
     else:
         for c in range(x.shape[1]):
             g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
-            dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
+            acc1[c] += g
+            acc2[c] += g * (x[r, c] - mu[c])
+
+
+@_inline
+def _cl_dx_masked(dy, out, r, x, mu, slope, k, bx, cx, dx):  # pragma: no cover
+    """_cl_dx with dz formed as in _cl_sums_masked."""
+    zero = _hidden_zero(x.dtype.type(0))
+    for c in range(x.shape[1]):
+        g = _leaky_dz(dy[r, c], out[r, c], slope, zero)
+        dx[r, c] = g * k[c] + (x[r, c] - mu[c]) * bx[c] + cx[c]
 
 
 @_Kernel
@@ -1043,7 +1045,13 @@ def _cl_backward_train(
 ):  # pragma: no cover
     """The channel-minor _cm_backward_train: (M, C) arrays, chunks of rows as in
     _cl_forward_train; ``out`` None for plain batch norm, else as there (the bool mask
-    z > 0 when ``from_out``)."""
+    z > 0 when ``from_out``).
+
+    One difference: when the residual's gradient is wanted (``write_dres``), the first
+    pass writes dz into it and the second pass reads it back. Here the rows come from
+    memory in both passes, so that read replaces two streams, dy and the mask (or the
+    recomputation of z). In the channel-major kernel, whose second pass reads from
+    cache, the same change made the backward slower."""
     dy, x, w, b, dx = _view(dy), _view(x), _view(w), _view(b), _view(dx)
     mean, invstd = _view(mean), _view(invstd)
     M, C = x.shape
@@ -1071,6 +1079,7 @@ def _cl_backward_train(
             g = np.empty((1, 1, C), x.dtype)  # scratch rows: dz, z
             v = np.empty((1, 1, C), x.dtype)
             rp, outp = res.reshape(M, 1, C)[r0:r1], out[r0:r1]
+            dresp, dres2p = dres.reshape(M, 1, C)[r0:r1], dres[r0:r1]
         acc1 = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
         for s0 in range(0, xp.shape[0], _ROW_BLOCK):
@@ -1082,11 +1091,15 @@ def _cl_backward_train(
                     _cl_sums(dy2p, r, xp, r, mu, acc1, acc2)
             elif from_out:
                 for r in range(s0, s1):
-                    _cl_sums_masked(dy2p, outp, r, xp, mu, slope, acc1, acc2)
+                    _cl_sums_masked(
+                        dy2p, outp, r, xp, mu, slope, acc1, acc2, dres2p, write_dres
+                    )
             else:
                 g2 = g.reshape(1, C)
                 for r in range(s0, s1):
                     _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
+                    if write_dres:
+                        _store(dresp, r, 0, g)
                     _cl_sums(g2, 0, xp, r, mu, acc1, acc2)
             for c in range(C):
                 part_dy[p, c] += acc1[c]
@@ -1121,21 +1134,21 @@ def _cl_backward_train(
             zsh = coef[j, 2].copy()
             g = np.empty((1, 1, C), x.dtype)
             v = np.empty((1, 1, C), x.dtype)
-            rp, dresp = res.reshape(M, 1, C)[r0:r1], dres.reshape(M, 1, C)[r0:r1]
-            outp, dres2p = out[r0:r1], dres[r0:r1]
+            rp, outp, dres2p = res.reshape(M, 1, C)[r0:r1], out[r0:r1], dres[r0:r1]
         if out is None:
             for r in range(xp.shape[0]):
                 _cl_dx(dy2p, r, xp, r, mu, kk, bx, cx, dxp)
+        elif write_dres:  # dz, written by the first pass
+            for r in range(xp.shape[0]):
+                _cl_dx(dres2p, r, xp, r, mu, kk, bx, cx, dxp)
         elif from_out:
             for r in range(xp.shape[0]):
-                _cl_dx_masked(dy2p, outp, r, xp, mu, slope, kk, bx, cx, dxp, dres2p, write_dres)
+                _cl_dx_masked(dy2p, outp, r, xp, mu, slope, kk, bx, cx, dxp)
         else:
             g2 = g.reshape(1, C)
             for r in range(xp.shape[0]):
                 _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
                 _cl_dx(g2, 0, xp, r, mu, kk, bx, cx, dxp)
-                if write_dres:
-                    _store(dresp, r, 0, g)
 
 
 @_Kernel
