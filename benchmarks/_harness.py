@@ -7,6 +7,7 @@ alike; the figures quoted are medians and the ratio of medians.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import ctypes.util
@@ -67,6 +68,14 @@ def time_interleaved(
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every CPU benchmark script takes: ``--pin-allocator`` (see
+    :func:`pin_allocator`) and ``--out``, the folder for its JSON and CSV."""
+    parser.add_argument("--pin-allocator", action="store_true",
+                        help="keep freed memory in the process (see _harness.py)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
 
 
 def pin_allocator() -> bool:

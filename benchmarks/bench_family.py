@@ -23,11 +23,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
+from _harness import (
+    add_run_arguments,
+    median_ms,
+    pin_allocator,
+    print_table,
+    time_interleaved,
+    write_results,
+)
 from bench_cpu import FIG1_SHAPE, RESNET_SHAPES, SMALL_SHAPES
 from torch import nn
 
@@ -207,13 +213,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="two shapes, 5 repeats")
-    parser.add_argument("--pin-allocator", action="store_true",
-                        help="keep freed memory in the process (see _harness.py)")
     parser.add_argument("--fold-only", action="store_true", help="only the fold benchmark")
     parser.add_argument("--device", default="cpu",
                         help="device of the fold benchmark (the layer tables are CPU only)")
     parser.add_argument("--fold-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_run_arguments(parser)
     args = parser.parse_args()
     pinned = args.pin_allocator and pin_allocator()
     torch.manual_seed(0)

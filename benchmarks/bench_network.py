@@ -20,11 +20,17 @@ from __future__ import annotations
 import argparse
 import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import median_ms, pin_allocator, print_table, time_interleaved, write_results
+from _harness import (
+    add_run_arguments,
+    median_ms,
+    pin_allocator,
+    print_table,
+    time_interleaved,
+    write_results,
+)
 from bench_family import small_bottleneck_resnet, small_mobilenet, small_resnet
 from torch import nn
 
@@ -76,9 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="the resnet only, 5 repeats")
-    parser.add_argument("--pin-allocator", action="store_true",
-                        help="keep freed memory in the process (see _harness.py)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_run_arguments(parser)
     args = parser.parse_args()
     pinned = args.pin_allocator and pin_allocator()
     names = ["resnet"] if args.quick else list(MODELS)
