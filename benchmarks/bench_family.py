@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -156,6 +157,14 @@ def small_mobilenet(channels: int = 64, blocks: int = 4, classes: int = 10) -> n
     return nn.Sequential(*layers)
 
 
+#: The small networks of the fold benchmark (and of bench_network's training steps).
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet": small_resnet,
+    "bottleneck resnet": small_bottleneck_resnet,
+    "mobilenet": small_mobilenet,
+}
+
+
 def _without_bn(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every batch norm replaced by Identity: the time no fold
     can beat (folding leaves only a bias, which the convolution adds for free)."""
@@ -237,14 +246,10 @@ def main() -> None:
                 row["allocator_pinned"] = pinned
             rows += new
             print_table(new, COLUMNS)
-    models = (
-        ("resnet", small_resnet()),
-        ("bottleneck resnet", small_bottleneck_resnet()),
-        ("mobilenet", small_mobilenet()),
-    )
+    models = {name: build() for name, build in MODELS.items()}  # all before any fold
     fold_rows = [
         row
-        for name, model in models
+        for name, model in models.items()
         for row in bench_fold(name, model, args.fold_batch, repeats, args.device)
     ]
     rows += fold_rows

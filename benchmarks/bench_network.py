@@ -7,7 +7,7 @@ and ReLUs, not alone. The two networks start from the same weights
 (``batchnorm.convert(model, "torch")`` of a copy) and are called interleaved in one
 process (``_harness.time_interleaved``); the ratio is ours / torch's, medians.
 
-Models (from ``bench_family``): the ResNet-style network of basic blocks, the
+Models (``bench_family.MODELS``): the ResNet-style network of basic blocks, the
 bottleneck one and the depthwise-separable one, in NCHW and channels_last, batch 64 of
 3×32×32 by default.
 
@@ -31,17 +31,10 @@ from _harness import (
     time_interleaved,
     write_results,
 )
-from bench_family import small_bottleneck_resnet, small_mobilenet, small_resnet
+from bench_family import COLUMNS, MODELS
 from torch import nn
 
 import batchnorm as bn
-
-COLUMNS = ["layer", "shape", "layout", "mode", "ms", "baseline_ms", "ratio"]
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "resnet": small_resnet,
-    "bottleneck resnet": small_bottleneck_resnet,
-    "mobilenet": small_mobilenet,
-}
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
