@@ -118,6 +118,35 @@ def test_errors() -> None:
         layer(torch.randn(2, 4))
 
 
+# Small inputs take the composed path, large ones the fused kernels: the functional
+# must treat both alike (the fused path once normalized with batch statistics here).
+@pytest.mark.parametrize("shape", [(4, 3), (6, 4, 3, 3), (64, 64, 8, 8)], ids=["nc", "small", "fused"])
+def test_functional_inference_needs_running_statistics(shape) -> None:
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"batch_norm_act: inference \(training=False\).*are None"):
+        bn.functional.batch_norm_act(x, None, None, training=False)
+    # Without statistics in training mode: batch statistics, on either path.
+    dims = [0] + list(range(2, x.dim()))
+    want = torch.relu((x - x.mean(dims, keepdim=True)) / (x.var(dims, unbiased=False, keepdim=True) + 1e-5).sqrt())
+    assert_close(bn.functional.batch_norm_act(x, None, None, training=True), want, 1e-5, 1e-5, "output")
+
+
+def test_functional_accepts_zero_dim_tensor_momentum_and_eps() -> None:
+    x = torch.randn(6, 4, 3, 3)
+    # Values a float32 0-dim tensor holds exactly, so both calls see the same numbers.
+    stats = [torch.zeros(4), torch.ones(4)], [torch.zeros(4), torch.ones(4)]
+    outs = [
+        bn.functional.batch_norm_act(x, *stats[0], training=True, momentum=0.25, eps=2.0**-10),
+        bn.functional.batch_norm_act(
+            x, *stats[1], training=True, momentum=torch.tensor(0.25), eps=torch.tensor(2.0**-10)
+        ),
+    ]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(stats[0][0], stats[1][0]) and torch.equal(stats[0][1], stats[1][1])
+    with pytest.raises(ValueError, match="momentum"):
+        bn.functional.batch_norm_act(x, *stats[1], training=True, momentum=torch.tensor([0.1, 0.2]))
+
+
 def test_registry_repr_and_activation_module() -> None:
     layer = bn.create_norm("batch_act", 8, dim=1, activation="leaky_relu", negative_slope=0.3)
     assert isinstance(layer, bn.BatchNormAct1d) and isinstance(layer, bn.BatchNorm1d)

@@ -105,6 +105,29 @@ def batch_norm(
     if isinstance(momentum, Tensor) or isinstance(eps, Tensor):
         momentum, eps = _plain_number("momentum", momentum), _plain_number("eps", eps)
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
+    return _batch_norm_validated(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+        num_batches_tracked, num_batches_skipped, check_finite,
+    )
+
+
+def _batch_norm_validated(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    backend: str,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    check_finite: bool,
+) -> Tensor:
+    """:func:`batch_norm` after :func:`_validate` passed (and momentum and eps are plain
+    numbers): for callers that validated already, as batch_norm_act's composed path
+    does; on a small layer a second validation is a visible share of the call."""
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -287,6 +310,8 @@ def batch_norm_act(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"batch_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(momentum, Tensor) or isinstance(eps, Tensor):
+        momentum, eps = _plain_number("momentum", momentum), _plain_number("eps", eps)
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(
@@ -304,7 +329,13 @@ def batch_norm_act(
                     f"({input.dtype} on {input.device}), got {residual.dtype} on {residual.device}"
                 )
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
-    batch_stats_used = training or running_mean is None
+    if not training and running_mean is None:
+        # As batch_norm: whatever path the input's size picks below.
+        raise ValueError(
+            "batch_norm_act: inference (training=False) normalizes with running_mean and "
+            "running_var, but they are None; pass them or use training=True"
+        )
+    batch_stats_used = training
     if batch_stats_used:
         check_training_eps("batch_norm_act", eps)
     m = input.numel() // input.shape[1]
@@ -318,10 +349,9 @@ def batch_norm_act(
             residual, activation, negative_slope, chosen, kernels, num_batches_tracked,
             num_batches_skipped, check_finite,
         )
-    y = batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        backend=backend, num_batches_tracked=num_batches_tracked,
-        num_batches_skipped=num_batches_skipped, check_finite=check_finite,
+    y = _batch_norm_validated(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+        num_batches_tracked, num_batches_skipped, check_finite,
     )
     # In place on the fresh output: batch norm's backward needs x, not y, and relu's
     # and leaky ReLU's (slope >= 0) backward need only their output.
