@@ -265,47 +265,52 @@ class _BatchNormBase(_BatchNorm):
         """Batch statistics in training, and in eval when no running ones are kept."""
         return self.training or self.running_mean is None
 
+    def _functional_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`batchnorm.functional.batch_norm` (and of
+        ``batch_norm_act``) for this layer's state, the registries read once:
+        nn.Module's attribute lookup costs more than the arithmetic of a small layer.
+
+        Running statistics are passed only to be updated (training with tracking) or
+        to normalize (eval with tracking); eval without them uses batch statistics."""
+        weight, bias = self._affine()
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        training = self.training
+        update = training and self.track_running_stats
+        use_running = update or not training
+        return {
+            "running_mean": running_mean if use_running else None,
+            "running_var": running_var if use_running else None,
+            "weight": weight,
+            "bias": bias,
+            "training": training or running_mean is None,  # as _uses_batch_stats()
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "backend": self.backend,
+            "num_batches_tracked": buffers["num_batches_tracked"] if update else None,
+            "num_batches_skipped": buffers["num_batches_skipped"] if update else None,
+            "check_finite": self.check_finite,
+        }
+
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))
         try:
             self._check_input_dim(input)
             self._check_num_channels(input)
-            # Read the registries once: nn.Module's attribute lookup costs more than the
-            # arithmetic of a small layer.
-            weight, bias = self._affine()
-            buffers = self._buffers
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-            training = self.training
+            kwargs = self._functional_kwargs()
             if (
-                not training
-                and running_mean is not None
-                and running_var is not None
-                and self.backend == "auto"
+                not kwargs["training"]
+                and kwargs["running_var"] is not None
+                and kwargs["backend"] == "auto"
             ):
                 y = F.eval_on_aten(
-                    input, running_mean, running_var, weight, bias, self.eps
+                    input, kwargs["running_mean"], kwargs["running_var"], kwargs["weight"],
+                    kwargs["bias"], kwargs["eps"],
                 )
                 if y is not None:
                     return y
-            update = training and self.track_running_stats
-            # Running statistics are passed only to be updated (training with tracking) or
-            # to normalize (eval with tracking); eval without them uses batch statistics.
-            use_running = update or not training
-            return F.batch_norm(
-                input,
-                running_mean if use_running else None,
-                running_var if use_running else None,
-                weight,
-                bias,
-                training=training or running_mean is None,  # as _uses_batch_stats()
-                momentum=self.momentum,
-                eps=self.eps,
-                backend=self.backend,
-                num_batches_tracked=buffers["num_batches_tracked"] if update else None,
-                num_batches_skipped=buffers["num_batches_skipped"] if update else None,
-                check_finite=self.check_finite,
-            )
+            return F.batch_norm(input, **kwargs)
         except Exception as error:
             name_the_layer(error, self)
             raise

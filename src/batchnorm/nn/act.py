@@ -85,24 +85,9 @@ class _BatchNormAct(_BatchNormBase):
             return non_tensor_input(self, (input, residual))
         self._check_input_dim(input)
         self._check_num_channels(input)
-        update = self.training and self.track_running_stats
-        use_running = update or not self.training
         return F.batch_norm_act(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            training=self._uses_batch_stats(),
-            momentum=self.momentum,
-            eps=self.eps,
-            residual=residual,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            backend=self.backend,
-            num_batches_tracked=self.num_batches_tracked if update else None,
-            num_batches_skipped=self.num_batches_skipped if update else None,
-            check_finite=self.check_finite,
+            input, residual=residual, activation=self.activation,
+            negative_slope=self.negative_slope, **self._functional_kwargs(),
         )
 
     def activation_module(self) -> nn.Module:
