@@ -3,7 +3,9 @@
 * Training forward+backward of GhostBatchNorm (virtual_batch_size = N/4), BatchRenorm
   (r_max=3, d_max=5) and BatchNormAct (relu; and relu with a residual whose gradient
   is needed, as in a residual block) against the core batchnorm.BatchNorm on the same
-  shapes as bench_cpu.py (target: <= 1.5x).
+  shapes as bench_cpu.py (target: <= 1.5x). The BatchNormAct rows also carry the time
+  of what a torch user writes instead, torch.nn.BatchNorm then the in-place add and
+  ReLU as torchvision's ResNet blocks do (``peer_ms``, ``vs_peer``).
 * Eval forward of small networks before and after fold() (target: folded <= 0.8x):
   a ResNet-18-style one (basic blocks of 3x3 convolutions), a ResNet-50-style one
   (bottleneck blocks) and a MobileNet-style one (depthwise-separable convolutions,
@@ -41,6 +43,10 @@ from torch import nn
 import batchnorm as bn
 
 COLUMNS = ["layer", "shape", "layout", "mode", "ms", "baseline_ms", "ratio"]
+ACT_COLUMNS = ["layer", "shape", "layout", "ms", "peer_ms", "vs_peer"]
+
+#: The BatchNormAct rows and the torch composite each is timed against.
+PEERS = {"BNAct(relu)": "torch BN, relu_", "BNAct(relu,+res)": "torch BN, add_, relu_"}
 
 
 def _layers(shape: tuple[int, ...]) -> dict[str, nn.Module]:
@@ -67,6 +73,21 @@ def _train_step(name: str, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
     return step
 
 
+def _peer_step(residual_in: bool, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+               residual: torch.Tensor):
+    """torch's batch norm, then (with ``residual_in``) ``y += residual`` and
+    ``relu_``: a torchvision ResNet block's tail, whose in-place ops save no copy."""
+    def step() -> None:
+        x.grad = None
+        residual.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        if residual_in:
+            y += residual
+        torch.relu_(y).backward(dy)
+    return step
+
+
 def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[str, Any]]:
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape).mul_(2).add_(0.5).contiguous(memory_format=fmt).requires_grad_()
@@ -76,6 +97,9 @@ def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[
     residual = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     layers = _layers(shape)
     fns = {name: _train_step(name, layer, x, dy, residual) for name, layer in layers.items()}
+    torch_bn = nn.BatchNorm1d(shape[1]) if len(shape) < 4 else nn.BatchNorm2d(shape[1])
+    for name, peer in PEERS.items():
+        fns[peer] = _peer_step(name.endswith("+res)"), torch_bn, x, dy, residual)
     times = time_interleaved(fns, repeats)
     base = median_ms(times["BatchNorm"])
     rows = []
@@ -83,11 +107,15 @@ def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[
         if name == "BatchNorm":
             continue
         t = median_ms(times[name])
-        rows.append({
+        row = {
             "layer": name, "shape": "x".join(map(str, shape)), "layout": layout,
             "dtype": "float32", "mode": "train fwd+bwd", "ms": t, "baseline_ms": base,
             "ratio": t / base, "repeats": len(times[name]),
-        })
+        }
+        if name in PEERS:
+            peer = median_ms(times[PEERS[name]])
+            row.update(peer=PEERS[name], peer_ms=peer, vs_peer=t / peer)
+        rows.append(row)
     return rows
 
 
@@ -246,6 +274,7 @@ def main() -> None:
                 row["allocator_pinned"] = pinned
             rows += new
             print_table(new, COLUMNS)
+            print_table([row for row in new if "peer" in row], ACT_COLUMNS)
     models = {name: build() for name, build in MODELS.items()}  # all before any fold
     fold_rows = [
         row

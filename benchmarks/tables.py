@@ -8,6 +8,7 @@ machine, where one run's outlier sets the range.
 
     python benchmarks/tables.py family results/run1/family.json results/run2/family.json
     python benchmarks/tables.py family --median results/run*/family.json
+    python benchmarks/tables.py act --median results/run*/family.json
     python benchmarks/tables.py cpu results/run1/cpu.json results/run2/cpu.json
     python benchmarks/tables.py fold results/run1/family.json results/run2/family.json
     python benchmarks/tables.py network results/run1/network.json results/run2/network.json
@@ -19,7 +20,7 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,28 +49,63 @@ def _median_span(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({_span(values)})"
 
 
-def family_table(runs: list[list[dict[str, Any]]], median: bool = False) -> str:
-    """Shape × layout rows, one column per family layer: family / core ratios (their
-    range over the runs, or the median and the range)."""
+def _by_shape(
+    runs: list[list[dict[str, Any]]],
+    values: Callable[[dict[str, Any]], dict[str, float]],
+    columns: list[str],
+    header: str,
+    median: bool,
+) -> str:
+    """One table line per (shape, layout) in first-seen order, one cell per column:
+    the range (or median and range) over the runs of what ``values`` gives each row
+    for that column."""
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple[str, str]] = []
     for rows in runs:
         for row in rows:
-            if row["layer"] not in FAMILY_LAYERS:
+            picked = values(row)
+            if not picked:
                 continue
             key = (row["shape"].replace("x", "×"), row["layout"])
             if key not in order:
                 order.append(key)
-            cells[key][row["layer"]].append(row["ratio"])
-    lines = [
-        "| shape | layout | " + " | ".join(FAMILY_LAYERS.values()) + " |",
-        "|---|---|" + "---:|" * len(FAMILY_LAYERS),
-    ]
+            for column, value in picked.items():
+                cells[key][column].append(value)
+    cell = _median_span if median else _span
+    lines = [header, "|---|---|" + "---:|" * len(columns)]
     for key in order:
-        cell = _median_span if median else _span
-        ratios = [cell(cells[key][layer]) for layer in FAMILY_LAYERS]
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(ratios) + " |")
+        lines.append(f"| {key[0]} | {key[1]} | "
+                     + " | ".join(cell(cells[key][c]) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def family_table(runs: list[list[dict[str, Any]]], median: bool = False) -> str:
+    """Shape × layout rows, one column per family layer: family / core ratios (their
+    range over the runs, or the median and the range)."""
+    return _by_shape(
+        runs,
+        lambda row: {row["layer"]: row["ratio"]} if row["layer"] in FAMILY_LAYERS else {},
+        list(FAMILY_LAYERS),
+        "| shape | layout | " + " | ".join(FAMILY_LAYERS.values()) + " |",
+        median,
+    )
+
+
+def act_table(runs: list[list[dict[str, Any]]], median: bool = False) -> str:
+    """BatchNormAct against the torch composite each row names (bench_family's
+    ``vs_peer``; runs before 2026-12-02 have none), and against the core layer."""
+    return _by_shape(
+        runs,
+        lambda row: (
+            {row["layer"] + " peer": row["vs_peer"], row["layer"] + " core": row["ratio"]}
+            if "vs_peer" in row else {}
+        ),
+        [f"{layer} {against}" for layer in ("BNAct(relu)", "BNAct(relu,+res)")
+         for against in ("peer", "core")],
+        "| shape | layout | BNAct (relu) / torch BN + relu_ | BNAct (relu) / core "
+        "| BNAct (relu, +res) / torch BN + add_ + relu_ | BNAct (relu, +res) / core |",
+        median,
+    )
 
 
 def _with_ratios(
@@ -134,14 +170,16 @@ def network_table(runs: list[list[dict[str, Any]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["family", "cpu", "fold", "network"])
+    parser.add_argument("kind", choices=["family", "act", "cpu", "fold", "network"])
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--median", action="store_true",
-                        help="family: cells as median (range) over three or more runs")
+                        help="family, act: cells as median (range) over three or more runs")
     args = parser.parse_args()
     runs = _load(args.files)
     if args.kind == "family":
         print(family_table(runs, args.median))
+    elif args.kind == "act":
+        print(act_table(runs, args.median))
     else:
         tables = {"cpu": cpu_table, "fold": fold_table, "network": network_table}
         print(tables[args.kind](runs))
