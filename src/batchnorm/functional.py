@@ -105,6 +105,8 @@ def batch_norm(
     if isinstance(momentum, Tensor) or isinstance(eps, Tensor):
         momentum, eps = _plain_number("momentum", momentum), _plain_number("eps", eps)
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
+    if not training:
+        _check_inference_stats("batch_norm", running_mean)
     return _batch_norm_validated(
         input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
         num_batches_tracked, num_batches_skipped, check_finite,
@@ -125,15 +127,12 @@ def _batch_norm_validated(
     num_batches_skipped: Tensor | None,
     check_finite: bool,
 ) -> Tensor:
-    """:func:`batch_norm` after :func:`_validate` passed (and momentum and eps are plain
-    numbers): for callers that validated already, as batch_norm_act's composed path
-    does; on a small layer a second validation is a visible share of the call."""
+    """:func:`batch_norm` after :func:`_validate` and, in inference,
+    :func:`_check_inference_stats` passed (and momentum and eps are plain numbers): for
+    callers that checked already, as batch_norm_act's composed path does; on a small
+    layer a second validation is a visible share of the call."""
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "batch_norm: inference (training=False) normalizes with running_mean and "
-                "running_var, but they are None; pass them or use training=True"
-            )
+        assert running_mean is not None and running_var is not None
         return _inference(input, running_mean, running_var, weight, bias, eps, backend)
 
     check_training_eps("batch_norm", eps)
@@ -214,6 +213,16 @@ def check_training_eps(owner: str, eps: float) -> None:
         raise ValueError(
             f"{owner}: eps must be positive in training (a constant channel's batch "
             f"variance is 0), got {eps}"
+        )
+
+
+def _check_inference_stats(owner: str, running_mean: Tensor | None) -> None:
+    """Inference (training=False) normalizes with the running statistics, so they must
+    be given; :func:`_validate` has checked that running_var is given with running_mean."""
+    if running_mean is None:
+        raise ValueError(
+            f"{owner}: inference (training=False) normalizes with running_mean and "
+            "running_var, but they are None; pass them or use training=True"
         )
 
 
@@ -329,12 +338,8 @@ def batch_norm_act(
                     f"({input.dtype} on {input.device}), got {residual.dtype} on {residual.device}"
                 )
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, backend)
-    if not training and running_mean is None:
-        # As batch_norm: whatever path the input's size picks below.
-        raise ValueError(
-            "batch_norm_act: inference (training=False) normalizes with running_mean and "
-            "running_var, but they are None; pass them or use training=True"
-        )
+    if not training:  # before the choice of path below, which the input's size makes
+        _check_inference_stats("batch_norm_act", running_mean)
     batch_stats_used = training
     if batch_stats_used:
         check_training_eps("batch_norm_act", eps)
