@@ -90,6 +90,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         )
 
 
+def kernel_inputs(
+    shape: tuple[int, ...], fmt: torch.memory_format, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Seeded (x, residual, dout, params) for the kernel tests: x ~ N(0.5, 2²), the other
+    two ~ N(0, 1), all in ``fmt``; params holds weight in [0.5, 1.5), bias ~ N(0, 1),
+    running_mean ~ N(0, 1) and running_var in [0.5, 1.5). Drawn in float64, then cast,
+    so every dtype sees the same values."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(scale: float, shift: float) -> torch.Tensor:
+        t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+        return t.to(dtype).contiguous(memory_format=fmt)
+
+    C = shape[1]
+    params = {
+        "weight": (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype),
+        "bias": torch.randn(C, generator=gen, dtype=torch.float64).to(dtype),
+        "running_mean": torch.randn(C, generator=gen, dtype=torch.float64).to(dtype),
+        "running_var": (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype),
+    }
+    return make(2.0, 0.5), make(1.0, 0.0), make(1.0, 0.0), params
+
+
 def trainable_2d_layers() -> dict[str, Callable[[int], torch.nn.Module]]:
     """name -> factory (channels) of each trainable 2-d layer kind with an affine map,
     for tests that run the same check on the whole family."""

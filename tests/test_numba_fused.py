@@ -6,6 +6,8 @@
 * ghost: one kernel per direction against batch norm run chunk by chunk (outputs,
   gradients, statistics) and the running update against the whole batch's.
 * renorm: the folded coefficients against the composed path.
+
+How the host passes tensors to these kernels is tested in test_numba_calling.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from cases import assert_close
+from cases import assert_close, kernel_inputs
 
 import batchnorm as bn
 from batchnorm import functional as F
@@ -51,23 +53,6 @@ ALL_LAYOUTS = {**LAYOUTS, **WIDE_LAYOUTS}
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}
 
 
-def _tensors(shape, fmt, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def make(scale: float, shift: float) -> torch.Tensor:
-        t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
-        return t.to(dtype).contiguous(memory_format=fmt)
-
-    C = shape[1]
-    params = {
-        "weight": (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype),
-        "bias": torch.randn(C, generator=gen, dtype=torch.float64).to(dtype),
-        "running_mean": torch.randn(C, generator=gen, dtype=torch.float64).to(dtype),
-        "running_var": (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype),
-    }
-    return make(2.0, 0.5), make(1.0, 0.0), make(1.0, 0.0), params
-
-
 def _reference_act(x, residual, params, activation, training):
     """act(BN(x) + residual) in float64 autograd; returns (out, leaves, running)."""
     dims = [0, *range(2, x.dim())]
@@ -99,7 +84,7 @@ def test_act_train_matches_float64(activation, with_residual, layout, dtype) -> 
     """Output, dx, dweight, dbias, dresidual, running statistics and counters."""
     shape, fmt = ALL_LAYOUTS[layout]
     atol, rtol = TOL[dtype]
-    x, r, dout, params = _tensors(shape, fmt, dtype)
+    x, r, dout, params = kernel_inputs(shape, fmt, dtype)
     residual = r if with_residual else None
     xg = x.clone().requires_grad_()
     rg = None if residual is None else residual.clone().requires_grad_()
@@ -134,7 +119,7 @@ def test_act_train_matches_float64(activation, with_residual, layout, dtype) -> 
 @pytest.mark.parametrize("activation", list(ACTS))
 def test_act_eval_matches_float64(activation, layout) -> None:
     shape, fmt = LAYOUTS[layout]
-    x, r, _, params = _tensors(shape, fmt, torch.float32, seed=1)
+    x, r, _, params = kernel_inputs(shape, fmt, torch.float32, seed=1)
     with torch.no_grad():
         out = F.batch_norm_act(
             x, params["running_mean"], params["running_var"], params["weight"],
@@ -153,7 +138,7 @@ def test_act_backward_rebuilds_z_without_output(activation, layout) -> None:
     weight, bias and residual, like silu; or they read the mask off the output's sign:
     the same gradients all three ways. The mask is the bool z > 0 in x's layout."""
     shape, fmt = LAYOUTS[layout]
-    x, r, dout, p = _tensors(shape, fmt, torch.float64, seed=2)
+    x, r, dout, p = kernel_inputs(shape, fmt, torch.float64, seed=2)
     w, b = p["weight"], p["bias"]
     out, mean, invstd, sign = BACKEND.act_forward_train(
         x, w, b, EPS, None, None, None, residual=r, activation=activation,
@@ -182,7 +167,7 @@ def test_act_backward_rebuilds_z_without_output(activation, layout) -> None:
 def test_act_identity_is_plain_batch_norm_and_residual_gradient_on_demand() -> None:
     """The identity without residual is the plain kernel (bitwise); the residual's
     gradient is written only when asked for (and is dout itself for the identity)."""
-    x, r, dout, p = _tensors((4, 5, 3, 4), torch.contiguous_format, torch.float32, seed=3)
+    x, r, dout, p = kernel_inputs((4, 5, 3, 4), torch.contiguous_format, torch.float32, seed=3)
     w, b = p["weight"], p["bias"]
     y, mean, invstd = BACKEND.forward_train(x, w, b, EPS, None, None, None, None, None)
     out, mean2, invstd2, sign = BACKEND.act_forward_train(x, w, b, EPS, None, None, None,
@@ -210,7 +195,7 @@ def test_act_forward_without_backward_writes_no_mask(layout, monkeypatch) -> Non
     and running update are the same bits as with the mask. The functional asks for it
     when no gradient is needed."""
     shape, fmt = LAYOUTS[layout]
-    x, r, _, p = _tensors(shape, fmt, torch.float32, seed=4)
+    x, r, _, p = kernel_inputs(shape, fmt, torch.float32, seed=4)
     results = []
     for sign in (True, False):
         rm, rv = p["running_mean"].clone(), p["running_var"].clone()
@@ -244,7 +229,7 @@ def test_non_finite_batches_are_skipped(layout) -> None:
     """act, ghost and renorm: a batch with a NaN leaves the running statistics alone
     and is counted as skipped (decided inside the kernel)."""
     shape, fmt = LAYOUTS[layout]
-    x, r, _, _ = _tensors(shape, fmt, torch.float32, seed=4)
+    x, r, _, _ = kernel_inputs(shape, fmt, torch.float32, seed=4)
     x[-1, 1] = float("nan")  # in the last example: only the last ghost chunk is bad
     dim = 1 if len(shape) < 4 else 2
     layers = [
@@ -299,7 +284,7 @@ def test_ghost_kernels_equal_batch_norm_per_chunk(name, shape, sizes, fmt, dtype
     """Each chunk exactly as the plain kernels normalize it alone (outputs, statistics,
     dx; dweight, dbias summed), and one running update with the whole batch's."""
     atol, rtol = TOL[dtype]
-    x, _, dy, p = _tensors(shape, fmt, dtype, seed=6)
+    x, _, dy, p = kernel_inputs(shape, fmt, dtype, seed=6)
     w, b = p["weight"], p["bias"]
     rm, rv = p["running_mean"].clone(), p["running_var"].clone()
     tracked, skipped = torch.tensor(0), torch.tensor(0)
@@ -340,7 +325,7 @@ def test_ghost_kernels_equal_batch_norm_per_chunk(name, shape, sizes, fmt, dtype
 def test_ghost_layer_uses_the_kernels_and_matches_separate_layers(fmt) -> None:
     """GhostBatchNorm2d on the numba backend against one BatchNorm2d per chunk, with
     odd N (a smaller last chunk): outputs and every gradient."""
-    x, _, dy, _ = _tensors((7, 4, 3, 3), fmt, torch.float64, seed=7)
+    x, _, dy, _ = kernel_inputs((7, 4, 3, 3), fmt, torch.float64, seed=7)
     ghost = bn.GhostBatchNorm2d(4, virtual_batch_size=3, dtype=torch.float64, backend="numba")
     xg = x.clone().requires_grad_()
     ghost(xg).backward(dy)
@@ -365,7 +350,7 @@ def test_renorm_kernel_matches_composed_path(layout) -> None:
     """r and d folded into the coefficients: y, statistics, r, d and the running update
     equal the composed path (plain batch norm, then y = x̂·(γr) + (γd + β))."""
     shape, fmt = LAYOUTS[layout]
-    x, _, _, p = _tensors(shape, fmt, torch.float64, seed=8)
+    x, _, _, p = kernel_inputs(shape, fmt, torch.float64, seed=8)
     w, b = p["weight"], p["bias"]
     # Clipping in both directions: one channel far off in mean, one in variance.
     p["running_var"][0] *= 50
@@ -398,7 +383,7 @@ def test_act_backward_non_finite_dout_where_mask_is_off(activation, layout, dtyp
     same finite values as the reference backend's composition of torch ops. (The
     wide cases run the threaded, vectorized loops.)"""
     shape, fmt = ALL_LAYOUTS[layout]
-    x, r, dout, p = _tensors(shape, fmt, dtype, seed=5)
+    x, r, dout, p = kernel_inputs(shape, fmt, dtype, seed=5)
     w, b = p["weight"], p["bias"]
     z = F.batch_norm(x, None, None, w, b, training=True, eps=EPS) + r
     off = (z <= 0).nonzero()[0].tolist()  # one position with the mask off
@@ -422,120 +407,3 @@ def test_act_backward_non_finite_dout_where_mask_is_off(activation, layout, dtyp
         assert_close(a[finite], e[finite], *TOL[dtype], name)
     dres_off = grads["numba"][1][tuple(off)]
     assert dres_off == 0 if activation == "relu" else dres_off.isinf()
-
-
-# ----------------------------------------------------------------------------------------
-# tensors by address
-# ----------------------------------------------------------------------------------------
-ADDRESS_CASES = {
-    # name: (shape, memory format, ghost chunk sizes or None)
-    "nchw": ((4, 5, 3, 4), torch.contiguous_format, None),
-    "channels_last_ghost": ((7, 6, 2, 3), torch.channels_last, (3, 3, 1)),
-    "nc": ((12, 5), torch.contiguous_format, None),
-    "ncl_ghost": ((6, 3, 7), torch.contiguous_format, (2, 2, 2)),
-    # 2^16 values: the threaded kernels
-    "channels_last_threaded": ((8, 8, 32, 32), torch.channels_last, (4, 4)),
-}
-
-
-def _every_kernel(x, dy, res, p, sizes, only_training=False):
-    """Every numba kernel once (training forward and backward, plain or ghost; with
-    the relu epilogue and a residual; eval; renorm's statistics pass; the first two
-    alone with ``only_training``), from fresh copies of the buffers: all outputs, and
-    the buffers and counters after."""
-    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
-    tracked, skipped = torch.tensor(3), torch.tensor(0)
-    w, b = p["weight"], p["bias"]
-    out = []
-    if sizes is None:
-        y, mean, invstd = BACKEND.forward_train(x, w, b, EPS, rm, rv, MOMENTUM, tracked, skipped)
-        out += [y, mean, invstd, *BACKEND.backward_train(dy, x, w, mean, invstd)]
-    else:
-        y, mean, invstd = BACKEND.ghost_forward_train(
-            x, w, b, EPS, sizes, rm, rv, MOMENTUM, tracked, skipped
-        )
-        out += [y, mean, invstd, *BACKEND.ghost_backward_train(dy, x, w, mean, invstd, sizes)]
-    if only_training:
-        return [*out, rm, rv, tracked, skipped]
-    a, am, ai, mask = BACKEND.act_forward_train(
-        x, w, b, EPS, rm, rv, None, tracked, skipped, residual=res, activation="relu"
-    )
-    grads = BACKEND.act_backward_train(dy, mask, x, w, b, am, ai, res, activation="relu")
-    out += [a, am, ai, mask, *grads, BACKEND.forward_eval(x, w, b, rm, rv, EPS)]
-    out.append(torch.from_numpy(numba_cpu.renorm_constants(
-        x, EPS, rm, rv, MOMENTUM, tracked, skipped, 2.0, 1.0
-    )))
-    return [*out, rm, rv, tracked, skipped]
-
-
-@pytest.mark.parametrize("name", list(ADDRESS_CASES))
-def test_tensors_by_address_equal_tensors_as_arrays(name, monkeypatch) -> None:
-    """The kernels take dense tensors by address (data pointer, shape, dtype) and
-    anything else as numpy views. Both give the same bits, in every kernel; and
-    tensors that cannot go by address (a strided weight, a dy with other strides than
-    x) take the array path within the same call."""
-    shape, fmt, sizes = ADDRESS_CASES[name]
-    x, res, dy, p = _tensors(shape, fmt, torch.float32, seed=9)
-    threaded = x.numel() >= 1 << 16  # (the threaded kernels compile slowly)
-    by_address = _every_kernel(x, dy, res, p, sizes, only_training=threaded)
-
-    # All arrays: no dtype may go by address. The same array types, the same bits.
-    with monkeypatch.context() as patch:
-        patch.setattr(numba_cpu, "_WITNESSES", {})
-        patch.setattr(numba_cpu, "_PLANS", {})
-        arrays = _every_kernel(x, dy, res, p, sizes, only_training=threaded)
-        _assert_same(by_address, arrays, "arrays", exact=True)
-
-    if not threaded:
-        # Mixed: a strided weight and (for 4d inputs) a dy in the other memory format
-        # go as arrays, the rest by address. Other array types are another compilation,
-        # whose contractions (fused multiply-adds) may round differently.
-        mixed = dict(p, weight=torch.stack([p["weight"], p["weight"]], 1)[:, 0])
-        assert not mixed["weight"].is_contiguous()
-        other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
-        dy_other = dy.contiguous(memory_format=other) if dy.dim() == 4 else dy
-        _assert_same(by_address, _every_kernel(x, dy_other, res, mixed, sizes), "mixed",
-                     exact=False)
-
-
-def _assert_same(actual, expected, what, exact) -> None:
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if a is None or e is None:
-            assert a is None and e is None, f"{what}: output {i}"
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}: output {i}"
-        if exact or not a.is_floating_point():
-            assert torch.equal(a, e), f"{what}: output {i} differs"
-        else:
-            assert_close(a, e, *TOL[torch.float32], f"{what}: output {i}")
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_inputs_with_a_negation_bit_are_read_negated(layout) -> None:
-    """torch's lazy negation (``torch._neg_view``) leaves the memory unnegated: such an
-    input or dy must not go by address. Results equal those for the materialized
-    negation."""
-    shape, fmt = LAYOUTS[layout]
-    x, _, dy, p = _tensors(shape, fmt, torch.float32, seed=10)
-    w, b = p["weight"], p["bias"]
-    results = []
-    for lazy in (True, False):
-        xn = torch._neg_view(x) if lazy else x.neg()
-        dyn = torch._neg_view(dy) if lazy else dy.neg()
-        assert xn.is_neg() == lazy
-        y, mean, invstd = BACKEND.forward_train(xn, w, b, EPS, None, None, None, None, None)
-        results.append((y, mean, invstd, *BACKEND.backward_train(dyn, xn, w, mean, invstd)))
-    for a, e in zip(*results):
-        assert torch.equal(a, e)
-
-
-def test_cumulative_average_without_counter_is_an_error() -> None:
-    """momentum=None reads num_batches_tracked; without one the kernels would count in
-    a shared sink, so the host refuses, naming the missing counter, and leaves the
-    running statistics alone."""
-    x, _, _, p = _tensors((4, 5, 3, 4), torch.contiguous_format, torch.float32, seed=11)
-    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
-    with pytest.raises(ValueError, match="momentum=None.*num_batches_tracked"):
-        BACKEND.forward_train(x, p["weight"], p["bias"], EPS, rm, rv, None, None, None)
-    assert torch.equal(rm, p["running_mean"]) and torch.equal(rv, p["running_var"])
