@@ -149,7 +149,6 @@ def test_variance_precision_far_from_zero(backend: str, bound: float, shape) -> 
     assert rel < bound, rel
 
 
-
 @pytest.mark.parametrize("rows", [2, 3, 255, 256, 257, 1000, 4099])
 @pytest.mark.parametrize("pattern", ["steps", "ramp", "outlier_first"])
 def test_channel_minor_statistics_when_the_mean_moves_along_rows(rows: int, pattern: str) -> None:
