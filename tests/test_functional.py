@@ -334,28 +334,85 @@ def test_auto_backend_picks_numba_on_cpu_float32() -> None:
 
 
 AUTO_POLICY_CASES = [
-    # (shape, channels_last, training, expected backend under "auto" on the CPU)
-    ((60, 100), False, True, "aten"),  # (N, C): channel-minor, aten at any size
-    ((4096, 512), False, True, "aten"),
-    ((16, 32, 16, 16), False, True, "aten"),  # NCHW below ATEN_CHANNEL_MAJOR_MAX
-    ((16, 64, 16, 16), False, True, "numba+aten"),  # NCHW at the threshold: numba fwd, aten bwd
-    ((16, 64, 16, 16), True, True, "aten"),  # channels_last: aten
-    ((16, 64, 16, 16), False, False, "aten"),  # eval: aten
-    ((4, 64, 1, 1), False, True, "aten"),  # spatial size 1 is (N, C)
+    # (CPU vendor, shape, channels_last, training, expected backend under "auto")
+    ("AuthenticAMD", (60, 100), False, True, "aten"),  # (N, C): channel-minor, aten
+    ("AuthenticAMD", (4096, 512), False, True, "aten"),
+    ("AuthenticAMD", (16, 32, 16, 16), False, True, "aten"),  # NCHW below ATEN_CHANNEL_MAJOR_MAX
+    # NCHW at the threshold: numba's forward, aten's backward
+    ("AuthenticAMD", (16, 64, 16, 16), False, True, "numba+aten"),
+    ("AuthenticAMD", (16, 64, 16, 16), True, True, "aten"),  # channels_last: aten
+    ("AuthenticAMD", (32, 64, 32, 32), True, True, "aten"),  # at any size
+    ("AuthenticAMD", (16, 64, 16, 16), False, False, "aten"),  # eval: aten
+    ("AuthenticAMD", (4, 64, 1, 1), False, True, "aten"),  # spatial size 1 is (N, C)
+    ("", (32, 64, 32, 32), True, True, "aten"),  # vendor unknown: as AMD
+    # Intel: numba for channels_last training from NUMBA_CHANNELS_LAST_MIN values
+    ("GenuineIntel", (32, 64, 32, 32), True, True, "numba"),  # 2^21
+    ("GenuineIntel", (16, 256, 56, 56), True, True, "numba"),
+    ("GenuineIntel", (2, 64, 16, 32, 32), True, True, "numba"),  # channels_last_3d
+    ("GenuineIntel", (31, 64, 32, 32), True, True, "aten"),  # just below
+    ("GenuineIntel", (32, 64, 32, 32), True, False, "aten"),  # eval: aten
+    ("GenuineIntel", (65536, 32), False, True, "aten"),  # (N, C): aten at any size
+    ("GenuineIntel", (16, 64, 16, 16), False, True, "numba+aten"),  # NCHW as on AMD
 ]
 
 
-@pytest.mark.parametrize(("shape", "channels_last", "training", "expected"), AUTO_POLICY_CASES)
-def test_auto_policy_on_cpu(shape, channels_last, training, expected) -> None:
+@pytest.mark.parametrize(
+    ("vendor", "shape", "channels_last", "training", "expected"), AUTO_POLICY_CASES
+)
+def test_auto_policy_on_cpu(vendor, shape, channels_last, training, expected, monkeypatch) -> None:
+    from batchnorm import _backends
     from batchnorm._backends import prefer_aten, select_backend
 
+    monkeypatch.setattr(_backends, "cpu_vendor", lambda: vendor)
     x = torch.empty(shape)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
     assert prefer_aten(select_backend("auto", x), x, training).name == expected
     # Named backends are never redirected, and other dtypes keep the reference.
     assert select_backend("numba", x).name == "numba"
     assert prefer_aten(select_backend("auto", x.half()), x.half(), training).name == "reference"
+
+
+def test_cpu_vendor_reads_proc_cpuinfo() -> None:
+    from batchnorm._backends import cpu_vendor
+
+    vendor = cpu_vendor()
+    assert isinstance(vendor, str)
+    try:
+        with open("/proc/cpuinfo") as f:
+            listed = "vendor_id" in f.read()
+    except OSError:
+        listed = False
+    assert bool(vendor) == listed
+
+
+@pytest.mark.parametrize(("vendor", "twin"), [("GenuineIntel", "numba"), ("AuthenticAMD", "aten")])
+def test_auto_channels_last_training_runs_the_vendor_choice(vendor: str, twin: str, monkeypatch) -> None:
+    """A large channels_last training step under "auto" is the named backend's step
+    exactly: output, input and parameter gradients, running statistics."""
+    from batchnorm import _backends
+
+    monkeypatch.setattr(_backends, "cpu_vendor", lambda: vendor)
+    gen = torch.Generator().manual_seed(5)
+    shape = (32, 64, 32, 32)  # 2^21 values, NUMBA_CHANNELS_LAST_MIN on Intel
+    x = (torch.randn(shape, generator=gen) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    outputs = {}
+    for name in ("auto", twin):
+        layer = bn.BatchNorm2d(64, backend=name)
+        gen.manual_seed(6)  # the same parameters for both
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=gen)
+            layer.bias.uniform_(-1, 1, generator=gen)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        outputs[name] = (y, xi.grad, layer.weight.grad, layer.bias.grad,
+                         layer.running_mean, layer.running_var)
+    for got, want in zip(outputs["auto"], outputs[twin], strict=True):
+        assert torch.equal(got, want)
+    assert outputs["auto"][0].is_contiguous(memory_format=torch.channels_last)
 
 
 BACKWARD_POLICY_CASES = [

@@ -94,6 +94,7 @@ num_batches_tracked, num_batches_skipped, r_max, d_max) -> (y, mean, invstd, r, 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Protocol
 
@@ -415,10 +416,46 @@ def _triton_interpreting() -> bool:
 # "auto": the numba kernels' per-element gain does not cover the Python host code and
 # autograd glue around them. Measured on the 2-core CPU of docs/benchmarks.md (forward+backward
 # against torch): 16x32x16x16 (131 072) 1.19x on numba, 1.00x on aten; 16x64x16x16
-# (262 144) 0.91x on numba. Channel-minor inputs ((N, C), channels_last) go to aten
-# at every size: torch's kernel for them is as fast as numba's (0.97-1.15x at
-# ResNet sizes) and has no glue.
+# (262 144) 0.91x on numba. Channel-minor inputs ((N, C), channels_last) go to aten,
+# but see NUMBA_CHANNELS_LAST_MIN.
 ATEN_CHANNEL_MAJOR_MAX = 1 << 18
+
+# channels_last training under "auto": which kernels are faster depends on the CPU, so
+# the choice is keyed on its vendor (deterministic on a given machine, unlike a timing
+# taken at run time). On the AMD VMs of docs/benchmarks.md (Zen 3, 4 and 5) aten's
+# channel-minor kernels are as fast as numba's or faster (Zen 5 0.97-1.15x at ResNet
+# sizes; Zen 4 numba/aten 1.24-1.39x with inputs from memory) and carry no glue: aten
+# at every size. On the Intel Xeon VM (AVX-512, AMX), kernels alone, numba/aten is
+# 0.61-0.86 forward and 0.65-0.87 backward at every size measured; the whole layer
+# (two runs) 0.71-0.76 at 16x256x56x56, 0.75-0.87 at 16x512x28x28, 0.86-0.87 at
+# 16x64x56x56, 0.85-0.94 at 32x64x32x32, 0.92-0.96 at 16x1024x14x14 (2^21 values and
+# up), but a tie or worse below: 16x128x28x28 0.93-0.95, 16x2048x7x7 0.99-1.10,
+# 16x64x32x32 1.01, 16x64x16x16 1.02, and (N, C) 1.00-1.10 at every size up to
+# 65536x32: numba for channels_last from 2^21 values. A vendor not listed keeps aten.
+NUMBA_CHANNELS_LAST_MIN: dict[str, int] = {"GenuineIntel": 1 << 21}
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id as /proc/cpuinfo gives it (``"GenuineIntel"``,
+    ``"AuthenticAMD"``), or ``""`` where it cannot be read (not Linux, say)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def numba_takes_channels_last(x: Tensor) -> bool:
+    """True when "auto" runs plain batch norm's training on ``x`` with numba's kernels
+    rather than aten's because ``x`` is a large channels_last tensor and this CPU's
+    numba kernels are the faster there (see NUMBA_CHANNELS_LAST_MIN)."""
+    threshold = NUMBA_CHANNELS_LAST_MIN.get(cpu_vendor())
+    return threshold is not None and x.numel() >= threshold and is_channels_last(x)
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -459,14 +496,18 @@ def prefer_aten(chosen: Backend, x: Tensor, training: bool) -> Backend:
     """Under ``backend="auto"``, the backend for plain batch norm on ``x``: ``chosen``
     unless it is numba and aten is as fast or faster (eval always: a single streaming
     pass, whose threads torch's pool has awake after a convolution; training on small
-    or channel-minor inputs, see ``ATEN_CHANNEL_MAJOR_MAX``). Large channel-major
-    training keeps numba's forward with aten's backward (:func:`prefer_aten_backward`).
+    channel-major inputs, see ``ATEN_CHANNEL_MAJOR_MAX``, and on channel-minor ones
+    unless the CPU's vendor says otherwise, see ``NUMBA_CHANNELS_LAST_MIN``). Large
+    channel-major training keeps numba's forward with aten's backward
+    (:func:`prefer_aten_backward`).
     The family's fused kernels (Ghost, Renorm, BatchNormAct) are numba's and ask
     ``select_backend``."""
     if chosen.name != "numba" or _IN_FORKED_CHILD:
         return chosen
     if training and not channel_minor(x) and x.numel() >= ATEN_CHANNEL_MAJOR_MAX:
         return prefer_aten_backward(chosen, x)
+    if training and numba_takes_channels_last(x):
+        return chosen
     aten = _get("aten")
     return chosen if aten is None else aten
 
