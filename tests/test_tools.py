@@ -118,8 +118,9 @@ def test_convert_errors() -> None:
         bn.freeze(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)))
     with pytest.raises(ValueError, match="default_dim"):
         bn.convert(nn.BatchNorm2d(3), "torch", default_dim=4)
+    # (convert to plain batch norm keeps a lazy layer lazy: test_lazy.py)
     with pytest.raises(ValueError, match="lazy layer"):
-        bn.convert(nn.Sequential(nn.LazyBatchNorm2d()), "batchnorm")
+        bn.convert(nn.Sequential(nn.LazyBatchNorm2d()), "renorm")
 
 
 # ----------------------------------------------------------------------------------------

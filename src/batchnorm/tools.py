@@ -31,6 +31,7 @@ from batchnorm.nn.frozen import (
     _FrozenBatchNorm,
 )
 from batchnorm.nn.ghost import _GhostBatchNorm
+from batchnorm.nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from batchnorm.nn.recurrent import RecurrentBatchNorm
 from batchnorm.nn.registry import get_norm_layer, norm_names
 from batchnorm.nn.renorm import _BatchRenorm
@@ -76,6 +77,13 @@ _TORCH: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: n
 _FROZEN: dict[int, type[_FrozenBatchNorm]] = {
     1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d,
 }
+# The lazy layer each kind of plain batch norm has: what convert() makes of a lazy layer
+# that has not seen an input yet (no other kind can be built without num_features).
+_LAZY: dict[str, dict[int, type[nn.Module]]] = {
+    "batchnorm": {1: LazyBatchNorm1d, 2: LazyBatchNorm2d, 3: LazyBatchNorm3d},
+    "torch": {1: nn.LazyBatchNorm1d, 2: nn.LazyBatchNorm2d, 3: nn.LazyBatchNorm3d},
+}
+_LAZY["batch"] = _LAZY["batchnorm"]
 # Kinds that convert() can build from a batch-norm layer's state; "sync" only when registered.
 _KINDS = ("batchnorm", "torch", "ghost", "renorm", "frozen", "batch_act", "sync")
 _ALIASES = {"batch": "batchnorm"}
@@ -131,13 +139,40 @@ def _left_alone(model: nn.Module, select: Callable[[nn.Module], bool]) -> list[s
     return notes
 
 
+def _is_uninitialized(module: nn.Module) -> bool:
+    """A lazy layer that has not seen an input (nor a state_dict) yet."""
+    return any(
+        nn.parameter.is_lazy(t)
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    )
+
+
 def _check_initialized(module: nn.Module, name: str) -> None:
-    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-        if nn.parameter.is_lazy(t):
-            raise ValueError(
-                f"{name or 'model'} ({type(module).__name__}) is a lazy layer that has not "
-                "seen an input yet; run one forward pass before rewriting the model"
-            )
+    if _is_uninitialized(module):
+        raise ValueError(
+            f"{name or 'model'} ({type(module).__name__}) is a lazy layer that has not "
+            "seen an input yet; run one forward pass before rewriting the model (convert "
+            f"to {', '.join(repr(k) for k in _LAZY)} makes it the lazy layer of that kind)"
+        )
+
+
+def _build_lazy(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The lazy layer of ``kind`` (plain batch norm) with ``old``'s settings and mode;
+    ``old`` is itself lazy and uninitialized, so there is no state to copy but the
+    counters."""
+    config: dict[str, Any] = {
+        "eps": old.eps, "momentum": old.momentum, "affine": old.affine,
+        "track_running_stats": old.track_running_stats,
+    }
+    if old.affine and getattr(old, "bias", None) is None:
+        config["bias"] = False
+    cls = _LAZY[kind][dim]
+    if isinstance(old, _BatchNormBase) and issubclass(cls, _BatchNormBase):
+        config.update(backend=old.backend, check_finite=old.check_finite)
+    new = cls(**{**_factory_of(old), **config, **kwargs})
+    _copy_state(old, new)  # the counters: the uninitialized tensors are skipped
+    new.train(old.training)
+    return new
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,6 +220,8 @@ def _build(
 ) -> nn.Module:
     """A new layer of ``kind`` with ``old``'s configuration, state and mode; errors name
     ``what`` (the public tool called)."""
+    if kind in _LAZY and _is_uninitialized(old):
+        return _build_lazy(old, kind, dim, kwargs)
     _check_initialized(old, name)
     where = name or "the model's root"
     cls = _target_class(kind, dim)
@@ -238,7 +275,9 @@ def _copy_state(old: nn.Module, new: nn.Module) -> None:
         for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
                     "num_batches_skipped"):
             src, dst = getattr(old, key, None), getattr(new, key, None)
-            if isinstance(src, Tensor) and isinstance(dst, Tensor):
+            if isinstance(src, Tensor) and isinstance(dst, Tensor) and not (
+                nn.parameter.is_lazy(src) or nn.parameter.is_lazy(dst)
+            ):
                 dst.copy_(src)
                 if isinstance(dst, nn.Parameter) and isinstance(src, nn.Parameter):
                     dst.requires_grad_(src.requires_grad)
