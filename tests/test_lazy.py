@@ -213,3 +213,8 @@ def test_convert_to_another_kind_still_needs_a_first_input() -> None:
     with pytest.raises(ValueError, match="lazy layer that has not seen an input"):
         bn.freeze(nn.Sequential(bn.LazyBatchNorm2d()))
 
+
+
+def test_convert_of_a_lazy_layer_names_a_keyword_the_new_layer_does_not_take() -> None:
+    with pytest.raises(TypeError, match="convert: cannot build a 'torch' layer for 0"):
+        bn.convert(nn.Sequential(bn.LazyBatchNorm2d()), "torch", backend="numba")

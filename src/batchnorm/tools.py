@@ -156,7 +156,9 @@ def _check_initialized(module: nn.Module, name: str) -> None:
         )
 
 
-def _build_lazy(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any]) -> nn.Module:
+def _build_lazy(
+    old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any], name: str, what: str
+) -> nn.Module:
     """The lazy layer of ``kind`` (plain batch norm) with ``old``'s settings and mode;
     ``old`` is itself lazy and uninitialized, so there is no state to copy but the
     counters."""
@@ -169,7 +171,11 @@ def _build_lazy(old: nn.Module, kind: str, dim: int, kwargs: dict[str, Any]) -> 
     cls = _LAZY[kind][dim]
     if isinstance(old, _BatchNormBase) and issubclass(cls, _BatchNormBase):
         config.update(backend=old.backend, check_finite=old.check_finite)
-    new = cls(**{**_factory_of(old), **config, **kwargs})
+    try:
+        new = cls(**{**_factory_of(old), **config, **kwargs})
+    except TypeError as e:
+        where = name or "the model's root"
+        raise TypeError(f"{what}: cannot build a {kind!r} layer for {where}: {e}") from e
     _copy_state(old, new)  # the counters: the uninitialized tensors are skipped
     new.train(old.training)
     return new
@@ -221,7 +227,7 @@ def _build(
     """A new layer of ``kind`` with ``old``'s configuration, state and mode; errors name
     ``what`` (the public tool called)."""
     if kind in _LAZY and _is_uninitialized(old):
-        return _build_lazy(old, kind, dim, kwargs)
+        return _build_lazy(old, kind, dim, kwargs, name, what)
     _check_initialized(old, name)
     where = name or "the model's root"
     cls = _target_class(kind, dim)
