@@ -431,7 +431,9 @@ ATEN_CHANNEL_MAJOR_MAX = 1 << 18
 # 16x64x56x56, 0.85-0.94 at 32x64x32x32, 0.92-0.96 at 16x1024x14x14 (2^21 values and
 # up), but a tie or worse below: 16x128x28x28 0.93-0.95, 16x2048x7x7 0.99-1.10,
 # 16x64x32x32 1.01, 16x64x16x16 1.02, and (N, C) 1.00-1.10 at every size up to
-# 65536x32: numba for channels_last from 2^21 values. A vendor not listed keeps aten.
+# 65536x32: numba for channels_last from 2^21 values (then 0.74-0.94x torch's time on
+# those shapes, and a whole channels_last training step of the small ResNets of
+# benchmarks/bench_network.py 0.91-0.98x). A vendor not listed keeps aten.
 NUMBA_CHANNELS_LAST_MIN: dict[str, int] = {"GenuineIntel": 1 << 21}
 
 
