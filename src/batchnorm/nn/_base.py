@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional as F
 from batchnorm._backends import BACKEND_NAMES
+from batchnorm.nn import _script
 
 
 def check_layer_args(
@@ -122,6 +125,49 @@ def non_tensor_input(
     )
 
 
+def resolve_annotations(cls: type) -> type:
+    """Replace the class's own annotations, strings under ``from __future__ import
+    annotations``, by the types they name, for TorchScript, which reads a module
+    class's ``__annotations__`` to type its attributes and cannot parse a string.
+
+    Annotations of tensors (parameters and buffers, ``Tensor | None``) are dropped, as
+    torch's own layers leave them out: TorchScript would take an attribute annotated
+    ``Optional[Tensor]`` for a plain attribute, and the compiled module would lose the
+    parameter or buffer (from its state_dict too). It types those from their values."""
+    hints = typing.get_type_hints(cls)
+    kept = {}
+    for name in inspect.get_annotations(cls):
+        hint = hints[name]
+        types = typing.get_args(hint) or (hint,)
+        if not any(isinstance(t, type) and issubclass(t, Tensor) for t in types):
+            kept[name] = hint
+    cls.__annotations__ = kept
+    return cls
+
+
+def check_scriptable(module: nn.Module, reason: str | None, numbers_: dict[str, Any]) -> None:
+    """What ``__prepare_scriptable__`` checks before torch.jit.script compiles a layer:
+    TypeError naming the layer when its kind has no TorchScript form (``reason`` says
+    why and what to use instead) or when ``eps``/``momentum`` (``numbers_``) are not
+    Python numbers, which TorchScript needs as constants."""
+    name = type(module).__name__
+    if reason is not None:
+        raise TypeError(f"{name}: torch.jit.script is not supported: {reason}")
+    for key, value in numbers_.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(
+                f"{name}: torch.jit.script needs {key} as a Python number, got "
+                f"{type(value).__name__} {value!r}"
+            )
+
+
+# Why a layer kind has no TorchScript form: the message of check_scriptable.
+NOT_SCRIPTABLE_HINT = (
+    "use torch.jit.trace, torch.compile or torch.export, which run the layer as plain "
+    "torch ops"
+)
+
+
 _Forward = TypeVar("_Forward", bound=Callable[..., Any])
 
 # The prefixes of the functional API's error messages (batchnorm.functional).
@@ -181,6 +227,24 @@ class _BatchNormBase(_BatchNorm):
     """
 
     _version = 2
+    # TorchScript bakes these into the compiled forward (torch's layers list the first
+    # five); _layer_name is set per class by __init_subclass__ for the errors' text, and
+    # the dims (with their words) by each public class.
+    __constants__ = (
+        "track_running_stats", "momentum", "eps", "num_features", "affine", "check_finite",
+        "_layer_name", "_min_dim", "_max_dim", "_dims_text",
+    )
+    # TorchScript keeps every buffer in the compiled module's state_dict (it has no
+    # non-persistent buffers), so this one stays out of it: a scripted layer's
+    # state_dict then loads into torch's layers, as the eager one's does. The scripted
+    # forward still skips non-finite batches; it does not count them.
+    __jit_ignored_attributes__ = ("num_batches_skipped",)
+    _layer_name = "_BatchNormBase"
+    _min_dim = 2
+    _max_dim = 5
+    _dims_text = "2D to 5D (N, C, *)"
+    # None where the kind has a TorchScript form; else why not (check_scriptable).
+    _not_scriptable: str | None = None
     num_features: int
     eps: float
     momentum: float | None
@@ -226,6 +290,10 @@ class _BatchNormBase(_BatchNorm):
         )
         self.reset_parameters()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._layer_name = cls.__name__
+
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters 0."""
         reset_state(self)
@@ -239,15 +307,12 @@ class _BatchNormBase(_BatchNorm):
             nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
+        _script.check_dims(
+            type(self).__name__, input, self._min_dim, self._max_dim, self._dims_text
+        )
 
     def _check_num_channels(self, input: Tensor) -> None:
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}: expected input with {self.num_features} channels "
-                f"(dim 1, num_features), got {input.shape[1]} in input of shape "
-                f"{tuple(input.shape)}"
-            )
+        _script.check_channels(type(self).__name__, input, self.num_features)
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         """(weight, bias), read from the parameter registry when both are plain
@@ -293,6 +358,46 @@ class _BatchNormBase(_BatchNorm):
         }
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_scripted(input)
+        return self._forward_eager(input)
+
+    def _forward_scripted(self, input: Tensor) -> Tensor:
+        """The forward under torch.jit.script: aten's batch norm (see :mod:`._script`)."""
+        self._check_input_scripted(input)
+        return self._batch_norm_scripted(input)
+
+    def _check_input_scripted(self, input: Tensor) -> None:
+        name = self._layer_name
+        _script.check_dims(name, input, self._min_dim, self._max_dim, self._dims_text)
+        _script.check_channels(name, input, self.num_features)
+
+    def _batch_norm_scripted(self, input: Tensor) -> Tensor:
+        update = self.training and self.track_running_stats
+        use_running = update or not self.training
+        return _script.batch_norm(
+            self._layer_name, input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, self.training or self.running_mean is None,
+            self.momentum, self.eps,
+            self.num_batches_tracked if update else None,
+            None,
+            self.check_finite,
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by torch.jit.script before it compiles the layer: a clear TypeError
+        for what has no TorchScript form; the layer itself otherwise (a replacement
+        would be put into the caller's eager model, which torch.jit.script edits in
+        place)."""
+        check_scriptable(
+            self, self._not_scriptable, {"eps": self.eps, "momentum": self.momentum}
+        )
+        return self
+
+    @torch.jit.unused
+    def _forward_eager(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))
         try:
@@ -348,3 +453,6 @@ class _BatchNormBase(_BatchNorm):
         if skipped is not None and self.num_batches_skipped is not None:
             with torch.no_grad():
                 self.num_batches_skipped.copy_(skipped)
+
+
+resolve_annotations(_BatchNormBase)

@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
+from batchnorm.nn import _script
+from batchnorm.nn._base import (
+    _BatchNormBase,
+    names_its_errors,
+    non_tensor_input,
+    resolve_annotations,
+)
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
@@ -37,6 +43,7 @@ ACTIVATIONS = F.ACTIVATIONS
 class _BatchNormAct(_BatchNormBase):
     """BN + residual + activation for any input rank; the public classes add the dim check."""
 
+    __constants__ = (*_BatchNormBase.__constants__, "activation", "negative_slope")
     activation: str
     negative_slope: float
 
@@ -72,9 +79,23 @@ class _BatchNormAct(_BatchNormBase):
         self.activation = activation
         self.negative_slope = float(negative_slope)
 
-    @names_its_errors
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; ``residual`` has ``input``'s shape, dtype, device."""
+        if torch.jit.is_scripting():
+            return self._forward_act_scripted(input, residual)
+        return self._forward_act_eager(input, residual)
+
+    def _forward_act_scripted(self, input: Tensor, residual: Tensor | None) -> Tensor:
+        """The forward under torch.jit.script: aten's batch norm, then torch's add and
+        activation (see :mod:`._script`)."""
+        self._check_input_scripted(input)
+        _script.check_residual(self._layer_name, input, residual)
+        y = self._batch_norm_scripted(input)
+        return _script.add_and_activate(y, residual, self.activation, self.negative_slope)
+
+    @torch.jit.unused
+    @names_its_errors
+    def _forward_act_eager(self, input: Tensor, residual: Tensor | None) -> Tensor:
         return self._forward_fused(input, residual)
 
     def _forward_fused(self, input: Tensor, residual: Tensor | None) -> Tensor:
@@ -106,6 +127,8 @@ class _BatchNormAct(_BatchNormBase):
             text += f", negative_slope={self.negative_slope}"
         return text
 
+
+resolve_annotations(_BatchNormAct)
 
 _DOC_COMMON = r"""
 

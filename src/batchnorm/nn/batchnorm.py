@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from batchnorm.nn._base import _BatchNormBase
 
@@ -57,12 +57,9 @@ class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     """
     )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"{type(self).__name__}: expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D "
-                f"input of shape {tuple(input.shape)}"
-            )
+    _min_dim = 2
+    _max_dim = 3
+    _dims_text = "2D (N, C) or 3D (N, C, L)"
 
 
 class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
@@ -81,12 +78,9 @@ class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     """
     )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(
-                f"{type(self).__name__}: expected 4D (N, C, H, W) input, got {input.dim()}D input of "
-                f"shape {tuple(input.shape)}"
-            )
+    _min_dim = 4
+    _max_dim = 4
+    _dims_text = "4D (N, C, H, W)"
 
 
 class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
@@ -104,9 +98,7 @@ class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     """
     )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(
-                f"{type(self).__name__}: expected 5D (N, C, D, H, W) input, got {input.dim()}D input "
-                f"of shape {tuple(input.shape)}"
-            )
+    _min_dim = 5
+    _max_dim = 5
+    _dims_text = "5D (N, C, D, H, W)"
+

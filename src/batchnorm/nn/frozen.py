@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.nn._base import name_the_layer, non_tensor_input
+from batchnorm.nn import _script
+from batchnorm.nn._base import name_the_layer, non_tensor_input, resolve_annotations
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -22,8 +23,12 @@ __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 class _FrozenBatchNorm(nn.Module):
     """The fixed map for any input rank; the public classes add the dim check."""
 
-    _dims: tuple[int, ...] = ()
-    _shape_text: str = ""
+    # TorchScript bakes these into the compiled forward (see _BatchNormBase).
+    __constants__ = ("num_features", "eps", "_layer_name", "_min_dim", "_max_dim", "_dims_text")
+    _layer_name = "_FrozenBatchNorm"
+    _min_dim = 2
+    _max_dim = 5
+    _dims_text = "2D to 5D (N, C, *)"
     num_features: int
     eps: float
     weight: Tensor
@@ -56,20 +61,32 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._layer_name = cls.__name__
+
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_scripted(input)
+        return self._forward_eager(input)
+
+    def _forward_scripted(self, input: Tensor) -> Tensor:
+        """The forward under torch.jit.script: aten's inference batch norm."""
+        name = self._layer_name
+        _script.check_dims(name, input, self._min_dim, self._max_dim, self._dims_text)
+        _script.check_channels(name, input, self.num_features)
+        return _script.batch_norm(
+            name, input, self.running_mean, self.running_var, self.weight, self.bias,
+            False, 0.0, self.eps, None, None, False,
+        )
+
+    @torch.jit.unused
+    def _forward_eager(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))
-        if input.dim() not in self._dims:
-            raise ValueError(
-                f"{type(self).__name__}: expected {self._shape_text} input, got {input.dim()}D "
-                f"input of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}: expected input with {self.num_features} channels "
-                f"(dim 1, num_features), got {input.shape[1]} in input of shape "
-                f"{tuple(input.shape)}"
-            )
+        name = type(self).__name__
+        _script.check_dims(name, input, self._min_dim, self._max_dim, self._dims_text)
+        _script.check_channels(name, input, self.num_features)
         # Inference-mode batch norm is exactly the fixed affine map, in either mode.
         try:
             return F.batch_norm(
@@ -101,6 +118,8 @@ class _FrozenBatchNorm(nn.Module):
         )
 
 
+resolve_annotations(_FrozenBatchNorm)
+
 _DOC_COMMON = r"""
 
     .. math::
@@ -121,8 +140,9 @@ _DOC_COMMON = r"""
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
     __doc__ = "Frozen batch norm for a 2D (N, C) or 3D (N, C, L) input." + _DOC_COMMON
-    _dims = (2, 3)
-    _shape_text = "2D (N, C) or 3D (N, C, L)"
+    _min_dim = 2
+    _max_dim = 3
+    _dims_text = "2D (N, C) or 3D (N, C, L)"
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
@@ -136,11 +156,13 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
         >>> frozen
         FrozenBatchNorm2d(64, eps=1e-05)
     """
-    _dims = (4,)
-    _shape_text = "4D (N, C, H, W)"
+    _min_dim = 4
+    _max_dim = 4
+    _dims_text = "4D (N, C, H, W)"
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
     __doc__ = "Frozen batch norm for a 5D (N, C, D, H, W) input." + _DOC_COMMON
-    _dims = (5,)
-    _shape_text = "5D (N, C, D, H, W)"
+    _min_dim = 5
+    _max_dim = 5
+    _dims_text = "5D (N, C, D, H, W)"

@@ -217,6 +217,10 @@ class _GhostTrain(torch.autograd.Function):
 class _GhostBatchNorm(_BatchNormBase):
     """Ghost batch norm for any input rank; the public classes add the dim check."""
 
+    _not_scriptable = (
+        "its chunks are normalized through Python; torch.jit.trace, torch.compile and "
+        "torch.export run it as plain torch ops"
+    )
     virtual_batch_size: int
 
     def __init__(

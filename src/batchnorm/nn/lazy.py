@@ -11,7 +11,8 @@ then runs that input. Loading a state_dict into an uninitialized layer takes C f
 the loaded tensors.
 
 Where a lazy layer cannot be used before its first input, as in torch: deepcopy,
-pickle and ``torch.fx.symbolic_trace`` (run one batch through the model first).
+pickle, ``torch.fx.symbolic_trace`` and ``torch.jit.script`` (run one batch through the
+model first).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
@@ -61,6 +62,17 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory)
             self.running_var = UninitializedBuffer(**factory)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script types the layer by its tensors, which an uninitialized
+        layer does not have yet: TypeError (once initialized, the layer is a plain
+        BatchNormXd and scripts as one)."""
+        if self.has_uninitialized_params():
+            raise TypeError(
+                f"{type(self).__name__}: torch.jit.script cannot compile a lazy layer that "
+                "has not seen an input; run one batch through the model before scripting it"
+            )
+        return super().__prepare_scriptable__()
 
     def reset_running_stats(self) -> None:
         """As the plain layer's once C is known; before that only the counters exist."""

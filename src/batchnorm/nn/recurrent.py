@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from batchnorm import functional as F
 from batchnorm.nn._base import (
     check_layer_args,
+    check_scriptable,
     names_its_errors,
     non_tensor_input,
     register_state,
@@ -33,6 +34,16 @@ from batchnorm.nn._base import (
 )
 
 __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm"]
+
+
+def _not_scriptable(self: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of the recurrent layers: torch.jit.script is refused
+    with a TypeError naming the layer (the time step picks a statistics slot in Python,
+    and the masks and sequences go through Python as well)."""
+    check_scriptable(
+        self, "its time steps pick their statistics through Python; run it eagerly", {}
+    )
+    return self
 
 
 @contextlib.contextmanager
@@ -138,6 +149,8 @@ class RecurrentBatchNorm(nn.Module):
         >>> norm.forward_sequence(torch.randn(30, 4, 8)).shape   # steps 20..29 share slot 19
         torch.Size([30, 4, 8])
     """
+
+    __prepare_scriptable__ = _not_scriptable
 
     num_features: int
     max_timesteps: int
@@ -427,6 +440,8 @@ class BNLSTMCell(nn.Module):
         of (N, H) or None for zeros; returns (h', c').
     """
 
+    __prepare_scriptable__ = _not_scriptable
+
     input_size: int
     hidden_size: int
     max_timesteps: int
@@ -570,6 +585,8 @@ class BNLSTM(nn.Module):
         >>> out.shape, h.shape
         (torch.Size([50, 8, 32]), torch.Size([2, 8, 32]))
     """
+
+    __prepare_scriptable__ = _not_scriptable
 
     input_size: int
     hidden_size: int

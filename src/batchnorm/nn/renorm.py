@@ -230,6 +230,10 @@ def _renorm_composed(
 class _BatchRenorm(_BatchNormBase):
     """Batch renorm for any input rank; the public classes add the dim check."""
 
+    _not_scriptable = (
+        "its r and d are computed through Python; torch.jit.trace, torch.compile and "
+        "torch.export run it as plain torch ops"
+    )
     r_max: float
     d_max: float
 

@@ -266,6 +266,11 @@ class SyncBatchNorm(_BatchNormBase):
         torch.Size([4, 8, 6, 6])
     """
 
+    _not_scriptable = (
+        "its statistics cross processes through torch.distributed in Python; "
+        "batchnorm.convert(model, \"batch\") gives plain layers, which script"
+    )
+
     process_group: Any
     # The rank (1, 2, 3) of the BatchNormXd this layer was converted from, if any:
     # SyncBatchNorm takes any rank, and converting back needs to know which one.
