@@ -245,6 +245,50 @@ def test_eval_with_grad_is_differentiable() -> None:
     torch.autograd.gradgradcheck(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False), (x, w, b))
 
 
+# (dtype, memory format, weight, bias, running statistics want a gradient, aten expected)
+EVAL_GRAD_CASES = [
+    (torch.float32, torch.contiguous_format, True, True, False, True),
+    (torch.float32, torch.channels_last, True, True, False, True),
+    (torch.float64, torch.contiguous_format, True, False, False, True),
+    (torch.float64, torch.contiguous_format, False, False, False, True),
+    (torch.float64, torch.contiguous_format, False, True, False, False),  # bias alone
+    (torch.float64, torch.contiguous_format, True, True, True, False),  # stats with grad
+    (torch.bfloat16, torch.contiguous_format, True, True, False, False),
+]
+
+
+@pytest.mark.parametrize(("dtype", "fmt", "has_w", "has_b", "stats_grad", "on_aten"), EVAL_GRAD_CASES)
+def test_eval_with_grad_runs_aten_where_it_can(dtype, fmt, has_w, has_b, stats_grad, on_aten) -> None:
+    """Eval with autograd recording is aten's one-node batch norm where it applies, the
+    composed affine map elsewhere; both give the float64 closed form's gradients."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    stats = torch.float32 if dtype == torch.bfloat16 else dtype
+    rm = torch.randn(3, generator=gen, dtype=torch.float64).to(stats)
+    rv = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(stats)
+    rv_in = rv.clone().requires_grad_() if stats_grad else rv
+    y = F.batch_norm(x, rm, rv_in, w if has_w else None, b if has_b else None, False)
+    assert ("NativeBatchNorm" in type(y.grad_fn).__name__) == on_aten, type(y.grad_fn).__name__
+    assert y.is_contiguous(memory_format=fmt)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y.backward(dy)
+    expected = reference.forward(x.detach(), w.detach() if has_w else None,
+                                 b.detach() if has_b else None, rm, rv, False, None, 1e-5)
+    dx, dw, db = reference.backward_eval(dy, x.detach(), w.detach() if has_w else None, rm, rv, 1e-5)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    assert_close(y, expected.y, tol, tol, "output")
+    assert_close(x.grad, dx, tol, tol, "dx")
+    if has_w:
+        assert_close(w.grad, dw, tol * 10, tol * 10, "dweight")
+    if has_b:
+        assert_close(b.grad, db, tol * 10, tol * 10, "dbias")
+    if stats_grad:
+        assert rv_in.grad is not None and bool(torch.isfinite(rv_in.grad).all())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4), (2, 3, 3, 2)])
 def test_gradcheck_training(backend: str, shape: tuple[int, ...]) -> None:
