@@ -4,8 +4,10 @@ Shapes are ResNet-50's batch-norm layers at N = 16 (scaled to a small machine), 
 layers of small networks such as the lab's (where per-call overhead matters), and the
 lab's Figure 1 layer, BatchNorm1d on (60, 100), where it dominates. The "path" column
 is the backend "auto" picked (numba kernels or aten's, see batchnorm._backends).
-Modes: training forward+backward, and eval forward. Prints a table and writes
-JSON/CSV (default: benchmarks/results/cpu.*).
+Modes: training forward+backward, eval forward (under no_grad), and eval
+forward+backward (a layer in eval mode that passes gradients on, as in fine-tuning
+with fixed statistics). Prints a table and writes JSON/CSV (default:
+benchmarks/results/cpu.*).
 
     python benchmarks/bench_cpu.py [--repeats 30] [--quick] [--out DIR]
 """
@@ -69,10 +71,10 @@ def bench_shape(shape: tuple[int, ...], layout: str, repeats: int) -> list[dict[
     dy = torch.randn(shape).contiguous(memory_format=fmt)
     ours, theirs = _layers(shape)
     rows = []
-    for mode in ("train fwd+bwd", "eval fwd"):
+    for mode in ("train fwd+bwd", "eval fwd", "eval fwd+bwd"):
         for layer in (ours, theirs):
             layer.train(mode.startswith("train"))
-        if mode.startswith("train"):
+        if mode.endswith("fwd+bwd"):
             fns = {"batchnorm": _train_step(ours, x, dy), "torch": _train_step(theirs, x, dy)}
         else:
             fns = {"batchnorm": _eval_step(ours, x), "torch": _eval_step(theirs, x)}
@@ -108,7 +110,7 @@ def main() -> None:
             for row in new:
                 row["allocator_pinned"] = pinned
             rows += new
-            print_table(rows[-2:], ["shape", "layout", "mode", "path", "batchnorm_ms", "torch_ms", "ratio"])
+            print_table(rows[-3:], ["shape", "layout", "mode", "path", "batchnorm_ms", "torch_ms", "ratio"])
     print()
     print_table(rows, ["layer", "shape", "layout", "mode", "path", "batchnorm_ms", "torch_ms", "ratio"])
     json_path, csv_path = write_results(rows, args.out, "cpu")
