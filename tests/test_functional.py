@@ -198,8 +198,15 @@ def _float32_and_float64_grads(make, x: torch.Tensor, dy: torch.Tensor):
     return grads
 
 
+CL = torch.channels_last
 PRECISE_BACKWARD_CASES = {
     "batchnorm-NCHW": (lambda: bn.BatchNorm2d(3, backend="numba"), (8, 3, 32, 32)),
+    "batchnorm-NHWC": (lambda: bn.BatchNorm2d(3, backend="numba"), (8, 3, 32, 32), CL),
+    "batchnorm-NC": (lambda: bn.BatchNorm1d(3, backend="numba"), (8192, 3)),
+    "ghost-NHWC": (lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+                   (8, 3, 32, 32), CL),
+    "renorm-NHWC": (lambda: bn.BatchRenorm2d(3, backend="numba"), (8, 3, 32, 32), CL),
+    "renorm-NC": (lambda: bn.BatchRenorm1d(3, backend="numba"), (8192, 3)),
     "batchnorm-NCL": (lambda: bn.BatchNorm1d(3, backend="numba"), (8, 3, 1024)),
     "ghost-NCHW": (lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
                    (8, 3, 32, 32)),
@@ -210,13 +217,14 @@ PRECISE_BACKWARD_CASES = {
 
 @pytest.mark.parametrize("case", list(PRECISE_BACKWARD_CASES))
 def test_numba_gradients_precise_far_from_zero(case: str) -> None:
-    """The channel-major backward centres x on the float32-rounded mean and corrects
-    the sums by how far that is from the data's mean: at 1e4 ± 1e-2 dx and dγ keep
-    ~1e-7, where torch's backward (centred on the rounded mean) is off by ~1e-2 in dγ.
-    (Channel-minor inputs keep torch's precision there: see numba_cpu._cl_sums.)"""
-    make, shape = PRECISE_BACKWARD_CASES[case]
+    """The numba backward centres x on the float32-rounded mean and corrects the sums
+    by how far that is from the data's mean (channel-minor inputs where |mean|·invstd
+    is large, see numba_cpu._SHIFT_MIN): at 1e4 ± 1e-2 dx and dγ keep ~1e-7, where
+    torch's backward (centred on the rounded mean) is off by ~1e-2 in dγ."""
+    make, shape, *fmt = PRECISE_BACKWARD_CASES[case]
     gen = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    x = x.contiguous(memory_format=fmt[0] if fmt else torch.contiguous_format)
     dy = torch.randn(shape, generator=gen)
     ours, exact = _float32_and_float64_grads(make, x, dy)
     for name, a, b in zip(("dx", "dweight", "dbias"), ours, exact):

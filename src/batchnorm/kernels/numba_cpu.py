@@ -990,12 +990,29 @@ def _cl_sums(dz, zr, x, r, mu, acc1, acc2):  # pragma: no cover
     """acc1 += dz, acc2 += dz·(x − mu) along row r, dz being dz[zr, :] (2-d: the row
     views of the scratch runs are taken once per part, not per row).
 
-    (No third sum of x − mu, as the channel-major kernel keeps for _mean_shift: here
-    the sums are per-channel arrays, and a third one cost the kernel 5–9% at
-    (4096, 64); the channel-minor backward centres on the rounded mean, as torch's.)"""
+    (The third sum of x − mu that the channel-major kernel keeps for _mean_shift is
+    _cl_centred_sums, taken only for data far from zero: here the sums are
+    per-channel arrays, and a third one in every call cost the kernel 5–9% at
+    (4096, 64).)"""
     for c in range(x.shape[1]):
         acc1[c] += dz[zr, c]
         acc2[c] += dz[zr, c] * (x[r, c] - mu[c])
+
+
+# |mean|·invstd above which the channel-minor backward corrects its sums for the
+# rounding of the mean to x's dtype (see _mean_shift). The uncorrected dγ is off by
+# about δ·invstd·Σdz with δ <= |mean|·2^-24 (float32): below 16, under 1e-6 of Σdz,
+# the size of float32 rounding anyway; data at 1e4 ± 1e-2 has 1e6.
+_SHIFT_MIN = 16.0
+
+
+@_inline
+def _cl_centred_sums(x, r0, r1, mu, acc3):  # pragma: no cover
+    """acc3 += Σ(x − mu) over rows r0..r1 (just summed by _cl_sums and kin, so in
+    cache): how far mu, the mean rounded to x's dtype, is from the data's mean."""
+    for r in range(r0, r1):
+        for c in range(x.shape[1]):
+            acc3[c] += x[r, c] - mu[c]
 
 
 @_inline
@@ -1065,9 +1082,16 @@ def _cl_backward_train(
             coef[j, 0, c] = mean[j * C + c]
             coef[j, 1, c] = k
             coef[j, 2, c] = float(b[c]) - float(mean[j * C + c]) * k
+    # Data far from zero, relative to its spread (any chunk and channel): the rounding
+    # of the mean to x's dtype shows in the sums, which are then corrected for it.
+    shifted = False
+    for i in range(K * C):
+        if abs(float(mean[i])) * float(invstd[i]) > _SHIFT_MIN:
+            shifted = True
     dy3, x3 = dy.reshape(M, 1, C), x.reshape(M, 1, C)  # rows as runs, for the helpers
     part_dy = np.zeros((P, C))
     part_dyx = np.zeros((P, C))
+    part_x = np.zeros((P if shifted else 1, C))
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
@@ -1082,6 +1106,7 @@ def _cl_backward_train(
             dresp, dres2p = dres.reshape(M, 1, C)[r0:r1], dres[r0:r1]
         acc1 = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
+        acc3 = np.empty(C, x.dtype)
         for s0 in range(0, xp.shape[0], _ROW_BLOCK):
             s1 = min(s0 + _ROW_BLOCK, xp.shape[0])
             acc1[:] = 0
@@ -1104,20 +1129,31 @@ def _cl_backward_train(
             for c in range(C):
                 part_dy[p, c] += acc1[c]
                 part_dyx[p, c] += acc2[c]
+            if shifted:
+                acc3[:] = 0
+                _cl_centred_sums(xp, s0, s1, mu, acc3)
+                for c in range(C):
+                    part_x[p, c] += acc3[c]
     for c in range(C):
         sdy_all = 0.0
         sdyx_all = 0.0
         for j in range(K):
             sdy = 0.0
             sdyx = 0.0
+            sx = 0.0
             for p in range(j * T, (j + 1) * T):
                 sdy += part_dy[p, c]
                 sdyx += part_dyx[p, c]
+                if shifted:
+                    sx += part_x[p, c]
             n = bounds[j + 1] - bounds[j]
+            shift = 0.0
+            if shifted:
+                sdyx, shift = _mean_shift(sdy, sdyx, sx, n)
             r = float(invstd[j * C + c])
             k = float(w[c]) * r
             coef[j, 3, c] = -k * r * r * sdyx / n
-            coef[j, 4, c] = -k * sdy / n
+            coef[j, 4, c] = -k * sdy / n - coef[j, 3, c] * shift
             sdy_all += sdy
             sdyx_all += sdyx * r
         db[c] = sdy_all
