@@ -297,6 +297,22 @@ def test_eval_with_grad_runs_aten_where_it_can(dtype, fmt, has_w, has_b, stats_g
         assert rv_in.grad is not None and bool(torch.isfinite(rv_in.grad).all())
 
 
+def test_eval_with_grad_on_a_named_backend_stays_off_aten() -> None:
+    """Only "auto" hands eval-with-gradients to aten: "reference" stays plain torch ops
+    (the fused BatchNormAct's eval-with-gradients path keeps the caller's name too)."""
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = F.batch_norm(x, rm, rv, w, b, False, backend="reference")
+    assert "NativeBatchNorm" not in type(y.grad_fn).__name__
+    big = torch.randn(16, 64, 16, 16, requires_grad=True)
+    w64, b64 = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    for backend, on_aten in (("auto", True), ("numba", False)):
+        y = F.batch_norm_act(big, torch.zeros(64), torch.ones(64), w64, b64, False,
+                             activation="identity", backend=backend)
+        assert ("NativeBatchNorm" in type(y.grad_fn).__name__) == on_aten, backend
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4), (2, 3, 3, 2)])
 def test_gradcheck_training(backend: str, shape: tuple[int, ...]) -> None:
