@@ -83,8 +83,27 @@ def update_running_stats(
     unbiased = var * (m / (m - 1))
     new_mean = torch.lerp(running_mean.to(mean.dtype), mean, factor)
     new_var = torch.lerp(running_var.to(var.dtype), unbiased, factor)
-    running_mean.copy_(torch.where(ok, new_mean, running_mean.to(mean.dtype)))
-    running_var.copy_(torch.where(ok, new_var, running_var.to(var.dtype)))
+    commit_running_stats(
+        running_mean, running_var, new_mean, new_var, ok, num_batches_tracked,
+        num_batches_skipped,
+    )
+
+
+def commit_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    new_mean: Tensor,
+    new_var: Tensor,
+    ok: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> None:
+    """Write the updated statistics into the running ones where ``ok`` (a 0-dim bool
+    tensor: the batch was finite), keep the old values otherwise, and count the batch
+    as tracked or skipped; all on the device. (Also compiled by torch.jit.script, for
+    the scripted layers: see :mod:`batchnorm.nn._script`.)"""
+    running_mean.copy_(torch.where(ok, new_mean, running_mean.to(new_mean.dtype)))
+    running_var.copy_(torch.where(ok, new_var, running_var.to(new_var.dtype)))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
     if num_batches_skipped is not None:

@@ -307,12 +307,10 @@ class _BatchNormBase(_BatchNorm):
             nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _script.check_dims(
-            type(self).__name__, input, self._min_dim, self._max_dim, self._dims_text
-        )
+        _script.check_dims(self._layer_name, input, self._min_dim, self._max_dim, self._dims_text)
 
     def _check_num_channels(self, input: Tensor) -> None:
-        _script.check_channels(type(self).__name__, input, self.num_features)
+        _script.check_channels(self._layer_name, input, self.num_features)
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         """(weight, bias), read from the parameter registry when both are plain
@@ -364,13 +362,9 @@ class _BatchNormBase(_BatchNorm):
 
     def _forward_scripted(self, input: Tensor) -> Tensor:
         """The forward under torch.jit.script: aten's batch norm (see :mod:`._script`)."""
-        self._check_input_scripted(input)
+        self._check_input_dim(input)
+        self._check_num_channels(input)
         return self._batch_norm_scripted(input)
-
-    def _check_input_scripted(self, input: Tensor) -> None:
-        name = self._layer_name
-        _script.check_dims(name, input, self._min_dim, self._max_dim, self._dims_text)
-        _script.check_channels(name, input, self.num_features)
 
     def _batch_norm_scripted(self, input: Tensor) -> Tensor:
         update = self.training and self.track_running_stats
@@ -382,7 +376,6 @@ class _BatchNormBase(_BatchNorm):
             self.weight, self.bias, self.training or self.running_mean is None,
             self.momentum, self.eps,
             self.num_batches_tracked if update else None,
-            None,
             self.check_finite,
         )
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
+from batchnorm._reference import commit_running_stats
+
 
 def shape_text(shape: list[int]) -> str:
     """``shape`` as Python prints a tuple: ``(8, 3)``, ``(5,)``, ``()``."""
@@ -98,7 +100,6 @@ def batch_norm(
     momentum: float | None,
     eps: float,
     num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
     check_finite: bool,
 ) -> Tensor:
     """:func:`batchnorm.functional.batch_norm` on aten, for scripted layers.
@@ -149,12 +150,10 @@ def batch_norm(
     # TorchScript's autodiff of it fails from the second call on.)
     ok = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
     with torch.no_grad():
-        running_mean.copy_(torch.where(ok, new_mean, running_mean.to(new_mean.dtype)))
-        running_var.copy_(torch.where(ok, new_var, running_var.to(new_var.dtype)))
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-        if num_batches_skipped is not None:
-            num_batches_skipped.add_((~ok).to(num_batches_skipped.dtype))
+        # (No skip counter: see the module docstring.)
+        commit_running_stats(
+            running_mean, running_var, new_mean, new_var, ok, num_batches_tracked, None
+        )
     if check_finite and not bool(ok):
         raise FloatingPointError(
             owner + ": the training batch of shape " + shape_text(input.shape) + " has "

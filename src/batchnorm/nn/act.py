@@ -88,7 +88,8 @@ class _BatchNormAct(_BatchNormBase):
     def _forward_act_scripted(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The forward under torch.jit.script: aten's batch norm, then torch's add and
         activation (see :mod:`._script`)."""
-        self._check_input_scripted(input)
+        self._check_input_dim(input)
+        self._check_num_channels(input)
         _script.check_residual(self._layer_name, input, residual)
         y = self._batch_norm_scripted(input)
         return _script.add_and_activate(y, residual, self.activation, self.negative_slope)

@@ -70,23 +70,25 @@ class _FrozenBatchNorm(nn.Module):
             return self._forward_scripted(input)
         return self._forward_eager(input)
 
-    def _forward_scripted(self, input: Tensor) -> Tensor:
-        """The forward under torch.jit.script: aten's inference batch norm."""
+    def _check_input(self, input: Tensor) -> None:
+        """The dims and channel count, in both forwards (errors name the layer)."""
         name = self._layer_name
         _script.check_dims(name, input, self._min_dim, self._max_dim, self._dims_text)
         _script.check_channels(name, input, self.num_features)
+
+    def _forward_scripted(self, input: Tensor) -> Tensor:
+        """The forward under torch.jit.script: aten's inference batch norm."""
+        self._check_input(input)
         return _script.batch_norm(
-            name, input, self.running_mean, self.running_var, self.weight, self.bias,
-            False, 0.0, self.eps, None, None, False,
+            self._layer_name, input, self.running_mean, self.running_var, self.weight,
+            self.bias, False, 0.0, self.eps, None, False,
         )
 
     @torch.jit.unused
     def _forward_eager(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input,))
-        name = type(self).__name__
-        _script.check_dims(name, input, self._min_dim, self._max_dim, self._dims_text)
-        _script.check_channels(name, input, self.num_features)
+        self._check_input(input)
         # Inference-mode batch norm is exactly the fixed affine map, in either mode.
         try:
             return F.batch_norm(
