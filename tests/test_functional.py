@@ -212,6 +212,15 @@ PRECISE_BACKWARD_CASES = {
                    (8, 3, 32, 32)),
     "renorm-NCHW": (lambda: bn.BatchRenorm2d(3, backend="numba"), (8, 3, 32, 32)),
     "renorm-NCL": (lambda: bn.BatchRenorm1d(3, backend="numba"), (8, 3, 1024)),
+    # BatchNormAct whose backward rebuilds z (silu, a negative slope): about the saved
+    # mean, with the mean's rounding summed first (numba_cpu._SHIFT_MIN)
+    "act-silu-NCHW": (lambda: bn.BatchNormAct2d(3, "silu", backend="numba"), (8, 3, 32, 32)),
+    "act-silu-NHWC": (lambda: bn.BatchNormAct2d(3, "silu", backend="numba"), (8, 3, 32, 32),
+                      CL),
+    "act-leaky-NHWC": (
+        lambda: bn.BatchNormAct2d(3, "leaky_relu", negative_slope=-0.5, backend="numba"),
+        (8, 3, 32, 32), CL,
+    ),
 }
 
 
@@ -234,6 +243,69 @@ def test_numba_gradients_precise_far_from_zero(case: str) -> None:
     torch_layer = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
     theirs, plain = _float32_and_float64_grads(lambda: torch_layer(3), x, dy)
     assert float((theirs[1].double() - plain[1]).abs().max() / plain[1].abs().max()) > 1e-4
+
+
+def _act(activation: str, backend: str):
+    return lambda: bn.BatchNormAct2d(3, activation, backend=backend)
+
+
+# (layer factory, shape, memory format): the paths that own their output pass
+PRECISE_OUTPUT_CASES = {
+    "numba-NCHW": (lambda: bn.BatchNorm2d(3, backend="numba"), (8, 3, 32, 32)),
+    "numba-NHWC": (lambda: bn.BatchNorm2d(3, backend="numba"), (8, 3, 32, 32), CL),
+    "numba-NC": (lambda: bn.BatchNorm1d(3, backend="numba"), (8192, 3)),
+    "numba-NCL": (lambda: bn.BatchNorm1d(3, backend="numba"), (8, 3, 1024)),
+    "ghost-NCHW": (lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+                   (8, 3, 32, 32)),
+    "ghost-NHWC": (lambda: bn.GhostBatchNorm2d(3, virtual_batch_size=2, backend="numba"),
+                   (8, 3, 32, 32), CL),
+    "renorm-NCHW": (lambda: bn.BatchRenorm2d(3, backend="numba"), (8, 3, 32, 32)),
+    "renorm-NC": (lambda: bn.BatchRenorm1d(3, backend="numba"), (8192, 3)),
+    "act-relu-NCHW": (_act("relu", "numba"), (8, 3, 32, 32)),
+    "act-silu-NHWC": (_act("silu", "numba"), (8, 3, 32, 32), CL),
+    "act-leaky-NCHW": (_act("leaky_relu", "numba"), (8, 3, 32, 32)),
+    "reference-NCHW": (lambda: bn.BatchNorm2d(3, backend="reference"), (8, 3, 32, 32)),
+    "reference-NC": (lambda: bn.BatchNorm1d(3, backend="reference"), (8192, 3)),
+    "reference-act-silu": (_act("silu", "reference"), (8, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(PRECISE_OUTPUT_CASES))
+def test_output_precise_far_from_zero(case: str, training: bool) -> None:
+    """The output passes compute (x − c)·k + (β − (μ − c)·k) about c, the mean rounded
+    to float32 (the running mean in eval): at 1e4 ± 1e-2 the float32 output keeps
+    ~1e-7 of the float64 layer's on the same input, where torch's x·k + (β − μ·k),
+    rounded at the size of x·k (1e6), is off by ~1e-2."""
+    make, shape, *fmt = PRECISE_OUTPUT_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    x = x.contiguous(memory_format=fmt[0] if fmt else torch.contiguous_format)
+    dims = [0, *range(2, x.dim())]
+
+    def outputs(layer: torch.nn.Module) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+            # the data's statistics in float32 (batch renorm's r and d read them too)
+            layer.running_mean.copy_(x.double().mean(dims))
+            layer.running_var.copy_(x.double().var(dims))
+        layer.train(training)
+        ys = []
+        for dtype in (torch.float32, torch.float64):
+            m = copy.deepcopy(layer).to(dtype)
+            with torch.no_grad():
+                m.running_mean.copy_(layer.running_mean.float())  # the same float32 value
+                m.running_var.copy_(layer.running_var.float())
+                ys.append(m(x.to(dtype)).double())
+        return ys
+
+    ours, exact = outputs(make())
+    assert float((ours - exact).abs().max()) < 2e-6
+    # torch's own float32 layer, for scale
+    theirs, plain = outputs(torch.nn.BatchNorm2d(3) if len(shape) == 4 else torch.nn.BatchNorm1d(3))
+    assert float((theirs - plain).abs().max()) > 1e-3
 
 
 def test_noncontiguous_input() -> None:

@@ -244,7 +244,8 @@ def check_eval_does_not_communicate(rank: int, world: int) -> None:
     plain.load_state_dict(layer.state_dict())
     for _ in range(rank * 2):  # rank 0 evaluates nothing, rank 2 four batches
         x = torch.randn(5, 3)
-        assert_close(layer(x), plain(x), 0, 0, f"rank {rank}: eval output")
+        # (float32 rounding apart: ours centres on the running mean, torch's does not)
+        assert_close(layer(x), plain(x), 1e-6, 1e-6, f"rank {rank}: eval output")
     # Without running statistics, eval normalizes with local batch statistics.
     local = bn.SyncBatchNorm(3, track_running_stats=False, backend="reference").eval()
     x = torch.randn(6, 3) * 3

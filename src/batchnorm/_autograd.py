@@ -192,11 +192,11 @@ def _act_differentiable_backward(
         # relu: exactly 0 where off, as torch's relu backward (dout·0 is NaN for Inf)
         dz = torch.where(sign > 0, dout, dout * slope if slope else 0.0)
     else:
-        mean, var = _reference.batch_stats(x)
+        _, offset, var, centred = _reference.centred_stats(x)
         scale, shift = _reference.affine_coefficients(
-            weight, bias, mean, torch.rsqrt(var + spec.train.eps)
+            weight, bias, offset, torch.rsqrt(var + spec.train.eps)
         )
-        z = _reference.apply_affine(x, scale, shift)
+        z = _reference.apply_centred(centred, x, scale, shift)
         if residual is not None:
             z = z + residual
         if activation == "silu":

@@ -15,7 +15,11 @@ and its backward, with invstd = 1/sqrt(var + eps)::
     dx_i   = gamma * invstd / m * (m dy_i - sum dy - x_hat_i sum(dy x_hat))
 
 The variance is computed in two passes around the mean (never E[x^2] - E[x]^2, which
-cancels catastrophically when |mean| >> std). float16/bfloat16 inputs are upcast to
+cancels catastrophically when |mean| >> std), corrected for the rounding of the mean.
+The output is the affine map about that rounded mean c, ``(x - c) * scale + shift``
+with ``shift = beta - (mu - c) * scale``: ``x * scale + (beta - mu * scale)`` would
+round at the size of ``x * scale``, which far from zero (1e4 +- 1e-2 in float32) is
+an error of 0.1 in an output of unit spread. float16/bfloat16 inputs are upcast to
 float32 for every reduction and the result is cast back.
 
 Two users:
@@ -48,14 +52,28 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance, two passes, in :func:`stats_dtype`."""
+def centred_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel ``(centre, offset, var, centred)`` in :func:`stats_dtype`.
+
+    ``centre`` is the mean as the dtype computes it and ``offset = mean(x - centre)``
+    how far the data's mean is from it (its rounding, ~ulp), so ``centre + offset`` is
+    the mean to twice the dtype's digits; ``var = mean((x - centre)^2) - offset^2`` is
+    the corrected two-pass biased variance; ``centred = x - centre``, x's shape.
+    """
     xs = x.to(stats_dtype(x))
     dims = reduce_dims(x)
-    mean = xs.mean(dim=dims)
-    centered = xs - channel_view(mean, x)
-    var = (centered * centered).mean(dim=dims)
-    return mean, var
+    centre = xs.mean(dim=dims)
+    centred = xs - channel_view(centre, x)
+    offset = centred.mean(dim=dims)
+    var = ((centred * centred).mean(dim=dims) - offset * offset).clamp_min(0.0)
+    return centre, offset, var, centred
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (:func:`centred_stats`), in
+    :func:`stats_dtype`."""
+    centre, offset, var, _ = centred_stats(x)
+    return centre + offset, var
 
 
 def update_running_stats(
@@ -111,20 +129,32 @@ def commit_running_stats(
 
 
 def affine_coefficients(
-    weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+    weight: Tensor | None, bias: Tensor | None, offset: Tensor | None, invstd: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``scale = gamma * invstd`` and ``shift = beta - mean * scale`` per channel."""
+    """``scale = gamma * invstd`` and ``shift = beta - offset * scale`` per channel: the
+    map ``y = (x - centre) * scale + shift`` about a centre near the mean, ``offset``
+    being mean - centre (None: 0)."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
+    shift = torch.zeros_like(scale) if offset is None else -offset.to(scale.dtype) * scale
     if bias is not None:
         shift = shift + bias.to(invstd.dtype)
     return scale, shift
 
 
-def apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` in one pass, in the statistics dtype, cast back to x's."""
+def apply_affine(x: Tensor, centre: Tensor | None, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(x - centre) * scale + shift`` (``centre`` None: 0), in the statistics dtype,
+    cast back to x's. A ``centre`` in the statistics dtype makes ``x - centre`` exact
+    for x near it, see the module docstring."""
     xs = x.to(scale.dtype)
-    y = torch.addcmul(channel_view(shift, x), xs, channel_view(scale, x))
+    if centre is not None:
+        xs = xs - channel_view(centre.to(scale.dtype), x)
+    return apply_centred(xs, x, scale, shift)
+
+
+def apply_centred(centred: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``centred * scale + shift`` in one pass, cast to x's dtype (``centred = x -
+    centre`` from :func:`centred_stats` or :func:`apply_affine`)."""
+    y = torch.addcmul(channel_view(shift, x), centred, channel_view(scale, x))
     return y.to(x.dtype)
 
 
@@ -145,7 +175,8 @@ class _ReferenceBackend:
         num_batches_tracked: Tensor | None,
         num_batches_skipped: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = batch_stats(x)
+        centre, offset, var, centred = centred_stats(x)
+        mean = centre + offset
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None and running_var is not None:
             m = x.numel() // x.shape[1]
@@ -157,8 +188,8 @@ class _ReferenceBackend:
                     running_mean, running_var, mean.detach(), var.detach(), m, momentum,
                     num_batches_tracked, num_batches_skipped,
                 )
-        scale, shift = affine_coefficients(weight, bias, mean, invstd)
-        return apply_affine(x, scale, shift), mean, invstd
+        scale, shift = affine_coefficients(weight, bias, offset, invstd)
+        return apply_centred(centred, x, scale, shift), mean, invstd
 
     def backward_train(
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
@@ -185,13 +216,29 @@ class _ReferenceBackend:
         running_var: Tensor,
         eps: float,
     ) -> Tensor:
-        dtype = stats_dtype(x)
-        invstd = torch.rsqrt(running_var.to(dtype) + eps)
-        scale, shift = affine_coefficients(weight, bias, running_mean.to(dtype), invstd)
-        return apply_affine(x, scale, shift)
+        return inference_affine(x, weight, bias, running_mean, running_var, eps)
 
 
 BACKEND = _ReferenceBackend()
+
+
+def inference_affine(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    """The inference map ``(x - c) * scale + shift``, c the running mean in the
+    statistics dtype and ``shift = beta - (running_mean - c) * scale`` (0 when the
+    running mean is in that dtype); differentiable in every argument."""
+    dtype = stats_dtype(x)
+    centre = running_mean.to(dtype)
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    offset = None if running_mean.dtype == dtype else running_mean.to(torch.float64) - centre
+    scale, shift = affine_coefficients(weight, bias, offset, invstd)
+    return apply_affine(x, centre, scale, shift)
 
 
 def differentiable_backward(

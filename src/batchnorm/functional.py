@@ -156,7 +156,7 @@ def _batch_norm_validated(
             scale = scale * weight
         if bias is not None:
             shift = shift + bias
-        return _reference.apply_affine(input, scale, shift)
+        return _reference.apply_affine(input, None, scale, shift)
 
     if backend in ("auto", "reference") and under_transform():
         # torch.compile traces and torch.func transforms only plain torch ops: the
@@ -467,13 +467,10 @@ def _inference(
             if y is not None:
                 return y
         # Differentiable composition: autograd derives every gradient (and higher ones).
-        dtype = _reference.stats_dtype(input)
-        invstd = torch.rsqrt(running_var.to(dtype) + eps)
-        scale, shift = _reference.affine_coefficients(
-            weight, bias, running_mean.to(dtype), invstd
-        )
         # A dense input, as below: the output's layout must not depend on grad mode.
-        return _reference.apply_affine(_dense(input), scale, shift)
+        return _reference.inference_affine(
+            _dense(input), weight, bias, running_mean, running_var, eps
+        )
     chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=False)

@@ -28,10 +28,17 @@ than separate copies of the passes:
   with its own statistics in the same per-channel (or per-row-part) passes; the
   whole batch's mean and variance, merged exactly from the chunks, update the running
   statistics. Batch norm is K = 1.
-* **epilogue** (BatchNormAct): ``out = act(x·k + sh + residual)`` in the output pass,
+* **epilogue** (BatchNormAct): ``out = act((x − c)·k + sh + residual)`` in the output pass,
   for the identity, relu, leaky ReLU and silu. Plain batch norm passes no epilogue
   array (None), and numba compiles that case apart, without the epilogue's code.
 * **renorm** (batch renorm): r and d are folded into the affine coefficients.
+
+Every output pass computes the affine map about a centre c, the mean rounded to x's
+dtype (the running mean in eval): ``y = (x − c)·k + sh``, sh = β − (μ − c)·k taken in
+float64. x − c is exact for x within a factor of 2 of c (Sterbenz), so y keeps float32
+rounding of its own size, ~1e-7, however far from zero the data lies. The form
+``x·k + (β − μ·k)`` that torch uses rounds at the size of x·k: at 1e4 ± 1e-2 (k = 100)
+that is 1e6, whose float32 ulp is 0.06, off by up to 0.1 in an output of unit spread.
 
 The backward kernels mirror them: dz = dout·act'(z) on the fly (relu and leaky ReLU
 read a bool mask z > 0 that the forward's output pass writes, a byte per value where
@@ -201,15 +208,16 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # pragma: no cover
 
 
 @_inline
-def _coefficients(w, b, mu, var, eps, r_max, d_max, rm, rv):  # pragma: no cover
-    """One channel's ``invstd = 1/sqrt(var + eps)`` and the affine map ``y = x·k + sh``.
+def _coefficients(w, b, mu, var, eps, r_max, d_max, rm, rv, centre):  # pragma: no cover
+    """One channel's ``invstd = 1/sqrt(var + eps)`` and the affine map about ``centre``
+    (the mean rounded to x's dtype, see the module docstring): ``y = (x − centre)·k + sh``.
 
-    Batch norm: ``k = w·invstd``, ``sh = b − mu·k``. Batch renorm (``r_max > 0``; batch
-    norm passes 0) folds its constants into the same map, with σ = sqrt(rv + eps) from
-    the running statistics (read before this step's update)::
+    Batch norm: ``k = w·invstd``, ``sh = b − (mu − centre)·k``. Batch renorm (``r_max >
+    0``; batch norm passes 0) folds its constants into the same map, with σ = sqrt(rv +
+    eps) from the running statistics (read before this step's update)::
 
         r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((mu − rm)/σ, −d_max, d_max)
-        y = w·(x̂·r + d) + b  =  x·(w·r·invstd) + (w·d + b − mu·w·r·invstd)
+        y = w·(x̂·r + d) + b  =  (x − centre)·(w·r·invstd) + (w·d + b − (mu − centre)·w·r·invstd)
 
     Returns (invstd, k, sh, r, d); r = 1 and d = 0 without renorm.
     """
@@ -219,9 +227,19 @@ def _coefficients(w, b, mu, var, eps, r_max, d_max, rm, rv):  # pragma: no cover
         r = min(max(1.0 / (invstd * sigma), 1.0 / r_max), r_max)
         d = min(max((mu - rm) / sigma, -d_max), d_max)
         k = w * invstd * r
-        return invstd, k, w * d + b - mu * k, r, d
+        return invstd, k, w * d + b - (mu - centre) * k, r, d
     k = w * invstd
-    return invstd, k, b - mu * k, 1.0, 0.0
+    return invstd, k, b - (mu - centre) * k, 1.0, 0.0
+
+
+@_inline
+def _eval_coefficients(w, b, rm, rv, eps, c, out):  # pragma: no cover
+    """out[0:3] = (centre, k, sh) of channel c in inference: the running mean rounded
+    to out's dtype (x's), k = w/sqrt(rv + eps) and sh = b − (rm − centre)·k."""
+    out[0] = rm[c]
+    k = float(w[c]) / math.sqrt(float(rv[c]) + eps)
+    out[1] = k
+    out[2] = float(b[c]) - (float(rm[c]) - float(out[0])) * k
 
 
 @_jit
@@ -273,19 +291,20 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
 # * Chunk loops run over views starting at 0 (x[bounds[j]:bounds[j+1]]): an index numba
 #   knows to be non-negative skips the negative-index wraparound.
 @_inline
-def _affine_leaky(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope):  # pragma: no cover
-    """y[ya, yc, :] = leaky(x[xa, xc, :]·k + sh + res[ra, rc, :]) (res only if has_res),
-    leaky(z) = z if z > 0 else z·slope: NaN stays NaN; slope 1 is the identity.
+def _affine_leaky(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, slope):  # pragma: no cover
+    """y[ya, yc, :] = leaky((x[xa, xc, :] − ct)·k + sh + res[ra, rc, :]) (res only if
+    has_res), leaky(z) = z if z > 0 else z·slope: NaN stays NaN; slope 1 is the identity.
 
-    k, sh: scalars (channel-major) or per-channel vectors (channel-minor), x's dtype.
+    ct, k, sh: scalars (channel-major) or per-channel vectors (channel-minor), x's dtype;
+    ct is the centre of the module docstring.
     """
     if has_res:
         for i in range(y.shape[2]):
-            z = x[xa, xc, i] * _at(k, i) + _at(sh, i) + res[ra, rc, i]
+            z = (x[xa, xc, i] - _at(ct, i)) * _at(k, i) + _at(sh, i) + res[ra, rc, i]
             y[ya, yc, i] = z if z > 0 else z * slope
     else:
         for i in range(y.shape[2]):
-            z = x[xa, xc, i] * _at(k, i) + _at(sh, i)
+            z = (x[xa, xc, i] - _at(ct, i)) * _at(k, i) + _at(sh, i)
             y[ya, yc, i] = z if z > 0 else z * slope
 
 
@@ -337,54 +356,54 @@ def _leaky_dz(d, on, slope, zero):  # pragma: no cover
 
 
 @_inline
-def _affine_leaky_mask(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope, m):  # pragma: no cover
+def _affine_leaky_mask(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, slope, m):  # pragma: no cover
     """_affine_leaky that also writes m[ya, yc, :] = z > 0 (bool): the sign the backward
     reads act' from, one byte per value instead of the output's four."""
     if has_res:
         for i in range(y.shape[2]):
-            z = x[xa, xc, i] * _at(k, i) + _at(sh, i) + res[ra, rc, i]
+            z = (x[xa, xc, i] - _at(ct, i)) * _at(k, i) + _at(sh, i) + res[ra, rc, i]
             y[ya, yc, i] = z if z > 0 else z * slope
             m[ya, yc, i] = z > 0
     else:
         for i in range(y.shape[2]):
-            z = x[xa, xc, i] * _at(k, i) + _at(sh, i)
+            z = (x[xa, xc, i] - _at(ct, i)) * _at(k, i) + _at(sh, i)
             y[ya, yc, i] = z if z > 0 else z * slope
             m[ya, yc, i] = z > 0
 
 
 @_inline
-def _affine_silu(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res):  # pragma: no cover
+def _affine_silu(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res):  # pragma: no cover
     """As _affine_leaky with silu(z) = z·sigmoid(z) = z / (1 + exp(−z)), exp in x's dtype."""
     if has_res:
         for i in range(y.shape[2]):
-            z = x[xa, xc, i] * _at(k, i) + _at(sh, i) + res[ra, rc, i]
+            z = (x[xa, xc, i] - _at(ct, i)) * _at(k, i) + _at(sh, i) + res[ra, rc, i]
             y[ya, yc, i] = z / (1.0 + math.exp(-z))
     else:
         for i in range(y.shape[2]):
-            z = x[xa, xc, i] * _at(k, i) + _at(sh, i)
+            z = (x[xa, xc, i] - _at(ct, i)) * _at(k, i) + _at(sh, i)
             y[ya, yc, i] = z / (1.0 + math.exp(-z))
 
 
 @_inline
-def _affine_act(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope):  # pragma: no cover
-    """y[ya, yc, :] = act(x[xa, xc, :]·k + sh + res[ra, rc, :]): the forward epilogue.
+def _affine_act(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope):  # pragma: no cover
+    """y[ya, yc, :] = act((x[xa, xc, :] − ct)·k + sh + res[ra, rc, :]): the forward epilogue.
     (Two helpers, not one: dead silu code in a loop body, even behind a constant
     branch, kept the backward's rebuild of z from vectorizing.)"""
     if act == _SILU:
-        _affine_silu(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res)
+        _affine_silu(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res)
     else:
-        _affine_leaky(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope)
+        _affine_leaky(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, slope)
 
 
 @_inline
-def _affine_act_train(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope, m, write_mask):  # pragma: no cover
+def _affine_act_train(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope, m, write_mask):  # pragma: no cover
     """The training forward's epilogue: _affine_act, and with ``write_mask`` (relu,
     leaky ReLU with a slope >= 0) the mask as well (_affine_leaky_mask). ``m`` is an
     array here, a dummy when unused: a None would need a copy of the caller's loop."""
     if write_mask:
-        _affine_leaky_mask(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, slope, m)
+        _affine_leaky_mask(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, slope, m)
     else:
-        _affine_act(x, xa, xc, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope)
+        _affine_act(x, xa, xc, ct, k, sh, res, ra, rc, y, ya, yc, has_res, act, slope)
 
 
 @_inline
@@ -407,14 +426,14 @@ def _grad(dout, a, c, src, sa, sc, act, slope, g):  # pragma: no cover
 
 
 @_inline
-def _dz(dy, x, a, c, k, sh, res, has_res, act, slope, g, v):  # pragma: no cover
+def _dz(dy, x, a, c, ct, k, sh, res, has_res, act, slope, g, v):  # pragma: no cover
     """g[0, 0, :] = dz = dy·act'(z) for the run (row) at [a, c] (act != identity), z
-    rebuilt into the scratch run v as x·k + sh (+ res), as the forward computed it: for
+    rebuilt into the scratch run v as (x − ct)·k + sh (+ res), as the forward computed it: for
     silu and leaky ReLU with a negative slope, whose act' needs z itself, or when no
     mask was kept. (relu and leaky ReLU with a slope >= 0 read the forward's mask
     instead: _cm_sums_masked and its kin.)"""
     one = x.dtype.type(1)  # leaky ReLU with slope 1: the identity, in x's dtype
-    _affine_leaky(x, a, c, k, sh, res, a, c, v, 0, 0, has_res, one)  # z
+    _affine_leaky(x, a, c, ct, k, sh, res, a, c, v, 0, 0, has_res, one)  # z
     _grad(dy, a, c, v, 0, 0, act, slope, g)
 
 
@@ -507,7 +526,7 @@ def _cm_forward_train(
     res, has_res, act, slope, mask, write_mask, r_max, d_max, rd_out,
     rm, rv, momentum, cumulative, tracked, skipped, update,
 ):  # pragma: no cover
-    """y = act(x·k + sh + res) per chunk and channel, with the chunk's statistics.
+    """y = act((x − c)·k + sh + res) per chunk and channel, with the chunk's statistics.
 
     x, y, res: (A, C, L); w, b: (C,); bounds: (K+1,) chunk starts along A; the
     channels are split in T ranges (threads), each walked in blocks of B channels.
@@ -540,9 +559,10 @@ def _cm_forward_train(
                     c = c0 + cc
                     mu = sums[0, cc]
                     m2 = sums[1, cc]
+                    coef[0, cc] = mu  # the centre: the mean rounded to x's dtype
                     invstd, k, sh, r, d = _coefficients(
                         float(w[c]), float(b[c]), mu, m2 / n, eps, r_max, d_max,
-                        float(rm[c]), float(rv[c]),
+                        float(rm[c]), float(rv[c]), float(coef[0, cc]),
                     )
                     mean_out[j * C + c] = mu
                     invstd_out[j * C + c] = invstd
@@ -560,10 +580,11 @@ def _cm_forward_train(
                     for a in range(xj.shape[0]):
                         for cc in range(nb):
                             c = c0 + cc
+                            ct = coef[0, cc]
                             kk = coef[1, cc]
                             sh = coef[2, cc]
                             for i in range(L):
-                                yj[a, c, i] = xj[a, c, i] * kk + sh
+                                yj[a, c, i] = (xj[a, c, i] - ct) * kk + sh
                 else:
                     rj = res[bounds[j]:bounds[j + 1]]
                     mj = mask[bounds[j]:bounds[j + 1]]
@@ -571,8 +592,8 @@ def _cm_forward_train(
                         for cc in range(nb):
                             c = c0 + cc
                             _affine_act_train(
-                                xj, a, c, coef[1, cc], coef[2, cc], rj, a, c, yj, a, c,
-                                has_res, act, slope, mj, write_mask,
+                                xj, a, c, coef[0, cc], coef[1, cc], coef[2, cc], rj, a, c,
+                                yj, a, c, has_res, act, slope, mj, write_mask,
                             )
     for c in range(C):
         batch_out[1, c] /= A * L  # M2 -> biased variance
@@ -703,6 +724,7 @@ def _cm_backward_train(
     mean, invstd = _view(mean), _view(invstd)
     C, L = x.shape[1], x.shape[2]
     K = bounds.shape[0] - 1
+    rebuild = out is not None and not from_out  # dz from z rebuilt (see _dz)
     totals = np.zeros((2, C))  # Σdz and Σdz·x̂ over the chunks
     for t in numba.prange(T):
         coef = np.empty((5, B), x.dtype)  # mu, k, z's shift, bx, cx in x's dtype
@@ -724,7 +746,17 @@ def _cm_backward_train(
                     k = float(w[c]) * float(invstd[j * C + c])
                     coef[0, cc] = mean[j * C + c]
                     coef[1, cc] = k
-                    coef[2, cc] = float(b[c]) - float(mean[j * C + c]) * k  # as in forward
+                    # z's shift about the centre coef[0], as the forward took it
+                    coef[2, cc] = float(b[c]) - (float(mean[j * C + c]) - float(coef[0, cc])) * k
+                    if rebuild and abs(float(mean[j * C + c])) * float(invstd[j * C + c]) > _SHIFT_MIN:
+                        # The forward's shift held b − (μ − mu)·k with its float64 μ,
+                        # of which the saved mean keeps only mu: far from zero that
+                        # rounding δ = Σ(x − mu)/n moves z by δ·k, so it is summed
+                        # first (the block's runs then stay in cache for the sums).
+                        sx = 0.0
+                        for a in range(xj.shape[0]):
+                            sx += _run_centred_sums(xj[a, c], coef[0, cc])[0]
+                        coef[2, cc] -= sx / n * k
                 sums[:, :nb] = 0.0
                 for a in range(xj.shape[0]):
                     for cc in range(nb):
@@ -734,8 +766,8 @@ def _cm_backward_train(
                         elif from_out:
                             s1, s2, s3 = _cm_sums_masked(dyj, mj, xj, a, c, coef[0, cc], slope)
                         else:
-                            _dz(dyj, xj, a, c, coef[1, cc], coef[2, cc], rj, has_res, act,
-                                slope, g, v)
+                            _dz(dyj, xj, a, c, coef[0, cc], coef[1, cc], coef[2, cc], rj,
+                                has_res, act, slope, g, v)
                             s1, s2, s3 = _cm_sums(g, 0, 0, xj, a, c, coef[0, cc])
                         sums[0, cc] += s1
                         sums[1, cc] += s2
@@ -760,8 +792,8 @@ def _cm_backward_train(
                             _cm_dx_masked(dyj, mj, xj, a, c, mu, slope, kk, bx, cx, dxj,
                                           dresj, write_dres)
                         else:
-                            _dz(dyj, xj, a, c, kk, coef[2, cc], rj, has_res, act, slope,
-                                g, v)
+                            _dz(dyj, xj, a, c, mu, kk, coef[2, cc], rj, has_res, act,
+                                slope, g, v)
                             _cm_dx(g, 0, 0, xj, a, c, mu, kk, bx, cx, dxj)
                             if write_dres:
                                 _store(dresj, a, c, g)
@@ -772,29 +804,28 @@ def _cm_backward_train(
 
 @_Kernel
 def _cm_forward_eval(x, w, b, rm, rv, eps, y, res, has_res, act, slope):  # pragma: no cover
-    """y = act(x·scale + shift + res) over (A, C, L); ``res`` None: the plain affine
-    map, else the epilogue of _affine_act."""
+    """y = act((x − c)·scale + shift + res) over (A, C, L), c the running mean rounded
+    to x's dtype; ``res`` None: the plain affine map, else the epilogue of _affine_act."""
     x, w, b, rm, rv, y = _view(x), _view(w), _view(b), _view(rm), _view(rv), _view(y)
     A, C, L = x.shape
-    coef = np.empty((C, 2), x.dtype)
+    coef = np.empty((C, 3), x.dtype)
     for c in range(C):
-        k = float(w[c]) / math.sqrt(float(rv[c]) + eps)
-        coef[c, 0] = k
-        coef[c, 1] = float(b[c]) - float(rm[c]) * k
+        _eval_coefficients(w, b, rm, rv, eps, c, coef[c])
     # Split over the A*C contiguous runs, so that few channels still use every thread;
     # (A*C, 1, L) runs keep the inner loop a plain vectorizable stream.
     x2 = x.reshape(A * C, 1, L)
     y2 = y.reshape(A * C, 1, L)
     for row in numba.prange(A * C):
         c = row % C
-        kk = coef[c, 0]
-        sh = coef[c, 1]
+        ct = coef[c, 0]
+        kk = coef[c, 1]
+        sh = coef[c, 2]
         if res is None:
             for i in range(L):
-                y2[row, 0, i] = x2[row, 0, i] * kk + sh
+                y2[row, 0, i] = (x2[row, 0, i] - ct) * kk + sh
         else:
             res2 = res.reshape(A * C, 1, L)
-            _affine_act(x2, row, 0, kk, sh, res2, row, 0, y2, row, 0, has_res, act, slope)
+            _affine_act(x2, row, 0, ct, kk, sh, res2, row, 0, y2, row, 0, has_res, act, slope)
 
 
 # ----------------------------------------------------------------------------------------
@@ -888,30 +919,57 @@ def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
             )
 
 
+# |mean|·invstd above which the channel-minor kernels correct for the rounding of the
+# mean to x's dtype: the backward's sums (see _mean_shift; the uncorrected dγ is off by
+# about δ·invstd·Σdz with δ <= |mean|·2^-24 in float32), and plain batch norm's output
+# pass keeps its centre (see _plain_coefficients). Below 16 the error is under 1e-6,
+# the size of float32 rounding anyway; data at 1e4 ± 1e-2 has 1e6.
+_SHIFT_MIN = 16.0
+
+
 @_inline
-def _cl_output_rows(x, y, r0, r1, kk, sh, res, has_res, act, slope, mask, write_mask):  # pragma: no cover
-    """y[r0:r1] = act(x[r0:r1]·kk + sh + res[r0:r1]) over (M, C) rows, kk and sh per
-    channel; ``res`` None: the plain affine map (compiled apart, see _epilogue_args),
+def _uncentre(ct, kk, sh):  # pragma: no cover
+    """Rewrite the centred map (x − ct)·kk + sh in place (per-channel vectors) to the
+    uncentred one, ct = 0 and sh − ct·kk, for plain batch norm's channel-minor output
+    pass where no channel has |centre|·invstd > _SHIFT_MIN: it then rounds within
+    |centre|·invstd·2^-24 <= 1e-6 of the output's spread, and saves a subtraction and a
+    coefficient stream per value (3–18% of that pass on the Intel VM)."""
+    for c in range(ct.shape[0]):
+        sh[c] = float(sh[c]) - float(ct[c]) * float(kk[c])
+        ct[c] = 0
+
+
+@_inline
+def _cl_output_rows(x, y, r0, r1, ct, kk, sh, centred, res, has_res, act, slope, mask, write_mask):  # pragma: no cover
+    """y[r0:r1] = act((x[r0:r1] − ct)·kk + sh + res[r0:r1]) over (M, C) rows, ct, kk and
+    sh per channel; ``res`` None: the plain affine map (compiled apart, see _epilogue_args),
+    without ct unless ``centred`` (see _uncentre),
     else the epilogue of _affine_act, and with ``write_mask`` also mask = z > 0
     (``mask`` None: never, as in eval). Shared by the training and eval output passes."""
     M, C = x.shape
     if res is None:
         xq, yq = x[r0:r1], y[r0:r1]
-        for r in range(xq.shape[0]):
-            for c in range(C):
-                yq[r, c] = xq[r, c] * kk[c] + sh[c]
+        if centred:
+            for r in range(xq.shape[0]):
+                for c in range(C):
+                    yq[r, c] = (xq[r, c] - ct[c]) * kk[c] + sh[c]
+        else:
+            for r in range(xq.shape[0]):
+                for c in range(C):
+                    yq[r, c] = xq[r, c] * kk[c] + sh[c]
     else:  # rows as runs, for the shared helpers
         xp, yp = x.reshape(M, 1, C)[r0:r1], y.reshape(M, 1, C)[r0:r1]
         rp = res.reshape(M, 1, C)[r0:r1]
         if mask is None:  # eval
             for r in range(xp.shape[0]):
-                _affine_act(xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
+                _affine_act(xp, r, 0, ct, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope)
         else:
             # the dummy (write_mask False) has one element: never reshaped to (M, 1, C)
             mp = mask.reshape(M, 1, C)[r0:r1] if write_mask else mask.reshape(1, 1, 1)[0:1]
             for r in range(xp.shape[0]):
                 _affine_act_train(
-                    xp, r, 0, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope, mp, write_mask
+                    xp, r, 0, ct, kk, sh, rp, r, 0, yp, r, 0, has_res, act, slope, mp,
+                    write_mask,
                 )
 
 
@@ -944,9 +1002,10 @@ def _cl_forward_train(
     K = bounds.shape[0] - 1
     P = K * T
     starts = _part_starts(bounds, T)
-    coef = np.empty((K, 2, C), x.dtype)
+    coef = np.empty((K, 3, C), x.dtype)  # centre, k, sh per chunk and channel
     part_mean = np.zeros((P, C))
     part_m2 = np.zeros((P, C))
+    centred = np.zeros(K, np.bool_)  # chunk j has a channel far from zero (see _uncentre)
     for p in numba.prange(P):
         r0, r1 = starts[p], starts[p + 1]
         _cl_part_stats(x[r0:r1], part_mean[p], part_m2[p])
@@ -956,28 +1015,36 @@ def _cl_forward_train(
         m2_all = 0.0
         for j in range(K):
             n, mu, m2 = _cl_merge_parts(starts, part_mean, part_m2, j * T, (j + 1) * T, c)
+            coef[j, 0, c] = mu  # the centre: the mean rounded to x's dtype
             invstd, k, sh, r, d = _coefficients(
                 float(w[c]), float(b[c]), mu, m2 / n, eps, r_max, d_max, float(rm[c]),
-                float(rv[c]),
+                float(rv[c]), float(coef[j, 0, c]),
             )
             mean_out[j * C + c] = mu
             invstd_out[j * C + c] = invstd
+            if abs(mu) * invstd > _SHIFT_MIN:
+                centred[j] = True
             if r_max > 0:
                 rd_out[c] = r
                 rd_out[C + c] = d
-            coef[j, 0, c] = k
-            coef[j, 1, c] = sh
+            coef[j, 1, c] = k
+            coef[j, 2, c] = sh
             mean_all, m2_all = _chan_merge(n_all, mean_all, m2_all, n, mu, m2)
             n_all += n
         batch_out[0, c] = mean_all
         batch_out[1, c] = m2_all / n_all
+    for j in range(K):
+        if res is not None:
+            centred[j] = True  # (the epilogue loops cost the same either way)
+        elif not centred[j]:
+            _uncentre(coef[j, 0], coef[j, 1], coef[j, 2])
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
         # fresh arrays: provably apart from y, so the loop vectorizes
         _cl_output_rows(
-            x, y, r0, r1, coef[j, 0].copy(), coef[j, 1].copy(), res, has_res, act, slope,
-            mask, write_mask,
+            x, y, r0, r1, coef[j, 0].copy(), coef[j, 1].copy(), coef[j, 2].copy(),
+            centred[j], res, has_res, act, slope, mask, write_mask,
         )
     if update:
         _update_running(
@@ -999,13 +1066,6 @@ def _cl_sums(dz, zr, x, r, mu, acc1, acc2):  # pragma: no cover
         acc2[c] += dz[zr, c] * (x[r, c] - mu[c])
 
 
-# |mean|·invstd above which the channel-minor backward corrects its sums for the
-# rounding of the mean to x's dtype (see _mean_shift). The uncorrected dγ is off by
-# about δ·invstd·Σdz with δ <= |mean|·2^-24 (float32): below 16, under 1e-6 of Σdz,
-# the size of float32 rounding anyway; data at 1e4 ± 1e-2 has 1e6.
-_SHIFT_MIN = 16.0
-
-
 @_inline
 def _cl_centred_sums(x, r0, r1, mu, acc3):  # pragma: no cover
     """acc3 += Σ(x − mu) over rows r0..r1 (just summed by _cl_sums and kin, so in
@@ -1013,6 +1073,18 @@ def _cl_centred_sums(x, r0, r1, mu, acc3):  # pragma: no cover
     for r in range(r0, r1):
         for c in range(x.shape[1]):
             acc3[c] += x[r, c] - mu[c]
+
+
+@_inline
+def _cl_part_centred_sums(x, mu, out):  # pragma: no cover
+    """out += Σ(x − mu) per channel over the rows of x (M, C), in blocks of _ROW_BLOCK
+    rows summed in x's dtype (as _cl_centred_sums) and added in float64."""
+    acc = np.empty(x.shape[1], x.dtype)
+    for s0 in range(0, x.shape[0], _ROW_BLOCK):
+        acc[:] = 0
+        _cl_centred_sums(x, s0, min(s0 + _ROW_BLOCK, x.shape[0]), mu, acc)
+        for c in range(x.shape[1]):
+            out[c] += acc[c]
 
 
 @_inline
@@ -1081,7 +1153,8 @@ def _cl_backward_train(
             k = float(w[c]) * float(invstd[j * C + c])
             coef[j, 0, c] = mean[j * C + c]
             coef[j, 1, c] = k
-            coef[j, 2, c] = float(b[c]) - float(mean[j * C + c]) * k
+            # z's shift about the centre coef[j, 0], as the forward took it
+            coef[j, 2, c] = float(b[c]) - (float(mean[j * C + c]) - float(coef[j, 0, c])) * k
     # Data far from zero, relative to its spread (any chunk and channel): the rounding
     # of the mean to x's dtype shows in the sums, which are then corrected for it.
     shifted = False
@@ -1092,6 +1165,23 @@ def _cl_backward_train(
     part_dy = np.zeros((P, C))
     part_dyx = np.zeros((P, C))
     part_x = np.zeros((P if shifted else 1, C))
+    # Far from zero, a z rebuilt for dz (see _dz) needs the forward's shift, which held
+    # b − (μ − mu)·k with its float64 μ, of which the saved mean keeps only mu: that
+    # rounding δ = Σ(x − mu)/n per chunk moves z by δ·k. Then Σ(x − mu) is summed in
+    # a pass of its own before the others, not beside them.
+    presum = shifted and out is not None and not from_out
+    if presum:
+        for p in numba.prange(P):
+            j = p // T
+            r0, r1 = starts[p], starts[p + 1]
+            _cl_part_centred_sums(x[r0:r1], coef[j, 0].copy(), part_x[p])
+        for j in range(K):
+            n = bounds[j + 1] - bounds[j]
+            for c in range(C):
+                sx = 0.0
+                for p in range(j * T, (j + 1) * T):
+                    sx += part_x[p, c]
+                coef[j, 2, c] = float(coef[j, 2, c]) - sx / n * float(coef[j, 1, c])
     for p in numba.prange(P):
         j = p // T
         r0, r1 = starts[p], starts[p + 1]
@@ -1122,14 +1212,14 @@ def _cl_backward_train(
             else:
                 g2 = g.reshape(1, C)
                 for r in range(s0, s1):
-                    _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
+                    _dz(dyp, x3p, r, 0, mu, kk, zsh, rp, has_res, act, slope, g, v)
                     if write_dres:
                         _store(dresp, r, 0, g)
                     _cl_sums(g2, 0, xp, r, mu, acc1, acc2)
             for c in range(C):
                 part_dy[p, c] += acc1[c]
                 part_dyx[p, c] += acc2[c]
-            if shifted:
+            if shifted and not presum:
                 acc3[:] = 0
                 _cl_centred_sums(xp, s0, s1, mu, acc3)
                 for c in range(C):
@@ -1183,27 +1273,30 @@ def _cl_backward_train(
         else:
             g2 = g.reshape(1, C)
             for r in range(xp.shape[0]):
-                _dz(dyp, x3p, r, 0, kk, zsh, rp, has_res, act, slope, g, v)
+                _dz(dyp, x3p, r, 0, mu, kk, zsh, rp, has_res, act, slope, g, v)
                 _cl_dx(g2, 0, xp, r, mu, kk, bx, cx, dxp)
 
 
 @_Kernel
 def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # pragma: no cover
-    """y = act(x·scale + shift + res) over (M, C) in T row parts; ``res`` as in
-    _cm_forward_eval."""
+    """y = act((x − c)·scale + shift + res) over (M, C) in T row parts; c and ``res``
+    as in _cm_forward_eval."""
     x, w, b, rm, rv, y = _view(x), _view(w), _view(b), _view(rm), _view(rv), _view(y)
     M, C = x.shape
-    coef = np.empty((2, C), x.dtype)
+    coef = np.empty((3, C), x.dtype)  # per-channel rows: centre, k, sh
+    centred = res is not None  # (the epilogue loops cost the same either way)
     for c in range(C):
-        k = float(w[c]) / math.sqrt(float(rv[c]) + eps)
-        coef[0, c] = k
-        coef[1, c] = float(b[c]) - float(rm[c]) * k
+        _eval_coefficients(w, b, rm, rv, eps, c, coef[:, c])
+        if abs(float(rm[c])) / math.sqrt(float(rv[c]) + eps) > _SHIFT_MIN:
+            centred = True
+    if not centred:
+        _uncentre(coef[0], coef[1], coef[2])
     for t in numba.prange(T):
         r0 = t * M // T
         r1 = (t + 1) * M // T
         _cl_output_rows(
-            x, y, r0, r1, coef[0].copy(), coef[1].copy(), res, has_res, act, slope, None,
-            False,
+            x, y, r0, r1, coef[0].copy(), coef[1].copy(), coef[2].copy(), centred, res,
+            has_res, act, slope, None, False,
         )
 
 
@@ -1218,7 +1311,8 @@ def _renorm_constants(batch, eps, r_max, d_max, rm, rv, rd_out):  # pragma: no c
     C = rm.shape[0]
     for c in range(C):
         _, _, _, r, d = _coefficients(
-            1.0, 0.0, batch[0, c], batch[1, c], eps, r_max, d_max, float(rm[c]), float(rv[c])
+            1.0, 0.0, batch[0, c], batch[1, c], eps, r_max, d_max, float(rm[c]), float(rv[c]),
+            0.0,
         )
         rd_out[c] = r
         rd_out[C + c] = d

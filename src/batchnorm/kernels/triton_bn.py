@@ -23,6 +23,10 @@ Welford update divides by a *scalar* t (one reciprocal per iteration, not per el
 Values are shifted by a per-channel pivot (the channel's first value) so that float32
 lane and partial means keep their digits; many-way merges carry the corrected-two-pass
 term. Per-channel scalars (mean, var, invstd) use round-to-nearest division and sqrt.
+The output is ``(x - mean) * scale + (shift - dmean * scale)``: mean is float32 and
+dmean its rounding error (the exact pivot + (mean - pivot) minus it, by TwoSum), so
+x - mean is exact near the mean and the output keeps float32 rounding of its own size
+far from zero too (``x * scale + (b - mean * scale)`` rounds at the size of x * scale).
 
 Performance. Streaming loops are ``tl.range(..., num_stages=NUM_STAGES)``: Triton
 pipelines their loads through shared memory (cp.async), so tiles stay in flight without
@@ -120,6 +124,15 @@ def _merge_axis(n, mean, m2, AXIS: tl.constexpr):
     s = tl.sum(n * dev, AXIS)
     between = tl.maximum(tl.sum(n * dev * dev, AXIS) - s * s * inv, 0.0)
     return total, mu + s * inv, tl.sum(m2, AXIS) + between
+
+
+@triton.jit
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and e = (a + b) - s exactly (Knuth's TwoSum): the
+    mean as the float32 pivot + (mean - pivot), and what its rounding dropped."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
 
 
 @triton.jit
@@ -547,6 +560,7 @@ def fwd_merge_kernel(
     x_ptr,          # the input: pivots x[0, c, 0] at c * pivot_stride
     pivot_stride,   # S (NCS and the (N, C*S) view), 1 (rows of C)
     mean_ptr,       # (C,) float32 out: batch mean
+    dmean_ptr,      # (C,) float32 out: the batch mean's float32 rounding error (_two_sum)
     invstd_ptr,     # (C,) float32 out: 1/sqrt(var + eps)
     varu_ptr,       # (C,) float32 out: unbiased variance, for the running update (UPDATE)
     f_ptr,          # () float32 out: the running-update factor (UPDATE)
@@ -567,9 +581,11 @@ def fwd_merge_kernel(
     cnt, mean, m2 = _merge_partials(pcnt_ptr, pmean_ptr, pm2_ptr, c, cmask, SPLIT,
                                     BLOCK_C, BLOCK_SP)
     # int64: (C - 1)·S passes 2^31 on large inputs, and this kernel sees no IDX64 flag.
-    mean += tl.load(x_ptr + c.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
+    pivot = tl.load(x_ptr + c.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
+    mean, dmean = _two_sum(mean, pivot)
     var = tl.div_rn(m2, tl.maximum(cnt, 1.0))
     tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(dmean_ptr + c, dmean, mask=cmask)
     tl.store(invstd_ptr + c, _invstd(var, eps), mask=cmask)
     if UPDATE:
         var_u = tl.div_rn(m2, cnt - 1.0)
@@ -683,6 +699,7 @@ def norm_ncs_kernel(
     res_ptr,        # (N, C, S) residual added before the activation (HAS_RES)
     mean_ptr,       # (C,) batch mean (float32), or running mean when EVAL
     var_ptr,        # (C,) batch invstd (float32), or running var when EVAL
+    dmean_ptr,      # (C,) the batch mean's rounding error (fwd_merge_kernel; not EVAL)
     w_ptr, b_ptr,   # (C,) weight / bias (HAS_W / HAS_B)
     N, C, S,
     SPLIT, P_N, SB_PER_PROG, N_PER_PROG,  # the partition (as in fwd_stats_ncs_kernel)
@@ -702,13 +719,16 @@ def norm_ncs_kernel(
     IDX64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the streaming loops
 ):
-    """Grid (C * SPLIT,): y = act((x - mean) * w * invstd + b [+ residual])."""
+    """Grid (C * SPLIT,): y = act((x - mean) * w * invstd + b - dmean * w * invstd
+    [+ residual]), dmean 0 in EVAL (the running mean is the centre)."""
     pid = tl.program_id(0)
     if REVERSE:
         pid = NUM_PROGS - 1 - pid
     c, sb0, sb1, n0, n1 = _ncs_split(pid, C, S, N, SPLIT, P_N, SB_PER_PROG, N_PER_PROG, BLOCK_S)
     mean, _, scale, shift = _affine(c, c < C, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
                                     EVAL, HAS_W, HAS_B)
+    if not EVAL:
+        shift -= tl.load(dmean_ptr + c, mask=c < C, other=0.0) * scale
     if UPDATE:
         if pid % SPLIT == 0:
             _running_update(c, c < C, mean, flag_ptr, f_ptr, varu_ptr, rm_ptr, rv_ptr,
@@ -727,6 +747,7 @@ def norm_rc_kernel(
     y_ptr,          # (R, K) out
     res_ptr,        # (R, K) residual (HAS_RES)
     mean_ptr, var_ptr,  # (C,) mean and invstd (float32), or running mean/var when EVAL
+    dmean_ptr,      # (C,) the batch mean's rounding error, as in norm_ncs_kernel
     w_ptr, b_ptr,   # (C,) weight / bias
     R, K,
     GROUP,          # columns per channel: channel = column // GROUP
@@ -751,6 +772,8 @@ def norm_rc_kernel(
     cols, cmask, r0, r1 = _rc_split(pid, K, R, SPLIT, ROWS_PER_PROG, BLOCK_K)
     mean, _, scale, shift = _affine(cols // GROUP, cmask, mean_ptr, var_ptr, w_ptr, b_ptr,
                                     eps, EVAL, HAS_W, HAS_B)
+    if not EVAL:
+        shift -= tl.load(dmean_ptr + cols // GROUP, mask=cmask, other=0.0) * scale
     if UPDATE:
         if pid % SPLIT == 0:
             # one column per channel: the first of its GROUP columns
@@ -819,11 +842,12 @@ def fwd_fused_ncs_kernel(
         nsb = tl.cdiv(S, BLOCK_S)
         cnt, mean, m2 = _welford_ncs(x_ptr, ch_off, stride_n, S, 0, nsb, 0, N,
                                      IDX64, BLOCK_N, BLOCK_S, NUM_STAGES)
-        mean += tl.load(x_ptr + ch_off).to(tl.float32)  # the pivot
+        mean, dmean = _two_sum(mean, tl.load(x_ptr + ch_off).to(tl.float32))  # + the pivot
         istd = _invstd(tl.div_rn(m2, tl.maximum(cnt, 1.0)), eps)
         scale, shift = _scale_shift(c, c < C, istd, w_ptr, b_ptr, HAS_W, HAS_B)
         _normalize_ncs(x_ptr, y_ptr, res_ptr, ch_off, stride_n, S, 0, nsb, 0, N,
-                       mean, scale, shift, slope, ACT, HAS_RES, IDX64, BLOCK_N, BLOCK_S, NUM_STAGES)
+                       mean, scale, shift - dmean * scale, slope, ACT, HAS_RES, IDX64,
+                       BLOCK_N, BLOCK_S, NUM_STAGES)
     tl.store(mean_ptr + c, mean)
     tl.store(invstd_ptr + c, istd)
     tl.store(pcnt_ptr + c, cnt)
@@ -874,11 +898,13 @@ def fwd_fused_rc_kernel(
     else:
         cnt, mean, m2 = _welford_rc(x_ptr, cols, cmask, C, 1, 0, R, IDX64, BLOCK_R, BLOCK_C,
                                     NUM_STAGES)
-        mean += tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # the pivot
+        pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        mean, dmean = _two_sum(mean, pivot)
         istd = _invstd(tl.div_rn(m2, tl.maximum(cnt, 1.0)), eps)
         scale, shift = _scale_shift(cols, cmask, istd, w_ptr, b_ptr, HAS_W, HAS_B)
-        _normalize_rc(x_ptr, y_ptr, res_ptr, cols, cmask, C, 0, R, mean, scale, shift, slope,
-                      ACT, HAS_RES, IDX64, BLOCK_R, BLOCK_C, NUM_STAGES)
+        _normalize_rc(x_ptr, y_ptr, res_ptr, cols, cmask, C, 0, R, mean, scale,
+                      shift - dmean * scale, slope, ACT, HAS_RES, IDX64, BLOCK_R, BLOCK_C,
+                      NUM_STAGES)
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(invstd_ptr + cols, istd, mask=cmask)
     tl.store(pcnt_ptr + cols, cnt, mask=cmask)

@@ -450,8 +450,10 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     # (+ the running update by the first program of each channel)
     grid = (plan.programs,)
     flag = torch.empty(1, device=dev, dtype=torch.int32)
-    aux = torch.empty(C + 1, device=dev, dtype=torch.float32) if update else mean
-    varu, fbuf = (aux[:C], aux[C:]) if update else (mean, mean)
+    # the mean's rounding error, then (UPDATE) the unbiased variance and the factor
+    aux = torch.empty(2 * C + 1 if update else C, device=dev, dtype=torch.float32)
+    dmean = aux[:C]
+    varu, fbuf = (aux[C:2 * C], aux[2 * C:]) if update else (mean, mean)
     if plan.kernels == "ncs":
         n_part, split_c, pivot_stride = C * plan.split, plan.split, v.S
     else:
@@ -476,7 +478,7 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     bsp = min(_np2(split_c), 256)
     bc = max(1, min(_np2(C), 2048 // bsp))
     _k.fwd_merge_kernel[(_cdiv(C, bc),)](
-        parts[0], parts[1], parts[2], xk, pivot_stride, mean, invstd, varu, fbuf, flag,
+        parts[0], parts[1], parts[2], xk, pivot_stride, mean, dmean, invstd, varu, fbuf, flag,
         tracked_arg, C, split_c, eps, momentum_f,
         UPDATE=update, HAS_TRACKED=tracked is not None, CUMULATIVE=momentum is None,
         BLOCK_C=bc, BLOCK_SP=bsp, num_warps=_warps(bc * bsp),
@@ -487,13 +489,13 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
              "NUM_STAGES": _stages(1 + has_res), "num_warps": plan.num_warps}
     if plan.kernels == "ncs":
         _k.norm_ncs_kernel[grid](
-            xk, y, res_arg, mean, invstd, w, b, v.N, C, v.S,
+            xk, y, res_arg, mean, invstd, dmean, w, b, v.N, C, v.S,
             plan.split, plan.p_n, plan.sb_per_prog, plan.rows_per_prog, plan.programs,
             eps, slope, *upd, BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, **flags,
         )
     else:
         _k.norm_rc_kernel[grid](
-            xk, y, res_arg, mean, invstd, w, b, R, K, plan.group,
+            xk, y, res_arg, mean, invstd, dmean, w, b, R, K, plan.group,
             plan.split, plan.rows_per_prog, plan.programs, eps, slope, *upd,
             BLOCK_R=plan.block_a, BLOCK_K=plan.block_b, **flags,
         )
@@ -604,7 +606,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, residual, act
     no_update = (rm, rm, rm, rm, rm, 1, 1, rm, rm)  # never dereferenced (UPDATE=False)
     if plan.kernels == "ncs":
         _k.norm_ncs_kernel[(plan.programs,)](
-            xk, y, res_arg, rm, rv, w, b, v.N, v.C, v.S,
+            xk, y, res_arg, rm, rv, rm, w, b, v.N, v.C, v.S,
             plan.split, plan.p_n, plan.sb_per_prog, plan.rows_per_prog, plan.programs,
             float(eps), float(slope), *no_update,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, **flags,
@@ -612,7 +614,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, residual, act
     else:
         R, K = (v.N, v.C * v.S) if v.kind == "ncs" else (v.R, v.C)
         _k.norm_rc_kernel[(plan.programs,)](
-            xk, y, res_arg, rm, rv, w, b, R, K, plan.group,
+            xk, y, res_arg, rm, rv, rm, w, b, R, K, plan.group,
             plan.split, plan.rows_per_prog, plan.programs, float(eps), float(slope),
             *no_update, BLOCK_R=plan.block_a, BLOCK_K=plan.block_b, **flags,
         )

@@ -113,10 +113,11 @@ class _SyncBatchNormTrain(torch.autograd.Function):
         # Local (count, mean, M2). Gathered and merged in float64: the counts stay exact
         # integers and the merge loses nothing; it is 2C + 1 numbers per rank.
         if m > 0:
-            mean, var = _reference.batch_stats(x)
+            # the mean as centre + offset, to twice x's digits (see centred_stats)
+            centre, offset, var, _ = _reference.centred_stats(x)
             local = torch.cat([
                 torch.full((1,), float(m), dtype=torch.float64, device=x.device),
-                mean.double(),
+                centre.double() + offset.double(),
                 var.double() * m,
             ])
         else:
@@ -140,8 +141,9 @@ class _SyncBatchNormTrain(torch.autograd.Function):
                 num_batches_tracked, num_batches_skipped,
             )
 
-        scale, shift = _reference.affine_coefficients(weight, bias, mean, invstd)
-        y = _reference.apply_affine(x, scale, shift)
+        # about the rounded mean, with the rest of the float64 mean in the shift
+        scale, shift = _reference.affine_coefficients(weight, bias, mean64 - mean, invstd)
+        y = _reference.apply_affine(x, mean, scale, shift)
         ctx.save_for_backward(x, weight, mean, invstd, total.to(dtype))
         ctx.group = group
         ctx.bias_dtype = bias.dtype if bias is not None else None
