@@ -308,6 +308,29 @@ def test_output_precise_far_from_zero(case: str, training: bool) -> None:
     assert float((theirs - plain).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "fmt"), [((8, 3, 32, 32), CL), ((8192, 3), None)])
+def test_channel_minor_output_just_below_the_centring_threshold(shape, fmt, training) -> None:
+    """Plain batch norm's channel-minor output loop drops the centre where no channel has
+    |mean|·invstd > 16 (numba_cpu._uncentre): just below that, at 15 ± 1, the output
+    still keeps ~1e-6 of the float64 layer's."""
+    gen = torch.Generator().manual_seed(0)
+    x = (15.0 + torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dims = [0, *range(2, x.dim())]
+    layer = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(3, backend="numba")
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+        layer.running_mean.copy_(x.double().mean(dims))
+        layer.running_var.copy_(x.double().var(dims))
+    layer.train(training)
+    exact = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        assert float((layer(x).double() - exact(x.double())).abs().max()) < 2e-6
+
+
 def test_noncontiguous_input() -> None:
     x = torch.randn(6, 5, 8).permute(0, 2, 1)  # (6, 8, 5), not contiguous
     assert not x.is_contiguous()
