@@ -212,6 +212,9 @@ PRECISE_BACKWARD_CASES = {
                    (8, 3, 32, 32)),
     "renorm-NCHW": (lambda: bn.BatchRenorm2d(3, backend="numba"), (8, 3, 32, 32)),
     "renorm-NCL": (lambda: bn.BatchRenorm1d(3, backend="numba"), (8, 3, 1024)),
+    # the reference backend's backward takes x̂ about the data's mean too
+    "reference-NCHW": (lambda: bn.BatchNorm2d(3, backend="reference"), (8, 3, 32, 32)),
+    "reference-NC": (lambda: bn.BatchNorm1d(3, backend="reference"), (8192, 3)),
     # BatchNormAct whose backward rebuilds z (silu, a negative slope): about the saved
     # mean, with the mean's rounding summed first (numba_cpu._SHIFT_MIN)
     "act-silu-NCHW": (lambda: bn.BatchNormAct2d(3, "silu", backend="numba"), (8, 3, 32, 32)),
@@ -228,8 +231,9 @@ PRECISE_BACKWARD_CASES = {
 def test_numba_gradients_precise_far_from_zero(case: str) -> None:
     """The numba backward centres x on the float32-rounded mean and corrects the sums
     by how far that is from the data's mean (channel-minor inputs where |mean|·invstd
-    is large, see numba_cpu._SHIFT_MIN): at 1e4 ± 1e-2 dx and dγ keep ~1e-7, where
-    torch's backward (centred on the rounded mean) is off by ~1e-2 in dγ."""
+    is large, see numba_cpu._SHIFT_MIN), and so does the reference's: at 1e4 ± 1e-2
+    dx and dγ keep ~1e-7, where torch's backward (centred on the rounded mean) is off
+    by ~1e-2 in dγ."""
     make, shape, *fmt = PRECISE_BACKWARD_CASES[case]
     gen = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
