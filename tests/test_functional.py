@@ -274,6 +274,30 @@ PRECISE_OUTPUT_CASES = {
 }
 
 
+def _float32_and_float64_outputs(
+    layer: torch.nn.Module, x: torch.Tensor, training: bool
+) -> list[torch.Tensor]:
+    """The outputs (as float64) of ``layer`` in float32 and of the same layer in float64
+    on the float32 input ``x``: random γ and β, running statistics those of x rounded
+    to float32 (the same values in both; batch renorm's r and d read them too)."""
+    dims = [0, *range(2, x.dim())]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+        layer.running_mean.copy_(x.double().mean(dims))
+        layer.running_var.copy_(x.double().var(dims))
+    layer.train(training)
+    ys = []
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(layer).to(dtype)
+        with torch.no_grad():
+            m.running_mean.copy_(layer.running_mean.float())  # the same float32 value
+            m.running_var.copy_(layer.running_var.float())
+            ys.append(m(x.to(dtype)).double())
+    return ys
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", list(PRECISE_OUTPUT_CASES))
 def test_output_precise_far_from_zero(case: str, training: bool) -> None:
@@ -285,30 +309,11 @@ def test_output_precise_far_from_zero(case: str, training: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
     x = x.contiguous(memory_format=fmt[0] if fmt else torch.contiguous_format)
-    dims = [0, *range(2, x.dim())]
-
-    def outputs(layer: torch.nn.Module) -> list[torch.Tensor]:
-        torch.manual_seed(1)
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.normal_()
-            # the data's statistics in float32 (batch renorm's r and d read them too)
-            layer.running_mean.copy_(x.double().mean(dims))
-            layer.running_var.copy_(x.double().var(dims))
-        layer.train(training)
-        ys = []
-        for dtype in (torch.float32, torch.float64):
-            m = copy.deepcopy(layer).to(dtype)
-            with torch.no_grad():
-                m.running_mean.copy_(layer.running_mean.float())  # the same float32 value
-                m.running_var.copy_(layer.running_var.float())
-                ys.append(m(x.to(dtype)).double())
-        return ys
-
-    ours, exact = outputs(make())
+    ours, exact = _float32_and_float64_outputs(make(), x, training)
     assert float((ours - exact).abs().max()) < 2e-6
     # torch's own float32 layer, for scale
-    theirs, plain = outputs(torch.nn.BatchNorm2d(3) if len(shape) == 4 else torch.nn.BatchNorm1d(3))
+    torch_layer = torch.nn.BatchNorm2d(3) if len(shape) == 4 else torch.nn.BatchNorm1d(3)
+    theirs, plain = _float32_and_float64_outputs(torch_layer, x, training)
     assert float((theirs - plain).abs().max()) > 1e-3
 
 
@@ -322,17 +327,9 @@ def test_channel_minor_output_just_below_the_centring_threshold(shape, fmt, trai
     x = (15.0 + torch.randn(shape, generator=gen, dtype=torch.float64)).float()
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    dims = [0, *range(2, x.dim())]
     layer = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(3, backend="numba")
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.normal_()
-        layer.running_mean.copy_(x.double().mean(dims))
-        layer.running_var.copy_(x.double().var(dims))
-    layer.train(training)
-    exact = copy.deepcopy(layer).double()
-    with torch.no_grad():
-        assert float((layer(x).double() - exact(x.double())).abs().max()) < 2e-6
+    ours, exact = _float32_and_float64_outputs(layer, x, training)
+    assert float((ours - exact).abs().max()) < 2e-6
 
 
 def test_noncontiguous_input() -> None:
