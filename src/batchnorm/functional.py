@@ -460,7 +460,8 @@ def _inference(
     eps: float,
     backend: str,
 ) -> Tensor:
-    """``y = x * scale + shift`` with the running statistics: a fixed affine map."""
+    """``y = (x - running_mean) * scale + shift`` with the running statistics: a fixed
+    affine map (aten's kernel, where "auto" takes it, uses ``x * scale + shift``)."""
     if _wants_grad(input, running_mean, running_var, weight, bias):
         if backend == "auto":
             y = _eval_with_grad_on_aten(input, running_mean, running_var, weight, bias, eps)
