@@ -17,7 +17,9 @@ num_batches_tracked, num_batches_skipped) -> (y, mean, invstd)``
     channel; the decision is made on the device (no host synchronization): a good
     batch adds 1 to ``num_batches_tracked``, a skipped one adds 1 to
     ``num_batches_skipped`` (each when given). ``mean`` and ``invstd`` come back in
-    float32 (float64 for float64 input) and are what backward needs.
+    float32 (float64 for float64 input) and are what backward needs; a backend may
+    return a more exact float64 ``mean`` (the Triton one does: its float32 mean plus
+    that value's rounding error), so callers cast it where they need the stats dtype.
     The batch is never empty here (the functional handles m == 0).
 
 ``backward_train(dy, x, weight, mean, invstd) -> (dx, dweight, dbias)``

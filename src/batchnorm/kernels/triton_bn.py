@@ -27,6 +27,8 @@ The output is ``(x - mean) * scale + (shift - dmean * scale)``: mean is float32 
 dmean its rounding error (the exact pivot + (mean - pivot) minus it, by TwoSum), so
 x - mean is exact near the mean and the output keeps float32 rounding of its own size
 far from zero too (``x * scale + (b - mean * scale)`` rounds at the size of x * scale).
+The saved mean is mean + dmean in float64 (_store_mean); the backward splits it again
+(_affine) and centres on both, x - mean - dmean.
 
 Performance. Streaming loops are ``tl.range(..., num_stages=NUM_STAGES)``: Triton
 pipelines their loads through shared memory (cp.async), so tiles stay in flight without
@@ -150,13 +152,19 @@ def _not_finite(v):
 @triton.jit
 def _affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
             EVAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """Per-channel (mean, invstd, scale = w*invstd, shift = b) for channel(s) ``c``.
+    """Per-channel (mean, dmean, invstd, scale = w*invstd, shift = b) for channel(s) ``c``.
 
-    Training: ``mean_ptr``/``var_ptr`` hold the float32 batch mean and invstd.
-    Eval (``EVAL``): they hold the running mean and running variance (any float dtype)
-    and invstd is computed here. ``c`` may be a scalar or a vector (masked by cmask).
+    Training: ``mean_ptr``/``var_ptr`` hold the batch mean (float64 from the forward
+    kernels, see _store_mean; float32 works too) and the float32 invstd. Eval
+    (``EVAL``): they hold the running mean and running variance (any float dtype) and
+    invstd is computed here. ``mean`` is the stored mean rounded to float32 and
+    ``dmean`` what that rounding dropped (0 for a float32 or narrower mean): the
+    kernels centre on ``mean`` and then take ``dmean`` off. ``c`` may be a scalar or a
+    vector (masked by cmask).
     """
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    stored = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+    mean = stored.to(tl.float32)
+    dmean = (stored - mean.to(stored.dtype)).to(tl.float32)
     if EVAL:
         var = tl.load(var_ptr + c, mask=cmask, other=1.0).to(tl.float32)
         istd = _invstd(var, eps)
@@ -168,7 +176,15 @@ def _affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
     shift = mean * 0.0
     if HAS_B:
         shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    return mean, istd, scale, shift
+    return mean, dmean, istd, scale, shift
+
+
+@triton.jit
+def _store_mean(ptr, mean, dmean, mask):
+    """Store the batch mean as the float64 ``mean + dmean`` (float32 mean, dmean its
+    rounding error; the sum is exact in float64), so the backward and the renorm
+    constants see the mean to ~1e-16 and _affine recovers both parts."""
+    tl.store(ptr, mean.to(tl.float64) + dmean.to(tl.float64), mask=mask)
 
 
 @triton.jit
@@ -360,11 +376,13 @@ def _normalize_rc(x_ptr, y_ptr, res_ptr, cols, cmask, K, r0, r1,
 
 @triton.jit
 def _bwd_sums_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, ch_off, stride_n, S, sb0, sb1, n0, n1,
-                  mean, scale, shift, slope,
+                  mean, dmean, scale, shift, slope,
                   ACT: tl.constexpr, FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr,
                   IDX64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                   NUM_STAGES: tl.constexpr):
-    """(sum dz, sum dz*(x - mean)) over one program's region of a channel."""
+    """(sum dz, sum dz*(x - mean)) over one program's region of a channel; x - mean is
+    (x - float32 mean) - dmean (see _affine): exact near the mean, so far from zero
+    x_hat, dweight and dx keep float32 accuracy."""
     rn = tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_S)
     acc_g = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
@@ -378,7 +396,7 @@ def _bwd_sums_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, ch_off, stride_n, S, sb0, s
                 rows = rows.to(tl.int64)
             mask = (rows < n1)[:, None] & smask[None, :]
             offs = rows[:, None] * stride_n + ch_off + s[None, :]
-            xmu = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean
+            xmu = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) - dmean
             g = _grad_z(dout_ptr, out_ptr, res_ptr, offs, mask, xmu, scale, shift, slope,
                         ACT, FROM_OUT, HAS_RES)
             acc_g += g
@@ -388,13 +406,14 @@ def _bwd_sums_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, ch_off, stride_n, S, sb0, s
 
 @triton.jit
 def _bwd_sums_rc(dout_ptr, x_ptr, out_ptr, res_ptr, cols, cmask, K, r0, r1,
-                 mean, scale, shift, slope,
+                 mean, dmean, scale, shift, slope,
                  ACT: tl.constexpr, FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr,
                  IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr):
-    """Per-column (sum dz, sum dz*(x - mean)) over rows [r0, r1)."""
+    """Per-column (sum dz, sum dz*(x - mean)) over rows [r0, r1), as _bwd_sums_ncs."""
     rr = tl.arange(0, BLOCK_R)
     mean2 = mean[None, :]
+    dmean2 = dmean[None, :]
     scale2 = scale[None, :]
     shift2 = shift[None, :]
     acc_g = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
@@ -405,7 +424,7 @@ def _bwd_sums_rc(dout_ptr, x_ptr, out_ptr, res_ptr, cols, cmask, K, r0, r1,
             rows = rows.to(tl.int64)
         mask = (rows < r1)[:, None] & cmask[None, :]
         offs = rows[:, None] * K + cols[None, :]
-        xmu = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean2
+        xmu = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean2) - dmean2
         g = _grad_z(dout_ptr, out_ptr, res_ptr, offs, mask, xmu, scale2, shift2, slope,
                     ACT, FROM_OUT, HAS_RES)
         acc_g += g
@@ -416,7 +435,7 @@ def _bwd_sums_rc(dout_ptr, x_ptr, out_ptr, res_ptr, cols, cmask, K, r0, r1,
 @triton.jit
 def _dx_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr,
             ch_off, stride_n, S, sb0, sb1, n0, n1,
-            mean, scale, shift, mg, c2, slope,
+            mean, dmean, scale, shift, mg, c2, slope,
             ACT: tl.constexpr, FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr,
             WRITE_DRES: tl.constexpr, IDX64: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -433,7 +452,7 @@ def _dx_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr,
                 rows = rows.to(tl.int64)
             mask = (rows < n1)[:, None] & smask[None, :]
             offs = rows[:, None] * stride_n + ch_off + s[None, :]
-            xmu = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean
+            xmu = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) - dmean
             g = _grad_z(dout_ptr, out_ptr, res_ptr, offs, mask, xmu, scale, shift, slope,
                         ACT, FROM_OUT, HAS_RES)
             dx = scale * (g - mg) - xmu * c2
@@ -444,13 +463,14 @@ def _dx_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr,
 
 @triton.jit
 def _dx_rc(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr, cols, cmask, K, r0, r1,
-           mean, scale, shift, mg, c2, slope,
+           mean, dmean, scale, shift, mg, c2, slope,
            ACT: tl.constexpr, FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr,
            WRITE_DRES: tl.constexpr, IDX64: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """The RC twin of :func:`_dx_ncs`; per-column coefficient vectors."""
     rr = tl.arange(0, BLOCK_R)
     mean2 = mean[None, :]
+    dmean2 = dmean[None, :]
     scale2 = scale[None, :]
     shift2 = shift[None, :]
     mg2 = mg[None, :]
@@ -461,7 +481,7 @@ def _dx_rc(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr, cols, cmask, K, 
             rows = rows.to(tl.int64)
         mask = (rows < r1)[:, None] & cmask[None, :]
         offs = rows[:, None] * K + cols[None, :]
-        xmu = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean2
+        xmu = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean2) - dmean2
         g = _grad_z(dout_ptr, out_ptr, res_ptr, offs, mask, xmu, scale2, shift2, slope,
                     ACT, FROM_OUT, HAS_RES)
         dx = scale2 * (g - mg2) - xmu * c22
@@ -559,8 +579,7 @@ def fwd_merge_kernel(
     pcnt_ptr, pmean_ptr, pm2_ptr,  # (C, SPLIT) float32 partials (count, mean - pivot, M2)
     x_ptr,          # the input: pivots x[0, c, 0] at c * pivot_stride
     pivot_stride,   # S (NCS and the (N, C*S) view), 1 (rows of C)
-    mean_ptr,       # (C,) float32 out: batch mean
-    dmean_ptr,      # (C,) float32 out: the batch mean's float32 rounding error (_two_sum)
+    mean_ptr,       # (C,) float64 out: batch mean, float32 value + its rounding error
     invstd_ptr,     # (C,) float32 out: 1/sqrt(var + eps)
     varu_ptr,       # (C,) float32 out: unbiased variance, for the running update (UPDATE)
     f_ptr,          # () float32 out: the running-update factor (UPDATE)
@@ -584,8 +603,7 @@ def fwd_merge_kernel(
     pivot = tl.load(x_ptr + c.to(tl.int64) * pivot_stride, mask=cmask, other=0.0).to(tl.float32)
     mean, dmean = _two_sum(mean, pivot)
     var = tl.div_rn(m2, tl.maximum(cnt, 1.0))
-    tl.store(mean_ptr + c, mean, mask=cmask)
-    tl.store(dmean_ptr + c, dmean, mask=cmask)
+    _store_mean(mean_ptr + c, mean, dmean, cmask)
     tl.store(invstd_ptr + c, _invstd(var, eps), mask=cmask)
     if UPDATE:
         var_u = tl.div_rn(m2, cnt - 1.0)
@@ -697,9 +715,8 @@ def norm_ncs_kernel(
     x_ptr,          # (N, C, S) input
     y_ptr,          # (N, C, S) out, x's dtype
     res_ptr,        # (N, C, S) residual added before the activation (HAS_RES)
-    mean_ptr,       # (C,) batch mean (float32), or running mean when EVAL
+    mean_ptr,       # (C,) batch mean (float64, fwd_merge_kernel), or running mean (EVAL)
     var_ptr,        # (C,) batch invstd (float32), or running var when EVAL
-    dmean_ptr,      # (C,) the batch mean's rounding error (fwd_merge_kernel; not EVAL)
     w_ptr, b_ptr,   # (C,) weight / bias (HAS_W / HAS_B)
     N, C, S,
     SPLIT, P_N, SB_PER_PROG, N_PER_PROG,  # the partition (as in fwd_stats_ncs_kernel)
@@ -720,15 +737,15 @@ def norm_ncs_kernel(
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the streaming loops
 ):
     """Grid (C * SPLIT,): y = act((x - mean) * w * invstd + b - dmean * w * invstd
-    [+ residual]), dmean 0 in EVAL (the running mean is the centre)."""
+    [+ residual]), mean the stored mean rounded to float32 and dmean the rest (_affine;
+    0 for a float32 running mean in EVAL, which is then the centre)."""
     pid = tl.program_id(0)
     if REVERSE:
         pid = NUM_PROGS - 1 - pid
     c, sb0, sb1, n0, n1 = _ncs_split(pid, C, S, N, SPLIT, P_N, SB_PER_PROG, N_PER_PROG, BLOCK_S)
-    mean, _, scale, shift = _affine(c, c < C, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
-                                    EVAL, HAS_W, HAS_B)
-    if not EVAL:
-        shift -= tl.load(dmean_ptr + c, mask=c < C, other=0.0) * scale
+    mean, dmean, _, scale, shift = _affine(c, c < C, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
+                                           EVAL, HAS_W, HAS_B)
+    shift -= dmean * scale
     if UPDATE:
         if pid % SPLIT == 0:
             _running_update(c, c < C, mean, flag_ptr, f_ptr, varu_ptr, rm_ptr, rv_ptr,
@@ -746,8 +763,7 @@ def norm_rc_kernel(
     x_ptr,          # (R, K) input
     y_ptr,          # (R, K) out
     res_ptr,        # (R, K) residual (HAS_RES)
-    mean_ptr, var_ptr,  # (C,) mean and invstd (float32), or running mean/var when EVAL
-    dmean_ptr,      # (C,) the batch mean's rounding error, as in norm_ncs_kernel
+    mean_ptr, var_ptr,  # (C,) mean (float64) and invstd, or running mean/var when EVAL
     w_ptr, b_ptr,   # (C,) weight / bias
     R, K,
     GROUP,          # columns per channel: channel = column // GROUP
@@ -770,10 +786,9 @@ def norm_rc_kernel(
     if REVERSE:
         pid = NUM_PROGS - 1 - pid
     cols, cmask, r0, r1 = _rc_split(pid, K, R, SPLIT, ROWS_PER_PROG, BLOCK_K)
-    mean, _, scale, shift = _affine(cols // GROUP, cmask, mean_ptr, var_ptr, w_ptr, b_ptr,
-                                    eps, EVAL, HAS_W, HAS_B)
-    if not EVAL:
-        shift -= tl.load(dmean_ptr + cols // GROUP, mask=cmask, other=0.0) * scale
+    mean, dmean, _, scale, shift = _affine(cols // GROUP, cmask, mean_ptr, var_ptr, w_ptr,
+                                           b_ptr, eps, EVAL, HAS_W, HAS_B)
+    shift -= dmean * scale
     if UPDATE:
         if pid % SPLIT == 0:
             # one column per channel: the first of its GROUP columns
@@ -794,7 +809,7 @@ def fwd_fused_ncs_kernel(
     y_ptr,          # (N, C, S) out
     res_ptr,        # (N, C, S) residual (HAS_RES)
     w_ptr, b_ptr,   # (C,) weight / bias
-    mean_ptr,       # (C,) float32 out: batch mean
+    mean_ptr,       # (C,) float64 out: batch mean (_store_mean)
     invstd_ptr,     # (C,) float32 out: batch invstd
     pcnt_ptr, pmean_ptr, pm2_ptr,  # (C,) float32 out: (count, mean, M2) for the
                                    # running-statistics update (fwd_running_kernel)
@@ -828,8 +843,8 @@ def fwd_fused_ncs_kernel(
         mean = tl.div_rn(tl.sum(tl.sum(x, 1), 0), cnt)
         xmu = tl.where(mask, x - mean, 0.0)
         d = tl.sum(tl.sum(xmu, 1), 0) / cnt
-        mean = mean + d
         xmu = tl.where(mask, xmu - d, 0.0)
+        mean, dmean = _two_sum(mean, d)
         m2 = tl.sum(tl.sum(xmu * xmu, 1), 0)
         istd = _invstd(tl.div_rn(m2, tl.maximum(cnt, 1.0)), eps)
         scale, shift = _scale_shift(c, c < C, istd, w_ptr, b_ptr, HAS_W, HAS_B)
@@ -848,7 +863,7 @@ def fwd_fused_ncs_kernel(
         _normalize_ncs(x_ptr, y_ptr, res_ptr, ch_off, stride_n, S, 0, nsb, 0, N,
                        mean, scale, shift - dmean * scale, slope, ACT, HAS_RES, IDX64,
                        BLOCK_N, BLOCK_S, NUM_STAGES)
-    tl.store(mean_ptr + c, mean)
+    _store_mean(mean_ptr + c, mean, dmean, c < C)
     tl.store(invstd_ptr + c, istd)
     tl.store(pcnt_ptr + c, cnt)
     tl.store(pmean_ptr + c, mean)
@@ -861,7 +876,7 @@ def fwd_fused_rc_kernel(
     y_ptr,          # (R, C) out
     res_ptr,        # (R, C) residual (HAS_RES)
     w_ptr, b_ptr,   # (C,)
-    mean_ptr, invstd_ptr,          # (C,) float32 out
+    mean_ptr, invstd_ptr,          # (C,) float64 / float32 out
     pcnt_ptr, pmean_ptr, pm2_ptr,  # (C,) float32 out, for fwd_running_kernel
     R, C,
     m_f,            # float R
@@ -885,8 +900,8 @@ def fwd_fused_rc_kernel(
         mean = tl.div_rn(tl.sum(x, 0), cnt)
         xmu = tl.where(mask, x - mean[None, :], 0.0)
         d = tl.sum(xmu, 0) / cnt
-        mean = mean + d
         xmu = tl.where(mask, xmu - d[None, :], 0.0)
+        mean, dmean = _two_sum(mean, d)
         m2 = tl.sum(xmu * xmu, 0)
         istd = _invstd(tl.div_rn(m2, tl.maximum(cnt, 1.0)), eps)
         scale, shift = _scale_shift(cols, cmask, istd, w_ptr, b_ptr, HAS_W, HAS_B)
@@ -905,7 +920,7 @@ def fwd_fused_rc_kernel(
         _normalize_rc(x_ptr, y_ptr, res_ptr, cols, cmask, C, 0, R, mean, scale,
                       shift - dmean * scale, slope, ACT, HAS_RES, IDX64, BLOCK_R, BLOCK_C,
                       NUM_STAGES)
-    tl.store(mean_ptr + cols, mean, mask=cmask)
+    _store_mean(mean_ptr + cols, mean, dmean, cmask)
     tl.store(invstd_ptr + cols, istd, mask=cmask)
     tl.store(pcnt_ptr + cols, cnt, mask=cmask)
     tl.store(pmean_ptr + cols, mean, mask=cmask)
@@ -921,7 +936,7 @@ def bwd_reduce_ncs_kernel(
     x_ptr,          # (N, C, S) forward input
     out_ptr,        # (N, C, S) forward output (FROM_OUT: relu / leaky_relu mask)
     res_ptr,        # (N, C, S) forward residual (to rebuild z when not FROM_OUT)
-    mean_ptr, invstd_ptr,  # (C,) float32 saved statistics
+    mean_ptr, invstd_ptr,  # (C,) saved statistics: float64 mean (float32 works), invstd
     w_ptr, b_ptr,   # (C,) weight / bias (bias only to rebuild z)
     psum_ptr,       # (C, SPLIT) float32 out: partial sum(dz)  [FINAL: (C,) dbias]
     psumx_ptr,      # (C, SPLIT) float32 out: partial sum(dz*(x - mean))  [FINAL: (C,) dweight]
@@ -936,12 +951,12 @@ def bwd_reduce_ncs_kernel(
     """Grid (C * SPLIT,)."""
     pid = tl.program_id(0)
     c, sb0, sb1, n0, n1 = _ncs_split(pid, C, S, N, SPLIT, P_N, SB_PER_PROG, N_PER_PROG, BLOCK_S)
-    mean, istd, scale, shift = _affine(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
-                                       False, HAS_W, HAS_B)
+    mean, dmean, istd, scale, shift = _affine(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                              0.0, False, HAS_W, HAS_B)
     if IDX64:
         c = c.to(tl.int64)
     sg, sgx = _bwd_sums_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, c * S, (c * 0 + C) * S, S,
-                            sb0, sb1, n0, n1, mean, scale, shift, slope,
+                            sb0, sb1, n0, n1, mean, dmean, scale, shift, slope,
                             ACT, FROM_OUT, HAS_RES, IDX64, BLOCK_N, BLOCK_S, NUM_STAGES)
     if FINAL:
         sgx = sgx * istd
@@ -967,10 +982,10 @@ def bwd_reduce_rc_kernel(
     pid = tl.program_id(0)
     cols, cmask, r0, r1 = _rc_split(pid, K, R, SPLIT, ROWS_PER_PROG, BLOCK_K)
     p = pid % SPLIT
-    mean, istd, scale, shift = _affine(cols // GROUP, cmask, mean_ptr, invstd_ptr, w_ptr,
-                                       b_ptr, 0.0, False, HAS_W, HAS_B)
+    mean, dmean, istd, scale, shift = _affine(cols // GROUP, cmask, mean_ptr, invstd_ptr,
+                                              w_ptr, b_ptr, 0.0, False, HAS_W, HAS_B)
     sg, sgx = _bwd_sums_rc(dout_ptr, x_ptr, out_ptr, res_ptr, cols, cmask, K, r0, r1,
-                           mean, scale, shift, slope, ACT, FROM_OUT, HAS_RES,
+                           mean, dmean, scale, shift, slope, ACT, FROM_OUT, HAS_RES,
                            IDX64, BLOCK_R, BLOCK_K, NUM_STAGES)
     if FINAL:
         sgx = sgx * istd
@@ -1008,12 +1023,13 @@ def bwd_finalize_kernel(
 @triton.jit
 def _dx_coefs(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, dbias_ptr, dweight_ptr, inv_m,
               HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """Per-channel (mean, scale, shift, mg, c2) for dx = scale*(dz - mg) - (x-mean)*c2."""
-    mean, istd, scale, shift = _affine(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
-                                       False, HAS_W, HAS_B)
+    """Per-channel (mean, dmean, scale, shift, mg, c2) for
+    dx = scale*(dz - mg) - (x - mean - dmean)*c2."""
+    mean, dmean, istd, scale, shift = _affine(c, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                              0.0, False, HAS_W, HAS_B)
     mg = tl.load(dbias_ptr + c, mask=cmask, other=0.0) * inv_m
     c2 = scale * istd * (tl.load(dweight_ptr + c, mask=cmask, other=0.0) * inv_m)
-    return mean, scale, shift, mg, c2
+    return mean, dmean, scale, shift, mg, c2
 
 
 @triton.jit
@@ -1037,12 +1053,13 @@ def bwd_dx_ncs_kernel(
     if REVERSE:
         pid = NUM_PROGS - 1 - pid
     c, sb0, sb1, n0, n1 = _ncs_split(pid, C, S, N, SPLIT, P_N, SB_PER_PROG, N_PER_PROG, BLOCK_S)
-    mean, scale, shift, mg, c2 = _dx_coefs(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                                           dbias_ptr, dweight_ptr, inv_m, HAS_W, HAS_B)
+    mean, dmean, scale, shift, mg, c2 = _dx_coefs(c, c < C, mean_ptr, invstd_ptr, w_ptr,
+                                                  b_ptr, dbias_ptr, dweight_ptr, inv_m,
+                                                  HAS_W, HAS_B)
     if IDX64:
         c = c.to(tl.int64)
     _dx_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr, c * S, (c * 0 + C) * S, S,
-            sb0, sb1, n0, n1, mean, scale, shift, mg, c2, slope,
+            sb0, sb1, n0, n1, mean, dmean, scale, shift, mg, c2, slope,
             ACT, FROM_OUT, HAS_RES, WRITE_DRES, IDX64, BLOCK_N, BLOCK_S, NUM_STAGES)
 
 
@@ -1064,10 +1081,11 @@ def bwd_dx_rc_kernel(
     if REVERSE:
         pid = NUM_PROGS - 1 - pid
     cols, cmask, r0, r1 = _rc_split(pid, K, R, SPLIT, ROWS_PER_PROG, BLOCK_K)
-    mean, scale, shift, mg, c2 = _dx_coefs(cols // GROUP, cmask, mean_ptr, invstd_ptr, w_ptr,
-                                           b_ptr, dbias_ptr, dweight_ptr, inv_m, HAS_W, HAS_B)
+    mean, dmean, scale, shift, mg, c2 = _dx_coefs(cols // GROUP, cmask, mean_ptr, invstd_ptr,
+                                                  w_ptr, b_ptr, dbias_ptr, dweight_ptr, inv_m,
+                                                  HAS_W, HAS_B)
     _dx_rc(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr, cols, cmask, K, r0, r1,
-           mean, scale, shift, mg, c2, slope, ACT, FROM_OUT, HAS_RES, WRITE_DRES,
+           mean, dmean, scale, shift, mg, c2, slope, ACT, FROM_OUT, HAS_RES, WRITE_DRES,
            IDX64, BLOCK_R, BLOCK_K, NUM_STAGES)
 
 
@@ -1088,8 +1106,8 @@ def bwd_fused_ncs_kernel(
 ):
     """Grid (C,): both reductions and dx of channel c in one program."""
     c = tl.program_id(0)
-    mean, istd, scale, shift = _affine(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
-                                       False, HAS_W, HAS_B)
+    mean, dmean, istd, scale, shift = _affine(c, c < C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                              0.0, False, HAS_W, HAS_B)
     if IDX64:
         c = c.to(tl.int64)
     ch_off = c * S
@@ -1101,8 +1119,8 @@ def bwd_fused_ncs_kernel(
             rn = rn.to(tl.int64)
         mask = (rn < N)[:, None] & (rs < S)[None, :]
         offs = rn[:, None] * stride_n + ch_off + rs[None, :]
-        xmu = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean,
-                       0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xmu = tl.where(mask, (x - mean) - dmean, 0.0)
         g = _grad_z(dout_ptr, out_ptr, res_ptr, offs, mask, xmu, scale, shift, slope,
                     ACT, FROM_OUT, HAS_RES)
         sg = tl.sum(tl.sum(g, 1), 0)
@@ -1115,11 +1133,12 @@ def bwd_fused_ncs_kernel(
     else:
         nsb = tl.cdiv(S, BLOCK_S)
         sg, sgx = _bwd_sums_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, ch_off, stride_n, S,
-                                0, nsb, 0, N, mean, scale, shift, slope,
+                                0, nsb, 0, N, mean, dmean, scale, shift, slope,
                                 ACT, FROM_OUT, HAS_RES, IDX64, BLOCK_N, BLOCK_S, NUM_STAGES)
         dw = sgx * istd
         _dx_ncs(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr, ch_off, stride_n, S,
-                0, nsb, 0, N, mean, scale, shift, sg * inv_m, scale * istd * (dw * inv_m),
+                0, nsb, 0, N, mean, dmean, scale, shift, sg * inv_m,
+                scale * istd * (dw * inv_m),
                 slope, ACT, FROM_OUT, HAS_RES, WRITE_DRES, IDX64, BLOCK_N, BLOCK_S, NUM_STAGES)
     tl.store(dbias_ptr + c, sg)
     tl.store(dweight_ptr + c, dw)
@@ -1143,16 +1162,16 @@ def bwd_fused_rc_kernel(
     """Grid (cdiv(C, BLOCK_C),)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean, istd, scale, shift = _affine(cols, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
-                                       False, HAS_W, HAS_B)
+    mean, dmean, istd, scale, shift = _affine(cols, cmask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                              0.0, False, HAS_W, HAS_B)
     if SINGLE_TILE:
         rr = tl.arange(0, BLOCK_R)
         if IDX64:
             rr = rr.to(tl.int64)
         mask = (rr < R)[:, None] & cmask[None, :]
         offs = rr[:, None] * C + cols[None, :]
-        xmu = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                       - mean[None, :], 0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xmu = tl.where(mask, (x - mean[None, :]) - dmean[None, :], 0.0)
         g = _grad_z(dout_ptr, out_ptr, res_ptr, offs, mask, xmu, scale[None, :],
                     shift[None, :], slope, ACT, FROM_OUT, HAS_RES)
         sg = tl.sum(g, 0)
@@ -1165,11 +1184,11 @@ def bwd_fused_rc_kernel(
             tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
     else:
         sg, sgx = _bwd_sums_rc(dout_ptr, x_ptr, out_ptr, res_ptr, cols, cmask, C, 0, R,
-                               mean, scale, shift, slope, ACT, FROM_OUT, HAS_RES,
+                               mean, dmean, scale, shift, slope, ACT, FROM_OUT, HAS_RES,
                                IDX64, BLOCK_R, BLOCK_C, NUM_STAGES)
         dw = sgx * istd
         _dx_rc(dout_ptr, x_ptr, out_ptr, res_ptr, dx_ptr, dres_ptr, cols, cmask, C, 0, R,
-               mean, scale, shift, sg * inv_m, scale * istd * (dw * inv_m), slope,
+               mean, dmean, scale, shift, sg * inv_m, scale * istd * (dw * inv_m), slope,
                ACT, FROM_OUT, HAS_RES, WRITE_DRES, IDX64, BLOCK_R, BLOCK_C, NUM_STAGES)
     tl.store(dbias_ptr + cols, sg, mask=cmask)
     tl.store(dweight_ptr + cols, dw, mask=cmask)

@@ -390,7 +390,9 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     C = v.C
     dev = x.device
     y = torch.empty_like(xk)
-    mean = torch.empty(C, device=dev, dtype=torch.float32)
+    # float64: the float32 mean plus what its rounding dropped (the kernels' dmean),
+    # so the backward centres on the exact mean too (see triton_bn._store_mean)
+    mean = torch.empty(C, device=dev, dtype=torch.float64)
     invstd = torch.empty(C, device=dev, dtype=torch.float32)
     if xk.numel() == 0:
         mean.fill_(float("nan"))
@@ -450,10 +452,9 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     # (+ the running update by the first program of each channel)
     grid = (plan.programs,)
     flag = torch.empty(1, device=dev, dtype=torch.int32)
-    # the mean's rounding error, then (UPDATE) the unbiased variance and the factor
-    aux = torch.empty(2 * C + 1 if update else C, device=dev, dtype=torch.float32)
-    dmean = aux[:C]
-    varu, fbuf = (aux[C:2 * C], aux[2 * C:]) if update else (mean, mean)
+    # (UPDATE) the unbiased variance and the factor
+    aux = torch.empty(C + 1, device=dev, dtype=torch.float32) if update else invstd
+    varu, fbuf = (aux[:C], aux[C:]) if update else (invstd, invstd)
     if plan.kernels == "ncs":
         n_part, split_c, pivot_stride = C * plan.split, plan.split, v.S
     else:
@@ -478,7 +479,7 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     bsp = min(_np2(split_c), 256)
     bc = max(1, min(_np2(C), 2048 // bsp))
     _k.fwd_merge_kernel[(_cdiv(C, bc),)](
-        parts[0], parts[1], parts[2], xk, pivot_stride, mean, dmean, invstd, varu, fbuf, flag,
+        parts[0], parts[1], parts[2], xk, pivot_stride, mean, invstd, varu, fbuf, flag,
         tracked_arg, C, split_c, eps, momentum_f,
         UPDATE=update, HAS_TRACKED=tracked is not None, CUMULATIVE=momentum is None,
         BLOCK_C=bc, BLOCK_SP=bsp, num_warps=_warps(bc * bsp),
@@ -489,13 +490,13 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
              "NUM_STAGES": _stages(1 + has_res), "num_warps": plan.num_warps}
     if plan.kernels == "ncs":
         _k.norm_ncs_kernel[grid](
-            xk, y, res_arg, mean, invstd, dmean, w, b, v.N, C, v.S,
+            xk, y, res_arg, mean, invstd, w, b, v.N, C, v.S,
             plan.split, plan.p_n, plan.sb_per_prog, plan.rows_per_prog, plan.programs,
             eps, slope, *upd, BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, **flags,
         )
     else:
         _k.norm_rc_kernel[grid](
-            xk, y, res_arg, mean, invstd, dmean, w, b, R, K, plan.group,
+            xk, y, res_arg, mean, invstd, w, b, R, K, plan.group,
             plan.split, plan.rows_per_prog, plan.programs, eps, slope, *upd,
             BLOCK_R=plan.block_a, BLOCK_K=plan.block_b, **flags,
         )
@@ -518,7 +519,9 @@ def _backward_train(dout, x, weight, bias, mean, invstd, out, residual, write_dr
         dweight.zero_()
         dbias.zero_()
         return dx, dweight, dbias, dres
-    mean = mean.to(device=dev, dtype=torch.float32).contiguous()
+    # a float64 mean (the forward's) keeps its low part for the kernels (_affine)
+    mean_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    mean = mean.to(device=dev, dtype=mean_dtype).contiguous()
     invstd = invstd.to(device=dev, dtype=torch.float32).contiguous()
     need_out = act != _k.ACT_IDENTITY and from_out
     need_z = act != _k.ACT_IDENTITY and not from_out
@@ -606,7 +609,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, residual, act
     no_update = (rm, rm, rm, rm, rm, 1, 1, rm, rm)  # never dereferenced (UPDATE=False)
     if plan.kernels == "ncs":
         _k.norm_ncs_kernel[(plan.programs,)](
-            xk, y, res_arg, rm, rv, rm, w, b, v.N, v.C, v.S,
+            xk, y, res_arg, rm, rv, w, b, v.N, v.C, v.S,
             plan.split, plan.p_n, plan.sb_per_prog, plan.rows_per_prog, plan.programs,
             float(eps), float(slope), *no_update,
             BLOCK_N=plan.block_a, BLOCK_S=plan.block_b, **flags,
@@ -614,7 +617,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, residual, act
     else:
         R, K = (v.N, v.C * v.S) if v.kind == "ncs" else (v.R, v.C)
         _k.norm_rc_kernel[(plan.programs,)](
-            xk, y, res_arg, rm, rv, rm, w, b, R, K, plan.group,
+            xk, y, res_arg, rm, rv, w, b, R, K, plan.group,
             plan.split, plan.rows_per_prog, plan.programs, float(eps), float(slope),
             *no_update, BLOCK_R=plan.block_a, BLOCK_K=plan.block_b, **flags,
         )
@@ -631,7 +634,9 @@ class TritonBackend:
 
     def forward_train(self, x, weight, bias, eps, running_mean, running_var, momentum,
                       num_batches_tracked=None, num_batches_skipped=None):
-        """(y, mean, invstd); running statistics and counters updated in place."""
+        """(y, mean, invstd); running statistics and counters updated in place. mean
+        is float64: the float32 mean plus what its rounding dropped, which the
+        backward centres on too (far from zero that keeps dx and dweight exact)."""
         return _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
                               num_batches_tracked, num_batches_skipped, None,
                               _k.ACT_IDENTITY, 0.0)
@@ -667,7 +672,7 @@ def act_forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
     ``BACKEND.forward_train``; ``residual`` (x's shape; cast to x's dtype) is added
     before the activation (``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"silu"``).
     Returns ``(out, mean, invstd, sign)``, out in x's dtype and memory format,
-    mean/invstd float32; ``sign`` is ``out`` itself for relu and leaky_relu with a
+    mean float64 (float32 value + its rounding error), invstd float32; ``sign`` is ``out`` itself for relu and leaky_relu with a
     slope >= 0 (their backward reads the mask off its sign: no mask tensor is
     written), else None, and those keep ``bias`` and ``residual`` for the backward
     (``sign=False``, no backward to come: None).

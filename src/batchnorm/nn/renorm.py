@@ -216,6 +216,8 @@ def _renorm_composed(
         num_batches_tracked, num_batches_skipped,
     )
     r, d = _renorm_constants(mean, invstd, old_mean, sigma, r_max, d_max)
+    # (a backend may return the mean in float64, Triton's does: d in the stats dtype)
+    r, d = r.to(dtype), d.to(dtype)
     scale, shift = _renorm_affine(
         None if weight is None else weight.detach(), None if bias is None else bias.detach(),
         r, d,
