@@ -317,6 +317,64 @@ def test_output_precise_far_from_zero(case: str, training: bool) -> None:
     assert float((theirs - plain).abs().max()) > 1e-3
 
 
+# (layer factory, shape, memory format): training steps that "auto" sends to aten's
+# kernels (whole, or for the backward) when the data are near zero
+AUTO_FAR_CASES = {
+    "small-NCHW": (lambda: bn.BatchNorm2d(3), (8, 3, 8, 8)),
+    "NHWC": (lambda: bn.BatchNorm2d(3), (8, 3, 32, 32), CL),
+    "NC": (lambda: bn.BatchNorm1d(3), (4096, 3)),
+    "untracked": (lambda: bn.BatchNorm2d(3, track_running_stats=False), (8, 3, 8, 8)),
+    "cumulative": (lambda: bn.BatchNorm2d(3, momentum=None), (8, 3, 8, 8)),
+    # numba's forward, aten's backward (SplitBackend): channel-major rows under 512
+    "split-NCHW": (lambda: bn.BatchNorm2d(16), (64, 16, 16, 16)),  # 2^18 values
+    "split-renorm": (lambda: bn.BatchRenorm2d(3), (64, 3, 16, 16)),
+    # batch renorm's composition: numba's r, d and update, then aten's batch norm
+    "renorm-composed": (lambda: bn.BatchRenorm2d(3), (8, 3, 8, 8)),
+    "renorm-composed-NHWC": (lambda: bn.BatchRenorm2d(3), (8, 3, 16, 16), CL),
+    # composed BatchNormAct: batch norm through the functional, then add and relu
+    "act-composed": (lambda: bn.BatchNormAct2d(3, "relu"), (8, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTO_FAR_CASES))
+def test_auto_training_precise_far_from_zero(case: str) -> None:
+    """Under "auto" a training batch with some channel more than 16 standard deviations
+    from zero runs on the numba kernels instead of aten's (numba_cpu._far_from_zero):
+    at 1e4 ± 1e-2 output, dx, dγ and the running statistics keep ~1e-7 of the float64
+    layer's (aten's own: ~1e-2 in the output and dγ), and the batch is counted once."""
+    make, shape, *fmt = AUTO_FAR_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    x = x.contiguous(memory_format=fmt[0] if fmt else torch.contiguous_format)
+    dy = torch.randn(shape, generator=gen)
+    torch.manual_seed(1)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(layer).to(dtype)
+        xi = x.to(dtype, copy=True).requires_grad_()
+        y = m(xi)
+        y.backward(dy.to(dtype))
+        stats = [] if m.running_mean is None else [m.running_mean, m.running_var]
+        results.append([y.detach(), xi.grad, m.weight.grad, m.bias.grad, *stats])
+        if m.num_batches_tracked is not None:
+            assert int(m.num_batches_tracked) == 1 and int(m.num_batches_skipped) == 0
+    for i, (a, b) in enumerate(zip(*results)):
+        rel = float((a.double() - b).abs().max() / b.abs().max())
+        assert rel < 2e-6, (i, rel)
+
+
+def test_auto_near_zero_training_stays_on_aten() -> None:
+    """The test that keeps far-from-zero batches off aten leaves ordinary ones on it: a
+    small NCHW step's output carries aten's autograd node."""
+    layer = bn.BatchNorm2d(3)
+    y = layer(torch.randn(8, 3, 8, 8, requires_grad=True))
+    assert "NativeBatchNorm" in type(y.grad_fn).__name__, y.grad_fn
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("shape", "fmt"), [((8, 3, 32, 32), CL), ((8192, 3), None)])
 def test_channel_minor_output_just_below_the_centring_threshold(shape, fmt, training) -> None:

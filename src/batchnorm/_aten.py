@@ -35,6 +35,7 @@ from torch import Tensor
 from batchnorm._backends import check_recordable
 from batchnorm.kernels.numba_cpu import (
     _counters,
+    _far_from_zero,
     _update_running_from_invstd,
     _vector,
     renorm_constants,
@@ -51,18 +52,24 @@ def _update(
     momentum: float | None,
     num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
-) -> None:
-    """The guarded running-statistics update from aten's (mean, invstd)."""
-    if running_mean is None or running_var is None:
-        return
-    check_recordable("aten", x, mean)  # the update is a numba kernel
+    skip_far: bool = False,
+) -> bool:
+    """The guarded running-statistics update from aten's (mean, invstd). With
+    ``skip_far``: nothing is updated for a batch far from zero (some channel with
+    |mean|·invstd > 16, see numba_cpu._far_from_zero), and True says so."""
     shape = (x.shape[1],)
-    _update_running_from_invstd(
+    if running_mean is None or running_var is None:
+        if not skip_far:
+            return False
+        check_recordable("aten", x, mean)  # the test is a numba kernel
+        return bool(_far_from_zero(_vector(mean, shape), _vector(invstd, shape)))
+    check_recordable("aten", x, mean)  # the update is a numba kernel
+    return bool(_update_running_from_invstd(
         _vector(running_mean, shape), _vector(running_var, shape), _vector(mean, shape),
         _vector(invstd, shape), eps, x.numel() // x.shape[1],
         0.0 if momentum is None else momentum, momentum is None,
-        *_counters(num_batches_tracked, num_batches_skipped, momentum, True),
-    )
+        *_counters(num_batches_tracked, num_batches_skipped, momentum, True), skip_far,
+    ))
 
 
 def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -87,15 +94,26 @@ class _AtenBackend:
         momentum: float | None,
         num_batches_tracked: Tensor | None,
         num_batches_skipped: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(y, mean, invstd)`` with y differentiable (to any order) by autograd."""
+        exact_far: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(y, mean, invstd)`` with y differentiable (to any order) by autograd.
+
+        ``exact_far`` (what "auto" asks): None instead, with the running statistics
+        untouched, for a batch more than 16 standard deviations from zero in some
+        channel, which the caller then runs on the numba kernels: there torch's
+        output rounds at the size of x·k, its backward centres on the float32 mean
+        and its channels_last variance loses digits (see docs/benchmarks.md, "Output
+        about the rounded mean"). Finding that out costs nothing more when the
+        running statistics are updated (the same kernel looks), one small numba call
+        when they are not."""
         y, mean, invstd = torch.native_batch_norm(
             x, _like(weight, x), _like(bias, x), None, None, True, 0.0, eps
         )
-        _update(
+        if _update(
             x, mean, invstd, eps, running_mean, running_var, momentum, num_batches_tracked,
-            num_batches_skipped,
-        )
+            num_batches_skipped, exact_far,
+        ):
+            return None
         return y, mean.detach(), invstd.detach()
 
     def renorm_autograd_train(
@@ -111,9 +129,12 @@ class _AtenBackend:
         num_batches_skipped: Tensor | None,
         r_max: float,
         d_max: float,
-    ) -> Tensor:
+        exact_far: bool = False,
+    ) -> Tensor | None:
         """Batch renorm's training output, differentiable by autograd (to any order),
-        with r and d constants (see :mod:`batchnorm.nn.renorm`).
+        with r and d constants (see :mod:`batchnorm.nn.renorm`). ``exact_far`` (what
+        "auto" asks): None instead, with nothing updated, for a batch far from zero
+        (as :meth:`autograd_train`), which the caller runs on numba's fused kernels.
 
         With r and d fixed, ``y = γ(x̂·r + d) + β`` is batch norm with weight ``γr``
         and bias ``γd + β``. r and d come first, from this package's statistics pass
@@ -126,8 +147,10 @@ class _AtenBackend:
         check_recordable("aten", x, weight, bias)  # r, d and the update: a numba pass
         rd = renorm_constants(
             x, eps, running_mean, running_var, momentum, num_batches_tracked,
-            num_batches_skipped, r_max, d_max,
+            num_batches_skipped, r_max, d_max, skip_far=exact_far,
         )
+        if rd is None:
+            return None
         C = x.shape[1]
         r, d = torch.from_numpy(rd[:C]), torch.from_numpy(rd[C:])
         if weight is None:
@@ -153,10 +176,12 @@ class _AtenBackend:
         num_batches_skipped: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
-            return self.autograd_train(
+            out = self.autograd_train(
                 x, weight, bias, eps, running_mean, running_var, momentum,
                 num_batches_tracked, num_batches_skipped,
             )
+        assert out is not None  # (only exact_far returns None)
+        return out
 
     def backward_train(
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor

@@ -535,10 +535,17 @@ class SplitBackend:
             raise AttributeError(attribute)
         return getattr(self._forward, attribute)
 
+    def _backward_for(self, mean: Tensor, invstd: Tensor) -> Backend:
+        """The backward backend, or the forward's own for a batch that it says is far
+        from zero (``far_from_zero``, numba's): aten's backward centres x on the
+        float32 mean, which there is off the data's by a visible share of the spread."""
+        far = getattr(self._forward, "far_from_zero", None)
+        return self._forward if far is not None and far(mean, invstd) else self._backward
+
     def backward_train(
         self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return self._backward.backward_train(dy, x, weight, mean, invstd)
+        return self._backward_for(mean, invstd).backward_train(dy, x, weight, mean, invstd)
 
     def renorm_backward_train(
         self,
@@ -552,8 +559,10 @@ class SplitBackend:
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Batch renorm's backward (the forward backend's) on the backward backend's
         batch-norm kernel."""
+        backward = self._backward_for(mean, invstd)
         return self._forward.renorm_backward_train(  # type: ignore[attr-defined]
-            dy, x, weight, mean, invstd, r, d, backward=self._backward
+            dy, x, weight, mean, invstd, r, d,
+            backward=None if backward is self._forward else backward,  # None: its own
         )
 
 

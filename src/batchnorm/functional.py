@@ -171,6 +171,7 @@ def _batch_norm_validated(
     chosen = select_backend(
         backend, input, weight, bias, running_mean, running_var, transform_safe=True
     )
+    own = chosen
     if backend == "auto" and not (weight is None and bias is not None):
         # (A bias without a weight stays off aten: torch's native_batch_norm double
         # backward fails on that combination.)
@@ -179,13 +180,18 @@ def _batch_norm_validated(
     autograd_train = getattr(chosen, "autograd_train", None)
     if autograd_train is not None:
         # A backend whose output carries its own (C++) autograd node: no Function here.
-        y, mean, invstd = autograd_train(
+        # When "auto" chose it, a batch far from zero comes back None (nothing
+        # updated) and runs on the backend it replaced, which keeps its digits there.
+        out = autograd_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
-            num_batches_skipped,
+            num_batches_skipped, exact_far=chosen is not own,
         )
-        if check_finite:
-            _raise_if_not_finite(input, mean, invstd)
-        return y
+        if out is not None:
+            y, mean, invstd = out
+            if check_finite:
+                _raise_if_not_finite(input, mean, invstd)
+            return y
+        chosen = own
     spec = TrainSpec(
         running_mean, running_var, momentum, eps, num_batches_tracked, num_batches_skipped,
         chosen, [] if check_finite else None,

@@ -131,10 +131,10 @@ class _Kernel:
         self.parallel = _pjit(fn)
         self.__doc__ = fn.__doc__
 
-    def __call__(self, numel: int, *args: Any) -> None:
+    def __call__(self, numel: int, *args: Any) -> Any:
         # The size test comes first: it is free, the thread-count query is not.
         threaded = numel >= 2 * _MIN_WORK_PER_THREAD and numba.get_num_threads() > 1
-        (self.parallel if threaded else self.serial)(*args)
+        return (self.parallel if threaded else self.serial)(*args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,13 +262,18 @@ def _update_running(rm, rv, mean, var, m, momentum, cumulative, tracked, skipped
 
 
 @_jit
-def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulative, tracked, skipped):  # pragma: no cover
+def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulative, tracked, skipped, skip_far):  # pragma: no cover
     """:func:`_update_running` from (mean, invstd = 1/sqrt(var + eps)) of any float
     dtype, as aten saves them: var = invstd⁻² − eps in float64 (a NaN or zero invstd
-    gives a non-finite var, and the batch is skipped)."""
+    gives a non-finite var, and the batch is skipped). With ``skip_far``, a batch
+    with some channel far from zero (:func:`_far_from_zero`) is not applied (nor
+    counted) and True comes back: the caller recomputes that batch with this
+    module's kernels, whose statistics keep their digits there. Else False."""
     rm, rv, mean, invstd = _view(rm), _view(rv), _view(mean), _view(invstd)
     tracked, skipped = _view(tracked), _view(skipped)
     C = rm.shape[0]
+    if skip_far and _far_from_zero(mean, invstd):
+        return True
     mean64 = np.empty(C, np.float64)
     var64 = np.empty(C, np.float64)
     for c in range(C):
@@ -279,6 +284,21 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
         v = (1.0 / (s * s) if s != 0.0 else math.inf) - eps
         var64[c] = 0.0 if v < 0.0 else v  # noqa: FURB136 - max() may drop a NaN, which must stay
     _update_running(rm, rv, mean64, var64, m, momentum, cumulative, tracked, skipped)
+    return False
+
+
+@_jit
+def _far_from_zero(mean, invstd):  # pragma: no cover
+    """True when some channel has |mean|·invstd > _SHIFT_MIN: its data sit more than
+    16 standard deviations from zero, where torch's kernels (the aten backend) lose
+    digits that this module's keep (the forward's x·k + (β − μ·k) rounds at the size
+    of x·k; the backward centres on the float32 mean; channels_last's variance is a
+    float32 sum). NaN statistics compare False: that batch is skipped anyway."""
+    mean, invstd = _view(mean), _view(invstd)
+    for c in range(mean.shape[0]):
+        if abs(float(mean[c])) * float(invstd[c]) > _SHIFT_MIN:
+            return True
+    return False
 
 
 # How the loops are written, all measured on 2 cores:
@@ -1323,12 +1343,14 @@ def _renorm_constants(batch, eps, r_max, d_max, rm, rv, rd_out):  # pragma: no c
 @_Kernel
 def _cm_renorm_stats(
     x, T, B, eps, r_max, d_max, rd_out, batch_out, rm, rv, momentum, cumulative, tracked,
-    skipped,
+    skipped, skip_far,
 ):  # pragma: no cover
     """Batch renorm's r and d (rd_out, (2·C,)) and the guarded running-statistics update
     for a channel-major x (A, C, L): the statistics of _cm_forward_train (corrected
     two-pass, channels in T ranges walked in blocks of B) without its output pass.
-    batch_out: (2, C) float64, receives the batch's mean and biased variance."""
+    batch_out: (2, C) float64, receives the batch's mean and biased variance. With
+    ``skip_far`` a batch far from zero (_batch_far) stops there, nothing updated, and
+    True comes back (else False)."""
     x, rm, rv = _view(x), _view(rm), _view(rv)
     tracked, skipped = _view(tracked), _view(skipped)
     A, C, L = x.shape
@@ -1343,14 +1365,17 @@ def _cm_renorm_stats(
             for cc in range(nb):
                 batch_out[0, c0 + cc] = sums[0, cc]
                 batch_out[1, c0 + cc] = sums[1, cc] / n
+    if skip_far and _batch_far(batch_out, eps):
+        return True
     _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
     _update_running(rm, rv, batch_out[0], batch_out[1], n, momentum, cumulative, tracked, skipped)
+    return False
 
 
 @_Kernel
 def _cl_renorm_stats(
     x, T, eps, r_max, d_max, rd_out, batch_out, rm, rv, momentum, cumulative, tracked,
-    skipped,
+    skipped, skip_far,
 ):  # pragma: no cover
     """The channel-minor _cm_renorm_stats: x (M, C), rows in T parts merged with Chan's
     formula, as in _cl_forward_train."""
@@ -1368,8 +1393,21 @@ def _cl_renorm_stats(
         _, mu, m2 = _cl_merge_parts(starts, part_mean, part_m2, 0, T, c)
         batch_out[0, c] = mu
         batch_out[1, c] = m2 / M
+    if skip_far and _batch_far(batch_out, eps):
+        return True
     _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
     _update_running(rm, rv, batch_out[0], batch_out[1], M, momentum, cumulative, tracked, skipped)
+    return False
+
+
+@_inline
+def _batch_far(batch, eps):  # pragma: no cover
+    """:func:`_far_from_zero` of (2, C) float64 (mean, biased variance) rows:
+    |mean| > 16·sqrt(var + eps) in some channel."""
+    for c in range(batch.shape[1]):
+        if abs(batch[0, c]) > _SHIFT_MIN * math.sqrt(batch[1, c] + eps):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------
@@ -1709,11 +1747,14 @@ def renorm_constants(
     num_batches_skipped: Tensor | None,
     r_max: float,
     d_max: float,
-) -> np.ndarray:
+    skip_far: bool = False,
+) -> np.ndarray | None:
     """Batch renorm's constants for a training batch ``x`` without normalizing it:
     ``rd`` (2·C,) in x's dtype, r then d (see _coefficients), from this package's
     corrected two-pass statistics and the running statistics from before the step;
     then the guarded running-statistics update, as every forward kernel does it.
+    ``skip_far``: None, with nothing updated, for a batch far from zero (some channel
+    with |mean|·invstd > 16, see _far_from_zero).
 
     For a transform computed elsewhere (the aten backend's batch renorm: aten's batch
     norm with weight γr and bias γd + β)."""
@@ -1726,14 +1767,14 @@ def renorm_constants(
         eps, r_max, d_max, rd, batch, _vector(running_mean, (C,)),
         _vector(running_var, (C,)), 0.0 if momentum is None else momentum,
         momentum is None,
-        *_counters(num_batches_tracked, num_batches_skipped, momentum, True),
+        *_counters(num_batches_tracked, num_batches_skipped, momentum, True), skip_far,
     )
     with _LAUNCH_LOCK:
         if plan.layout == "major":
-            _cm_renorm_stats(x.numel(), xa, plan.T, plan.B, *args)
+            far = _cm_renorm_stats(x.numel(), xa, plan.T, plan.B, *args)
         else:
-            _cl_renorm_stats(x.numel(), xa, plan.T, *args)
-    return rd
+            far = _cl_renorm_stats(x.numel(), xa, plan.T, *args)
+    return None if far else rd
 
 
 def _backward_train(
@@ -1856,6 +1897,14 @@ class _NumbaBackend:
     @staticmethod
     def usable() -> bool:
         return usable()
+
+    @staticmethod
+    def far_from_zero(mean: Tensor, invstd: Tensor) -> bool:
+        """Whether a batch with these (C,) statistics has a channel more than 16
+        standard deviations from zero (:func:`_far_from_zero`): where "auto" keeps
+        off torch's kernels (:class:`batchnorm._backends.SplitBackend`)."""
+        C = mean.shape[0]
+        return bool(_far_from_zero(_vector(mean, (C,)), _vector(invstd, (C,))))
 
     def forward_train(
         self,

@@ -335,13 +335,18 @@ class _BatchRenorm(_BatchNormBase):
         )
         if self.backend in ("auto", "reference") and under_transform():
             return _renorm_traceable(*args)
-        backend = select_backend(self.backend, x, weight, bias, running_mean, running_var)
+        backend = own = select_backend(self.backend, x, weight, bias, running_mean, running_var)
         if self.backend == "auto":
             backend = prefer_aten_renorm(backend, x)
         composed = getattr(backend, "renorm_autograd_train", None)
         if composed is not None:
             # aten's batch norm with γr and γd + β: autograd's own graph, no Function.
-            return composed(*args)
+            # When "auto" chose it, a batch far from zero comes back None (nothing
+            # updated) and runs on the fused kernels it replaced, which keep its digits.
+            y = composed(*args, exact_far=backend is not own)
+            if y is not None:
+                return y
+            backend = own
         spec = _RenormSpec(
             running_mean, running_var, self.momentum, self.eps, tracked, skipped,
             self.r_max, self.d_max, backend,
