@@ -496,6 +496,20 @@ def _mark_forked() -> None:
 os.register_at_fork(after_in_child=_mark_forked)
 
 
+# Under "auto", a training batch with some channel more than 16 standard deviations
+# from zero (|mean|·invstd > 16) is run on the numba kernels instead of aten's, which
+# lose digits there (README, "Exact"): the aten backend's statistics are tested first
+# (``exact_far``) and, after numba's forward, before aten's backward (SplitBackend).
+# False turns the test off (benchmarks/ab_far.py measures what it costs).
+AUTO_EXACT_FAR = True
+
+
+def keeps_far_off_aten(chosen: Backend, own: Backend) -> bool:
+    """Whether a training call should ask the aten backend ``chosen`` to hand a batch
+    far from zero back (``exact_far``): when "auto" put it in place of ``own``."""
+    return AUTO_EXACT_FAR and chosen is not own
+
+
 def prefer_aten(chosen: Backend, x: Tensor, training: bool) -> Backend:
     """Under ``backend="auto"``, the backend for plain batch norm on ``x``: ``chosen``
     unless it is numba and aten is as fast or faster (eval always: a single streaming
@@ -539,7 +553,7 @@ class SplitBackend:
         """The backward backend, or the forward's own for a batch that it says is far
         from zero (``far_from_zero``, numba's): aten's backward centres x on the
         float32 mean, which there is off the data's by a visible share of the spread."""
-        far = getattr(self._forward, "far_from_zero", None)
+        far = getattr(self._forward, "far_from_zero", None) if AUTO_EXACT_FAR else None
         return self._forward if far is not None and far(mean, invstd) else self._backward
 
     def backward_train(

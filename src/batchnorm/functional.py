@@ -28,6 +28,7 @@ from batchnorm._backends import (
     Backend,
     act_kernels,
     is_channels_last,
+    keeps_far_off_aten,
     prefer_aten,
     prefer_composed_act,
     select_backend,
@@ -184,7 +185,7 @@ def _batch_norm_validated(
         # updated) and runs on the backend it replaced, which keeps its digits there.
         out = autograd_train(
             x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
-            num_batches_skipped, exact_far=chosen is not own,
+            num_batches_skipped, exact_far=keeps_far_off_aten(chosen, own),
         )
         if out is not None:
             y, mean, invstd = out

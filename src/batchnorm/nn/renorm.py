@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from batchnorm import _reference
 from batchnorm import functional as F
 from batchnorm._autograd import _memory_format
-from batchnorm._backends import Backend, prefer_aten_renorm, select_backend, under_transform
+from batchnorm._backends import (
+    Backend,
+    keeps_far_off_aten,
+    prefer_aten_renorm,
+    select_backend,
+    under_transform,
+)
 from batchnorm._reference import channel_view, stats_dtype
 from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -343,7 +349,7 @@ class _BatchRenorm(_BatchNormBase):
             # aten's batch norm with γr and γd + β: autograd's own graph, no Function.
             # When "auto" chose it, a batch far from zero comes back None (nothing
             # updated) and runs on the fused kernels it replaced, which keep its digits.
-            y = composed(*args, exact_far=backend is not own)
+            y = composed(*args, exact_far=keeps_far_off_aten(backend, own))
             if y is not None:
                 return y
             backend = own
