@@ -140,6 +140,42 @@ def check_float64_3d_cumulative_large_offset(rank: int, world: int) -> None:
     _matches_whole_batch(rank, world, (2, 9), torch.float64, None, offset=1e6)
 
 
+def check_float32_far_from_zero(rank: int, world: int) -> None:
+    """At 1e4 ± 1e-2 the float32 output, dx and Σ_r dγ keep 2e-6 of the float64
+    formulas' largest values: the forward and the backward centre on the mean rounded
+    to float32 and take the rest off (the backward centred on the rounded mean alone:
+    dx off by ~3.5e-3 of its largest value)."""
+    C = 3
+    ours = bn.SyncBatchNorm(C)
+    gen = torch.Generator().manual_seed(7)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        ours.bias.copy_(b)
+    sizes = SIZES[world][0]
+    total = sum(sizes)
+    full = (1e4 + 1e-2 * torch.randn(total, C, 4, 4, generator=gen, dtype=torch.float64)).float()
+    dy_full = torch.randn(total, C, 4, 4, generator=gen)
+    x = _slice(full, sizes, rank).clone().requires_grad_()
+    y = ours(x)
+    y.backward(_slice(dy_full, sizes, rank))
+    dw = _sum_over_ranks(ours.weight.grad)
+    ref = reference.forward(
+        full.double(), w, b, torch.zeros(C, dtype=torch.float64),
+        torch.ones(C, dtype=torch.float64), True, 0.1, ours.eps, 0,
+    )
+    dx_ref, dw_ref, _ = reference.backward_train(dy_full.double(), full.double(), w, ours.eps)
+    for what, actual, expected, scale in (
+        ("output", y, _slice(ref.y, sizes, rank), ref.y.abs().max()),
+        ("dx", x.grad, _slice(dx_ref, sizes, rank), dx_ref.abs().max()),
+        ("sum of dweight", dw, dw_ref, dw_ref.abs().max()),
+    ):
+        if actual.numel():
+            rel = float((actual.double() - expected).abs().max() / scale)
+            assert rel < 2e-6, f"rank {rank}: {what} relative error {rel:.3g}"
+
+
 def check_bfloat16_input_float32_stats(rank: int, world: int) -> None:
     _matches_whole_batch(rank, world, (3, 2, 2), torch.bfloat16, 0.1)
 
@@ -322,6 +358,7 @@ CHECKS: list[Callable[[int, int], None]] = [
     check_float32_4d,
     check_float32_2d_within_1e5,
     check_float64_3d_cumulative_large_offset,
+    check_float32_far_from_zero,
     check_bfloat16_input_float32_stats,
     check_not_affine_not_tracking,
     check_degenerate_global_batches,
