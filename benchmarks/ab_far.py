@@ -4,10 +4,12 @@ Under ``backend="auto"`` a training batch with some channel more than 16 standar
 deviations from zero leaves aten's kernels for numba's (``_backends.AUTO_EXACT_FAR``).
 The test rides on the running-statistics update kernel of the aten path, costs one
 small numba call where there are no running statistics, and one before aten's backward
-after numba's forward (the split backend). This script times the core layer's (and
-batch renorm's) forward+backward on ordinary data (N(0.5, 2²): no batch is far, so both
-variants run the same kernels) with the flag on and off, call by call in a shuffled
-order (_harness.time_interleaved), and prints the medians and on/off. Prints a table,
+after numba's forward (the split backend); in eval, a check of a cached answer per
+running_mean (_aten.eval_far_from_zero). This script times the core layer's (and
+batch renorm's) forward+backward, and the core layer's eval forward (without and with
+a gradient), on ordinary data (N(0.5, 2²): no batch is far, so both variants run the
+same kernels) with the flag on and off, call by call in a shuffled order
+(_harness.time_interleaved), and prints the medians and on/off. Prints a table,
 writes JSON/CSV (default: benchmarks/results/ab_far.*).
 
     python benchmarks/ab_far.py [--repeats 40] [--quick] [--pin-allocator] [--out DIR]
@@ -44,16 +46,29 @@ CASES: list[tuple[str, Callable[[int], nn.Module], tuple[int, ...], torch.memory
     ("numba+aten split", lambda c: bn.BatchNorm2d(c), (16, 2048, 7, 7), None),
     ("renorm composed", lambda c: bn.BatchRenorm2d(c), (8, 16, 8, 8), None),
     ("renorm split", lambda c: bn.BatchRenorm2d(c), (16, 256, 14, 14), None),
+    ("eval", lambda c: bn.BatchNorm2d(c).eval(), (8, 16, 8, 8), None),
+    ("eval", lambda c: bn.BatchNorm2d(c).eval(), (16, 64, 16, 16), CL),
+    ("eval", lambda c: bn.BatchNorm1d(c).eval(), (60, 100), None),
+    ("eval with grad", lambda c: bn.BatchNorm1d(c).eval(), (60, 100), None),
 ]
 
 
-def _step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, flag: bool) -> Callable[[], None]:
+def _step(
+    label: str, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, flag: bool
+) -> Callable[[], None]:
     def step() -> None:
         _backends.AUTO_EXACT_FAR = flag  # set in both variants: the same overhead
         x.grad = None
         layer.zero_grad(set_to_none=True)
         layer(x).backward(dy)
 
+    def inference() -> None:
+        _backends.AUTO_EXACT_FAR = flag
+        with torch.no_grad():
+            layer(x)
+
+    if label == "eval":
+        return inference
     return step
 
 
@@ -64,7 +79,7 @@ def main() -> None:
     add_run_arguments(parser)
     args = parser.parse_args()
     pinned = pin_allocator() if args.pin_allocator else False
-    cases = CASES[:1] + CASES[4:6] if args.quick else CASES
+    cases = CASES[:1] + CASES[4:6] + CASES[-2:] if args.quick else CASES
     repeats = 5 if args.quick else args.repeats
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -77,7 +92,8 @@ def main() -> None:
             dy = dy.contiguous(memory_format=fmt)
         layer = make(shape[1])
         times = time_interleaved(
-            {"on": _step(layer, x, dy, True), "off": _step(layer, x, dy, False)}, repeats
+            {"on": _step(label, layer, x, dy, True), "off": _step(label, layer, x, dy, False)},
+            repeats,
         )
         _backends.AUTO_EXACT_FAR = True
         on, off = median_ms(times["on"]), median_ms(times["off"])

@@ -271,6 +271,11 @@ PRECISE_OUTPUT_CASES = {
     "reference-NCHW": (lambda: bn.BatchNorm2d(3, backend="reference"), (8, 3, 32, 32)),
     "reference-NC": (lambda: bn.BatchNorm1d(3, backend="reference"), (8192, 3)),
     "reference-act-silu": (_act("silu", "reference"), (8, 3, 32, 32)),
+    # "auto", which runs aten's kernels on these near zero (small, channel-minor, eval)
+    "auto-NCHW": (lambda: bn.BatchNorm2d(3), (8, 3, 8, 8)),
+    "auto-NHWC": (lambda: bn.BatchNorm2d(3), (8, 3, 32, 32), CL),
+    "auto-NC": (lambda: bn.BatchNorm1d(3), (4096, 3)),
+    "auto-act-composed": (lambda: bn.BatchNormAct2d(3, "relu"), (8, 3, 8, 8)),
 }
 
 
@@ -365,6 +370,38 @@ def test_auto_training_precise_far_from_zero(case: str) -> None:
     for i, (a, b) in enumerate(zip(*results)):
         rel = float((a.double() - b).abs().max() / b.abs().max())
         assert rel < 2e-6, (i, rel)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_auto_eval_follows_its_running_statistics(grad: bool) -> None:
+    """"auto"'s eval test (aten.eval_far_from_zero) is cached per running_mean and
+    redone when the statistics change: by an in-place torch op (their versions) and by
+    a training step whose numba kernels write them through pointers (the write count).
+    Each eval below must keep ~1e-7 of the float64 layer's output."""
+    gen = torch.Generator().manual_seed(0)
+    far = (1e4 + 1e-2 * torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64)).float()
+    near = torch.randn(8, 3, 8, 8, generator=gen)
+    layer = bn.BatchNorm2d(3, momentum=1.0)  # a training step sets the running stats
+
+    def eval_error(x: torch.Tensor) -> float:
+        layer.eval()
+        exact = copy.deepcopy(layer).double()
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y, e = layer(xi), exact(x.double())
+        return float(((y.double() - e).abs().max() / e.abs().max()).detach())
+
+    assert eval_error(near) < 2e-6  # near zero: cached "not far"
+    layer.train()
+    layer(far)  # numba's kernels write the running statistics: versions unchanged
+    assert eval_error(far) < 2e-6
+    layer.train()
+    layer(near)  # back near zero (aten's statistics, written by a numba kernel)
+    assert eval_error(near) < 2e-6
+    with torch.no_grad():  # in place, through torch: versions change
+        layer.running_mean.fill_(1e4)
+        layer.running_var.fill_(1e-4)
+    assert eval_error(far) < 2e-6
 
 
 def test_auto_near_zero_training_stays_on_aten() -> None:

@@ -29,17 +29,70 @@ Double backward works: aten's backward is itself differentiable.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from batchnorm._backends import check_recordable
+from batchnorm._backends import check_recordable, under_transform
 from batchnorm.kernels.numba_cpu import (
     _counters,
     _far_from_zero,
+    _running_far_from_zero,
     _update_running_from_invstd,
     _vector,
+    note_running_write,
     renorm_constants,
+    running_writes,
 )
+
+# eval_far_from_zero's answers: id(running_mean) -> (weak references to the two
+# running tensors, the key they were computed under, the answer)
+_EVAL_FAR: dict[int, tuple[Any, Any, tuple[Any, ...], bool]] = {}
+_EVAL_FAR_MAX = 1024  # running_mean tensors remembered (a cache, not a record)
+
+
+def _recording() -> bool:
+    """Whether a tracer, exporter, compiler or torch.func transform sees this call."""
+    return under_transform() or torch.compiler.is_exporting()
+
+
+def eval_far_from_zero(running_mean: Tensor, running_var: Tensor, eps: float) -> bool:
+    """Whether eval with these running statistics normalizes some channel more than 16
+    of its standard deviations from zero (|running_mean| > 16·sqrt(running_var + eps)),
+    where torch's eval kernel, x·k + (β − μ·k), rounds at the size of x·k.
+
+    The test is a numba pass over C values (~5 µs); its answer is kept per
+    running_mean tensor and reused while neither tensor changes: their versions
+    (torch's in-place ops, load_state_dict), the numba kernels' write count (their
+    running updates go through pointers, see numba_cpu._RUNNING_WRITES) and eps are
+    the key, ~1 µs to check. Writes torch cannot see (numpy views) keep a stale
+    answer, which only picks the less precise of two correct kernels.
+
+    False while torch.jit.trace, torch.export, torch.compile or a torch.func transform
+    records the call: it then keeps to aten's one traceable op."""
+    try:
+        key = (running_mean._version, running_var._version, running_writes(), eps)
+    except RuntimeError:  # inference-mode tensors have no version counter: no cache
+        key = None
+    entry = _EVAL_FAR.get(id(running_mean))
+    if (
+        key is not None and entry is not None and entry[2] == key
+        and entry[0]() is running_mean and entry[1]() is running_var
+    ):
+        return entry[3] and not _recording()
+    if _recording():
+        return False
+    shape = (running_mean.shape[0],)
+    far = bool(_running_far_from_zero(
+        _vector(running_mean, shape), _vector(running_var, shape), eps
+    ))
+    if key is not None:
+        if len(_EVAL_FAR) >= _EVAL_FAR_MAX:
+            _EVAL_FAR.clear()
+        _EVAL_FAR[id(running_mean)] = (weakref.ref(running_mean), weakref.ref(running_var), key, far)
+    return far
 
 
 def _update(
@@ -64,6 +117,7 @@ def _update(
         check_recordable("aten", x, mean)  # the test is a numba kernel
         return bool(_far_from_zero(_vector(mean, shape), _vector(invstd, shape)))
     check_recordable("aten", x, mean)  # the update is a numba kernel
+    note_running_write()
     return bool(_update_running_from_invstd(
         _vector(running_mean, shape), _vector(running_var, shape), _vector(mean, shape),
         _vector(invstd, shape), eps, x.numel() // x.shape[1],
@@ -200,7 +254,12 @@ class _AtenBackend:
         running_mean: Tensor,
         running_var: Tensor,
         eps: float,
-    ) -> Tensor:
+        exact_far: bool = False,
+    ) -> Tensor | None:
+        """torch's eval kernel; with ``exact_far`` (what "auto" asks), None instead
+        where the running statistics are far from zero (:func:`eval_far_from_zero`)."""
+        if exact_far and eval_far_from_zero(running_mean, running_var, eps):
+            return None
         return torch.batch_norm(
             x, _like(weight, x), _like(bias, x), _like(running_mean, x),
             _like(running_var, x), False, 0.0, eps, False,

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from batchnorm import _reference
+from batchnorm import _backends, _reference
+from batchnorm._aten import eval_far_from_zero
 from batchnorm._autograd import (
     ActSpec,
     BatchNormActTrain,
@@ -479,10 +480,18 @@ def _inference(
         return _reference.inference_affine(
             _dense(input), weight, bias, running_mean, running_var, eps
         )
-    chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
+    chosen = own = select_backend(backend, input, weight, bias, running_mean, running_var)
     if backend == "auto":
         chosen = prefer_aten(chosen, input, training=False)
-    return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)
+    x = _dense(input)
+    if keeps_far_off_aten(chosen, own):
+        # None where the running statistics are far from zero: the backend aten
+        # replaced computes about the running mean and keeps the output's digits.
+        y = chosen.forward_eval(x, weight, bias, running_mean, running_var, eps, exact_far=True)
+        if y is not None:
+            return y
+        chosen = own
+    return chosen.forward_eval(x, weight, bias, running_mean, running_var, eps)
 
 
 def _eval_with_grad_on_aten(
@@ -512,6 +521,8 @@ def _eval_with_grad_on_aten(
     for t in (running_mean, running_var, weight, bias):
         if t is not None and (t.dtype != dtype or t.device != device):
             return None
+    if _backends.AUTO_EXACT_FAR and eval_far_from_zero(running_mean, running_var, eps):
+        return None  # the composition centres on the running mean (torch's does not)
     return torch.batch_norm(
         _dense(input), weight, bias, running_mean, running_var, False, 0.0, eps,
         torch.backends.cudnn.enabled,
@@ -562,7 +573,11 @@ def eval_on_aten(
     if chosen.name != "aten":
         return None
     try:
-        return chosen.forward_eval(_dense(input), weight, bias, running_mean, running_var, eps)
+        # None far from zero as well: batch_norm then takes the numba kernels
+        return chosen.forward_eval(
+            _dense(input), weight, bias, running_mean, running_var, eps,
+            exact_far=_backends.AUTO_EXACT_FAR,
+        )
     except RuntimeError:  # a bad shape or device: batch_norm's checks will name it
         return None
 

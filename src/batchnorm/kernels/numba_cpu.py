@@ -288,6 +288,35 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
 
 
 @_jit
+def _running_far_from_zero(rm, rv, eps):  # pragma: no cover
+    """:func:`_far_from_zero` of running statistics: |rm| > 16·sqrt(rv + eps) in some
+    channel (eval normalizes with them)."""
+    rm, rv = _view(rm), _view(rv)
+    for c in range(rm.shape[0]):
+        if abs(float(rm[c])) > _SHIFT_MIN * math.sqrt(float(rv[c]) + eps):
+            return True
+    return False
+
+
+# How often this module's kernels have written running statistics. They write through
+# raw pointers, which torch's version counters (Tensor._version) do not see, so a cache
+# keyed on versions (the aten backend's eval test, _aten.eval_far_from_zero) keys on
+# this count too.
+_RUNNING_WRITES = 0
+
+
+def note_running_write() -> None:
+    """Count a write of running statistics by a kernel (see _RUNNING_WRITES)."""
+    global _RUNNING_WRITES
+    _RUNNING_WRITES += 1
+
+
+def running_writes() -> int:
+    """The count of running-statistics writes so far (see _RUNNING_WRITES)."""
+    return _RUNNING_WRITES
+
+
+@_jit
 def _far_from_zero(mean, invstd):  # pragma: no cover
     """True when some channel has |mean|·invstd > _SHIFT_MIN: its data sit more than
     16 standard deviations from zero, where torch's kernels (the aten backend) lose
@@ -1729,6 +1758,8 @@ def _forward_train(
         0.0 if momentum is None else momentum, momentum is None,
         *_counters(num_batches_tracked, num_batches_skipped, momentum, update), update,
     )
+    if update:
+        note_running_write()
     with _LAUNCH_LOCK:
         if layout == "major":
             _cm_forward_train(numel, xa, w, b, eps, bounds, T, plan.B, *args)
@@ -1769,6 +1800,7 @@ def renorm_constants(
         momentum is None,
         *_counters(num_batches_tracked, num_batches_skipped, momentum, True), skip_far,
     )
+    note_running_write()
     with _LAUNCH_LOCK:
         if plan.layout == "major":
             far = _cm_renorm_stats(x.numel(), xa, plan.T, plan.B, *args)
