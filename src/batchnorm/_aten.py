@@ -67,7 +67,7 @@ def eval_far_from_zero(running_mean: Tensor, running_var: Tensor, eps: float) ->
     running_mean tensor and reused while neither tensor changes: their versions
     (torch's in-place ops, load_state_dict), the numba kernels' write count (their
     running updates go through pointers, see numba_cpu._RUNNING_WRITES) and eps are
-    the key, ~1 µs to check. Writes torch cannot see (numpy views) keep a stale
+    the key, ~0.5 µs to check. Writes torch cannot see (numpy views) keep a stale
     answer, which only picks the less precise of two correct kernels.
 
     False while torch.jit.trace, torch.export, torch.compile or a torch.func transform

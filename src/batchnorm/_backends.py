@@ -496,11 +496,12 @@ def _mark_forked() -> None:
 os.register_at_fork(after_in_child=_mark_forked)
 
 
-# Under "auto", a training batch with some channel more than 16 standard deviations
-# from zero (|mean|·invstd > 16) is run on the numba kernels instead of aten's, which
-# lose digits there (README, "Exact"): the aten backend's statistics are tested first
-# (``exact_far``) and, after numba's forward, before aten's backward (SplitBackend).
-# False turns the test off (benchmarks/ab_far.py measures what it costs).
+# Under "auto", a batch with some channel more than 16 standard deviations from zero
+# (|mean|·invstd > 16) is run on the numba kernels instead of aten's, which lose
+# digits there (README, "Exact"): in training the aten backend's statistics are tested
+# first (``exact_far``) and, after numba's forward, before aten's backward
+# (SplitBackend); in eval the running statistics (_aten.eval_far_from_zero, cached).
+# False turns the tests off (benchmarks/ab_far.py measures what they cost).
 AUTO_EXACT_FAR = True
 
 
