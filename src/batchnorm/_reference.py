@@ -151,6 +151,13 @@ def apply_affine(x: Tensor, centre: Tensor | None, scale: Tensor, shift: Tensor)
     return apply_centred(xs, x, scale, shift)
 
 
+def normalized(centred: Tensor, offset: Tensor, invstd: Tensor, x: Tensor) -> Tensor:
+    """``x_hat = (centred - offset) * invstd`` in one pass (``centred = x - centre``,
+    ``offset`` = mean − centre per channel): about the mean itself, although the
+    centre is its rounded value, so far from zero x_hat keeps its digits."""
+    return torch.addcmul(channel_view(-offset * invstd, x), centred, channel_view(invstd, x))
+
+
 def apply_centred(centred: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``centred * scale + shift`` in one pass, cast to x's dtype (``centred = x -
     centre`` from :func:`centred_stats` or :func:`apply_affine`)."""
@@ -202,10 +209,7 @@ class _ReferenceBackend:
         # mean(x - mean), would show in sum(dy * x_hat) as offset * invstd * sum(dy)
         # (torch's backward has that error: ~1e-2 in dgamma at 1e4 +- 1e-2), so x_hat
         # is taken about the data's own mean.
-        offset = centred.mean(dim=dims)
-        x_hat = torch.addcmul(
-            channel_view(-offset * invstd, x), centred, channel_view(invstd, x)
-        )
+        x_hat = normalized(centred, centred.mean(dim=dims), invstd, x)
         sum_dy = dys.sum(dim=dims)
         sum_dy_xhat = (dys * x_hat).sum(dim=dims)
         k = invstd if weight is None else weight.to(invstd.dtype) * invstd

@@ -287,13 +287,23 @@ def _update_running_from_invstd(rm, rv, mean, invstd, eps, m, momentum, cumulati
     return False
 
 
+# |mean|·invstd above which the channel-minor kernels correct for the rounding of the
+# mean to x's dtype: the backward's sums (see _mean_shift; the uncorrected dγ is off by
+# about δ·invstd·Σdz with δ <= |mean|·2^-24 in float32), and plain batch norm's output
+# pass keeps its centre (see _uncentre); and the test by which "auto" keeps such data
+# off torch's kernels (_far_from_zero). Below 16 the error is under 1e-6, the size of
+# float32 rounding anyway; data at 1e4 ± 1e-2 has 1e6.
+_SHIFT_MIN = 16.0
+
+
 @_jit
 def _running_far_from_zero(rm, rv, eps):  # pragma: no cover
-    """:func:`_far_from_zero` of running statistics: |rm| > 16·sqrt(rv + eps) in some
-    channel (eval normalizes with them)."""
+    """:func:`_far_from_zero` of a mean and a (biased or running) variance:
+    |rm| / sqrt(rv + eps) > _SHIFT_MIN in some channel. Eval tests its running
+    statistics with it, batch renorm's statistics pass its (2, C) batch rows."""
     rm, rv = _view(rm), _view(rv)
     for c in range(rm.shape[0]):
-        if abs(float(rm[c])) > _SHIFT_MIN * math.sqrt(float(rv[c]) + eps):
+        if abs(float(rm[c])) / math.sqrt(float(rv[c]) + eps) > _SHIFT_MIN:
             return True
     return False
 
@@ -970,14 +980,6 @@ def _cl_part_stats(x, part_mean, part_m2):  # pragma: no cover
             )
 
 
-# |mean|·invstd above which the channel-minor kernels correct for the rounding of the
-# mean to x's dtype: the backward's sums (see _mean_shift; the uncorrected dγ is off by
-# about δ·invstd·Σdz with δ <= |mean|·2^-24 in float32), and plain batch norm's output
-# pass keeps its centre (see _plain_coefficients). Below 16 the error is under 1e-6,
-# the size of float32 rounding anyway; data at 1e4 ± 1e-2 has 1e6.
-_SHIFT_MIN = 16.0
-
-
 @_inline
 def _uncentre(ct, kk, sh):  # pragma: no cover
     """Rewrite the centred map (x − ct)·kk + sh in place (per-channel vectors) to the
@@ -1208,10 +1210,7 @@ def _cl_backward_train(
             coef[j, 2, c] = float(b[c]) - (float(mean[j * C + c]) - float(coef[j, 0, c])) * k
     # Data far from zero, relative to its spread (any chunk and channel): the rounding
     # of the mean to x's dtype shows in the sums, which are then corrected for it.
-    shifted = False
-    for i in range(K * C):
-        if abs(float(mean[i])) * float(invstd[i]) > _SHIFT_MIN:
-            shifted = True
+    shifted = _far_from_zero(mean, invstd)
     dy3, x3 = dy.reshape(M, 1, C), x.reshape(M, 1, C)  # rows as runs, for the helpers
     part_dy = np.zeros((P, C))
     part_dyx = np.zeros((P, C))
@@ -1335,11 +1334,10 @@ def _cl_forward_eval(x, w, b, rm, rv, eps, T, y, res, has_res, act, slope):  # p
     x, w, b, rm, rv, y = _view(x), _view(w), _view(b), _view(rm), _view(rv), _view(y)
     M, C = x.shape
     coef = np.empty((3, C), x.dtype)  # per-channel rows: centre, k, sh
-    centred = res is not None  # (the epilogue loops cost the same either way)
     for c in range(C):
         _eval_coefficients(w, b, rm, rv, eps, c, coef[:, c])
-        if abs(float(rm[c])) / math.sqrt(float(rv[c]) + eps) > _SHIFT_MIN:
-            centred = True
+    # (the epilogue loops cost the same either way)
+    centred = res is not None or _running_far_from_zero(rm, rv, eps)
     if not centred:
         _uncentre(coef[0], coef[1], coef[2])
     for t in numba.prange(T):
@@ -1378,7 +1376,7 @@ def _cm_renorm_stats(
     for a channel-major x (A, C, L): the statistics of _cm_forward_train (corrected
     two-pass, channels in T ranges walked in blocks of B) without its output pass.
     batch_out: (2, C) float64, receives the batch's mean and biased variance. With
-    ``skip_far`` a batch far from zero (_batch_far) stops there, nothing updated, and
+    ``skip_far`` a batch far from zero (_running_far_from_zero) stops there, nothing updated, and
     True comes back (else False)."""
     x, rm, rv = _view(x), _view(rm), _view(rv)
     tracked, skipped = _view(tracked), _view(skipped)
@@ -1394,7 +1392,7 @@ def _cm_renorm_stats(
             for cc in range(nb):
                 batch_out[0, c0 + cc] = sums[0, cc]
                 batch_out[1, c0 + cc] = sums[1, cc] / n
-    if skip_far and _batch_far(batch_out, eps):
+    if skip_far and _running_far_from_zero(batch_out[0], batch_out[1], eps):
         return True
     _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
     _update_running(rm, rv, batch_out[0], batch_out[1], n, momentum, cumulative, tracked, skipped)
@@ -1422,20 +1420,10 @@ def _cl_renorm_stats(
         _, mu, m2 = _cl_merge_parts(starts, part_mean, part_m2, 0, T, c)
         batch_out[0, c] = mu
         batch_out[1, c] = m2 / M
-    if skip_far and _batch_far(batch_out, eps):
+    if skip_far and _running_far_from_zero(batch_out[0], batch_out[1], eps):
         return True
     _renorm_constants(batch_out, eps, r_max, d_max, rm, rv, rd_out)
     _update_running(rm, rv, batch_out[0], batch_out[1], M, momentum, cumulative, tracked, skipped)
-    return False
-
-
-@_inline
-def _batch_far(batch, eps):  # pragma: no cover
-    """:func:`_far_from_zero` of (2, C) float64 (mean, biased variance) rows:
-    |mean| > 16·sqrt(var + eps) in some channel."""
-    for c in range(batch.shape[1]):
-        if abs(batch[0, c]) > _SHIFT_MIN * math.sqrt(batch[1, c] + eps):
-            return True
     return False
 
 

@@ -452,9 +452,11 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     # (+ the running update by the first program of each channel)
     grid = (plan.programs,)
     flag = torch.empty(1, device=dev, dtype=torch.int32)
-    # (UPDATE) the unbiased variance and the factor
-    aux = torch.empty(C + 1, device=dev, dtype=torch.float32) if update else invstd
-    varu, fbuf = (aux[:C], aux[C:]) if update else (invstd, invstd)
+    if update:  # the unbiased variance and the factor
+        aux = torch.empty(C + 1, device=dev, dtype=torch.float32)
+        varu, fbuf = aux[:C], aux[C:]
+    else:  # dummies, never dereferenced
+        varu = fbuf = invstd
     if plan.kernels == "ncs":
         n_part, split_c, pivot_stride = C * plan.split, plan.split, v.S
     else:

@@ -141,11 +141,11 @@ class _SyncBatchNormTrain(torch.autograd.Function):
                 num_batches_tracked, num_batches_skipped,
             )
 
-        # about the rounded mean, with the rest of the float64 mean in the shift
-        scale, shift = _reference.affine_coefficients(weight, bias, mean64 - mean, invstd)
-        y = _reference.apply_affine(x, mean, scale, shift)
-        # the backward centres on both parts of the mean too
+        # about the rounded mean, with the rest of the float64 mean in the shift (the
+        # backward centres on both parts too)
         dmean = (mean64 - mean).to(dtype)
+        scale, shift = _reference.affine_coefficients(weight, bias, dmean, invstd)
+        y = _reference.apply_affine(x, mean, scale, shift)
         ctx.save_for_backward(x, weight, mean, invstd, total.to(dtype), dmean)
         ctx.group = group
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -166,13 +166,11 @@ class _SyncBatchNormTrain(torch.autograd.Function):
         C = x.shape[1]
         dims = _reference.reduce_dims(x)
         dys = dy.to(mean.dtype)
-        # x̂ = (x − μ̃)·invstd − (μ − μ̃)·invstd, μ̃ the mean rounded to the stats dtype:
-        # x − μ̃ is exact near the mean, so far from zero x̂ keeps its digits (about μ̃
-        # alone it would be off by (μ − μ̃)·invstd, ~5e-2 at 1e4 ± 1e-2).
-        x_hat = torch.addcmul(
-            _reference.channel_view(-dmean * invstd, x),
-            x.to(mean.dtype) - _reference.channel_view(mean, x),
-            _reference.channel_view(invstd, x),
+        # x̂ about μ = μ̃ + dmean, μ̃ the mean rounded to the stats dtype: x − μ̃ is exact
+        # near the mean, so far from zero x̂ keeps its digits (about μ̃ alone it would
+        # be off by dmean·invstd, ~5e-2 at 1e4 ± 1e-2).
+        x_hat = _reference.normalized(
+            x.to(mean.dtype) - _reference.channel_view(mean, x), dmean, invstd, x
         )
         # The local sums are this rank's dβ and dγ (DDP all-reduces those, as for any
         # parameter); their sum over ranks enters dx. An empty batch sums to zeros.
