@@ -191,8 +191,15 @@ class _ReferenceBackend:
             # forward also runs outside an autograd Function (under torch.compile and
             # torch.func), where the buffers must not join the graph.
             with torch.no_grad():
+                batch_mean, batch_var = mean.detach(), var.detach()
+                if running_mean.dtype == torch.float64 and batch_mean.dtype != torch.float64:
+                    # float64 running statistics for a narrower input (the scratch
+                    # buffers of ghost batch norm's chunks): every digit of the mean,
+                    # centre + offset, which batch_mean has rounded away.
+                    batch_mean = centre.detach().double() + offset.detach().double()
+                    batch_var = batch_var.double()
                 update_running_stats(
-                    running_mean, running_var, mean.detach(), var.detach(), m, momentum,
+                    running_mean, running_var, batch_mean, batch_var, m, momentum,
                     num_batches_tracked, num_batches_skipped,
                 )
         scale, shift = affine_coefficients(weight, bias, offset, invstd)

@@ -622,17 +622,37 @@ def fwd_merge_kernel(
 
 
 @triton.jit
-def _running_update(c, umask, mean, flag_ptr, f_ptr, varu_ptr, rm_ptr, rv_ptr,
+def _blend_mean(f, mean, rm):
+    """f * mean + (1 - f) * rm for the float64 batch mean, in float64: a float64
+    running mean (the scratch buffers of ghost batch norm's chunks, say) then receives
+    every digit of the mean, and a float32 one is rounded once."""
+    # (f stays float32, as in the float32 update; the products promote to float64)
+    return f * mean + (1.0 - f) * rm.to(tl.float64)
+
+
+@triton.jit
+def _store_running_mean(ptr, value, mask):
+    """Store the float64 ``value`` in the running mean's dtype; narrower than float64
+    through float32 (a float64 -> bfloat16 conversion is not lowered everywhere)."""
+    if ptr.dtype.element_ty == tl.float64:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value.to(tl.float32).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _running_update(c, umask, mean, dmean, flag_ptr, f_ptr, varu_ptr, rm_ptr, rv_ptr,
                     rm_stride, rv_stride, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr):
     """running <- (1 - f) running + f batch for channels c where umask, if the batch's
-    statistics are finite everywhere (flag == 0); ``mean`` is the batch mean."""
+    statistics are finite everywhere (flag == 0); the batch mean is ``mean + dmean``
+    (float32 and its rounding, _affine)."""
     ok = tl.load(flag_ptr + c * 0) == 0  # (c * 0: a tensor of c's shape)
     m = umask & ok
     f = tl.load(f_ptr + c * 0)
     if HAS_RM:
-        rm = tl.load(rm_ptr + c * rm_stride, mask=m, other=0.0).to(tl.float32)
-        rm = f * mean + (1.0 - f) * rm
-        tl.store(rm_ptr + c * rm_stride, rm.to(rm_ptr.dtype.element_ty), mask=m)
+        rm = tl.load(rm_ptr + c * rm_stride, mask=m, other=0.0)
+        rm = _blend_mean(f, mean.to(tl.float64) + dmean.to(tl.float64), rm)
+        _store_running_mean(rm_ptr + c * rm_stride, rm, m)
     if HAS_RV:
         var_u = tl.load(varu_ptr + c, mask=m, other=0.0)
         rv = tl.load(rv_ptr + c * rv_stride, mask=m, other=0.0).to(tl.float32)
@@ -653,7 +673,8 @@ def _count_batch(flag_ptr, tracked_ptr, skipped_ptr,
 
 @triton.jit
 def fwd_running_kernel(
-    cnt_ptr, mean_ptr, m2_ptr,  # (C,) float32 per-channel (count, mean, M2) of the batch
+    cnt_ptr, m2_ptr,  # (C,) float32 per-channel count and M2 of the batch
+    mean_ptr,       # (C,) float64 batch mean (_store_mean)
     rm_ptr, rv_ptr,  # (C,) running mean / var, any float dtype, updated in place
     rm_stride, rv_stride,  # their element strides
     tracked_ptr,    # () int64 num_batches_tracked, += 1 on a good batch
@@ -694,9 +715,8 @@ def fwd_running_kernel(
             m = (c < C) & ((rc * 0 + bad) == 0)
             if HAS_RM:
                 mean = tl.load(mean_ptr + c, mask=m, other=0.0)
-                rm = tl.load(rm_ptr + c * rm_stride, mask=m, other=0.0).to(tl.float32)
-                rm = f * mean + (1.0 - f) * rm
-                tl.store(rm_ptr + c * rm_stride, rm.to(rm_ptr.dtype.element_ty), mask=m)
+                rm = _blend_mean(f, mean, tl.load(rm_ptr + c * rm_stride, mask=m, other=0.0))
+                _store_running_mean(rm_ptr + c * rm_stride, rm, m)
             if HAS_RV:
                 var_u = tl.div_rn(tl.load(m2_ptr + c, mask=m, other=0.0),
                                   tl.load(cnt_ptr + c, mask=m, other=2.0) - 1.0)
@@ -748,8 +768,8 @@ def norm_ncs_kernel(
     shift -= dmean * scale
     if UPDATE:
         if pid % SPLIT == 0:
-            _running_update(c, c < C, mean, flag_ptr, f_ptr, varu_ptr, rm_ptr, rv_ptr,
-                            rm_stride, rv_stride, HAS_RM, HAS_RV)
+            _running_update(c, c < C, mean, dmean, flag_ptr, f_ptr, varu_ptr, rm_ptr,
+                            rv_ptr, rm_stride, rv_stride, HAS_RM, HAS_RV)
         if pid == 0:
             _count_batch(flag_ptr, tracked_ptr, skipped_ptr, HAS_TRACKED, HAS_SKIPPED)
     if IDX64:
@@ -792,8 +812,9 @@ def norm_rc_kernel(
     if UPDATE:
         if pid % SPLIT == 0:
             # one column per channel: the first of its GROUP columns
-            _running_update(cols // GROUP, cmask & (cols % GROUP == 0), mean, flag_ptr, f_ptr,
-                            varu_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride, HAS_RM, HAS_RV)
+            _running_update(cols // GROUP, cmask & (cols % GROUP == 0), mean, dmean,
+                            flag_ptr, f_ptr, varu_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
+                            HAS_RM, HAS_RV)
         if pid == 0:
             _count_batch(flag_ptr, tracked_ptr, skipped_ptr, HAS_TRACKED, HAS_SKIPPED)
     _normalize_rc(x_ptr, y_ptr, res_ptr, cols, cmask, K, r0, r1, mean, scale, shift, slope,
@@ -811,8 +832,8 @@ def fwd_fused_ncs_kernel(
     w_ptr, b_ptr,   # (C,) weight / bias
     mean_ptr,       # (C,) float64 out: batch mean (_store_mean)
     invstd_ptr,     # (C,) float32 out: batch invstd
-    pcnt_ptr, pmean_ptr, pm2_ptr,  # (C,) float32 out: (count, mean, M2) for the
-                                   # running-statistics update (fwd_running_kernel)
+    pcnt_ptr, pm2_ptr,  # (C,) float32 out: count and M2 for the running-statistics
+                        # update (fwd_running_kernel, which reads the mean from mean_ptr)
     N, C, S,
     m_f,            # float N*S (elements per channel)
     eps, slope,
@@ -866,7 +887,6 @@ def fwd_fused_ncs_kernel(
     _store_mean(mean_ptr + c, mean, dmean, c < C)
     tl.store(invstd_ptr + c, istd)
     tl.store(pcnt_ptr + c, cnt)
-    tl.store(pmean_ptr + c, mean)
     tl.store(pm2_ptr + c, m2)
 
 
@@ -877,7 +897,7 @@ def fwd_fused_rc_kernel(
     res_ptr,        # (R, C) residual (HAS_RES)
     w_ptr, b_ptr,   # (C,)
     mean_ptr, invstd_ptr,          # (C,) float64 / float32 out
-    pcnt_ptr, pmean_ptr, pm2_ptr,  # (C,) float32 out, for fwd_running_kernel
+    pcnt_ptr, pm2_ptr,  # (C,) float32 out, for fwd_running_kernel
     R, C,
     m_f,            # float R
     eps, slope,
@@ -923,7 +943,6 @@ def fwd_fused_rc_kernel(
     _store_mean(mean_ptr + cols, mean, dmean, cmask)
     tl.store(invstd_ptr + cols, istd, mask=cmask)
     tl.store(pcnt_ptr + cols, cnt, mask=cmask)
-    tl.store(pmean_ptr + cols, mean, mask=cmask)
     tl.store(pm2_ptr + cols, m2, mask=cmask)
 
 

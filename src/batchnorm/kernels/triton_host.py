@@ -422,10 +422,10 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
     skipped_arg = skipped if skipped is not None else mean
 
     if plan.path == "fused":
-        parts = torch.empty((3, C), device=dev, dtype=torch.float32)
+        parts = torch.empty((2, C), device=dev, dtype=torch.float32)  # count, M2
         if plan.kernels == "ncs":
             _k.fwd_fused_ncs_kernel[(C,)](
-                xk, y, res_arg, w, b, mean, invstd, parts[0], parts[1], parts[2],
+                xk, y, res_arg, w, b, mean, invstd, parts[0], parts[1],
                 v.N, C, v.S, float(v.m), eps, slope,
                 HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=act,
                 SINGLE_TILE=plan.single_tile, IDX64=idx64, NUM_STAGES=_stages(1 + has_res),
@@ -433,7 +433,7 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
             )
         else:
             _k.fwd_fused_rc_kernel[(plan.programs,)](
-                xk, y, res_arg, w, b, mean, invstd, parts[0], parts[1], parts[2],
+                xk, y, res_arg, w, b, mean, invstd, parts[0], parts[1],
                 v.R, C, float(v.m), eps, slope,
                 HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=act,
                 SINGLE_TILE=plan.single_tile, IDX64=idx64, NUM_STAGES=_stages(1 + has_res),
@@ -442,7 +442,7 @@ def _forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
         if update:  # one program: check every channel, then update (C values: cheap)
             bc = min(_np2(C), 1024)
             _k.fwd_running_kernel[(1,)](
-                parts[0], parts[1], parts[2], rm_arg, rv_arg, *strides,
+                parts[0], parts[1], mean, rm_arg, rv_arg, *strides,
                 tracked_arg, skipped_arg, C, momentum_f, **stat_flags,
                 CUMULATIVE=momentum is None, BLOCK_C=bc, num_warps=_warps(bc),
             )

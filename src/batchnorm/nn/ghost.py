@@ -66,7 +66,10 @@ def batch_norm_with_stats(
     statistics into running buffers when it is given some, and with ``momentum=1`` the
     update ``(1 − f)·running + f·batch`` is exactly the batch value. So two scratch
     buffers receive the mean and the unbiased variance ``m/(m−1)·σ²`` from the same
-    pass that normalizes: no second pass over ``x``.
+    pass that normalizes: no second pass over ``x``. The buffers are float64 (but on
+    devices without it, MPS): the backends write their float64 batch mean into a
+    float64 buffer, and merging chunks far from zero (:func:`combine_stats`) needs
+    it, since the spread of the chunk means is then below a float32 mean's rounding.
 
     A batch with non-finite statistics leaves the scratch buffers alone and is counted
     in a scratch counter; the statistics returned for it are NaN, so a guarded update
@@ -77,11 +80,11 @@ def batch_norm_with_stats(
 
     Returns:
         ``(y, mean, var)``: ``y`` as the functional returns it; ``mean`` and the biased
-        ``var`` of shape (C,) in float32 (float64 for float64 input), without grad.
+        ``var`` of shape (C,) in float64 (float32 on MPS), without grad.
     """
     num_channels = x.shape[1]
     m = x.numel() // num_channels
-    dtype = stats_dtype(x)
+    dtype = stats_dtype(x) if x.device.type == "mps" else torch.float64
     mean = torch.zeros(num_channels, dtype=dtype, device=x.device)
     unbiased = torch.ones(num_channels, dtype=dtype, device=x.device)
     skipped = torch.zeros((), dtype=torch.long, device=x.device)
