@@ -67,7 +67,7 @@ class BatchNormTrain(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: build the backward from differentiable ops.
-            dx, dweight, dbias = _reference.differentiable_backward(dy, x, weight, ctx.eps)
+            dx, dweight, dbias = _reference.differentiable_backward(dy, x, weight, ctx.eps, mean)
         else:
             dx, dweight, dbias = ctx.backend.backward_train(
                 dy.contiguous(memory_format=_memory_format(x)), x, weight, mean, invstd
@@ -149,7 +149,7 @@ class BatchNormActTrain(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: build the backward from differentiable ops.
             dx, dweight, dbias, dresidual = _act_differentiable_backward(
-                dout, x, weight, bias, residual, sign, spec
+                dout, x, weight, bias, residual, sign, mean, spec
             )
         else:
             dx, dweight, dbias, dresidual = spec.kernels.act_backward_train(
@@ -174,10 +174,12 @@ def _act_differentiable_backward(
     bias: Tensor | None,
     residual: Tensor | None,
     sign: Tensor | None,
+    mean: Tensor,
     spec: ActSpec,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BatchNormActTrain's backward in differentiable ops: ``dz = dout·act'(z)``, then
-    :func:`batchnorm._reference.differentiable_backward` of dz; ``dresidual = dz``.
+    :func:`batchnorm._reference.differentiable_backward` of dz, about the forward's
+    saved ``mean``; ``dresidual = dz``.
 
     relu and leaky ReLU (slope >= 0) take the mask from ``sign`` (the forward's bool
     mask, or its output): its derivative is zero almost everywhere. silu and a
@@ -204,5 +206,5 @@ def _act_differentiable_backward(
             dz = dout * (s * (1 + z * (1 - s)))
         else:
             dz = torch.where(z > 0, dout, dout * slope)
-    dx, dweight, dbias = _reference.differentiable_backward(dz, x, weight, spec.train.eps)
+    dx, dweight, dbias = _reference.differentiable_backward(dz, x, weight, spec.train.eps, mean)
     return dx, dweight, dbias, dz

@@ -261,29 +261,34 @@ def inference_affine(
 
 
 def differentiable_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float
+    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, centre: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward as differentiable ops on ``x``, ``weight`` and ``dy``.
 
     Used when autograd asks for a graph of the backward (``create_graph=True``), so
     second derivatives (gradgradcheck, gradient penalties) are exact.
 
-    The statistics are :func:`centred_stats`' and x̂ is taken about the data's mean
-    (:func:`normalized`), as in the first-order backward: far from zero (1e4 ± 1e-2)
-    x̂ about the mean rounded to float32 put ~1e-3 into dx and ~2e-2 into dγ. Both
-    forms are the same function of x (for any centre c, mean((x−c)²) − mean(x−c)² is
-    the variance), so the graph differentiates to the same second derivatives.
+    x̂ is taken about the data's mean, as in the first-order backward: x is first
+    shifted by ``centre`` (the forward's saved batch mean, or x's mean when None), a
+    constant of the graph, and then by the mean of what is left, ``x − centre −
+    mean(x − centre)``, which is x − mean(x) for any constant centre: the same function
+    of x, so the same derivatives, but computed about a centre near the data and so
+    exact far from zero, where x̂ about the mean rounded to float32 put ~1e-3 into dx
+    and ~2e-2 into dγ (at 1e4 ± 1e-2). Given the centre, the graph has the passes of
+    the plain two-pass form.
     """
     dims = reduce_dims(x)
     m = x.numel() // x.shape[1]
-    _, offset, var, centred = centred_stats(x)
-    dys = dy.to(centred.dtype)
-    invstd = torch.rsqrt(var + eps)
-    x_hat = normalized(centred, offset, invstd, x)
-    sum_dy = dys.sum(dim=dims)
-    sum_dy_xhat = (dys * x_hat).sum(dim=dims)
-    k = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    dx = channel_view(k, x) * (
-        dys - channel_view(sum_dy / m, x) - x_hat * channel_view(sum_dy_xhat / m, x)
-    )
-    return dx.to(x.dtype), sum_dy_xhat, sum_dy
+    dtype = stats_dtype(x)
+    xs = x.to(dtype)
+    c = xs.detach().mean(dim=dims) if centre is None else centre.detach().to(dtype)
+    shifted = xs - channel_view(c, x)
+    centred = shifted - shifted.mean(dim=dims, keepdim=True)
+    invstd = torch.rsqrt((centred * centred).mean(dim=dims, keepdim=True) + eps)
+    x_hat = centred * invstd
+    dys = dy.to(dtype)
+    sum_dy = dys.sum(dim=dims, keepdim=True)
+    sum_dy_xhat = (dys * x_hat).sum(dim=dims, keepdim=True)
+    k = invstd if weight is None else channel_view(weight.to(dtype), x) * invstd
+    dx = k * (dys - sum_dy / m - x_hat * (sum_dy_xhat / m))
+    return dx.to(x.dtype), sum_dy_xhat.reshape(-1), sum_dy.reshape(-1)

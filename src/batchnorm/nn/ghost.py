@@ -197,9 +197,12 @@ class _GhostTrain(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: each chunk's backward from differentiable ops.
+            # (mean is (K·C,): chunk j's means are its j-th C values)
             parts = [
-                differentiable_backward(dy_j, x_j, weight, spec.eps)
-                for dy_j, x_j in zip(dy.split(spec.sizes), x.split(spec.sizes))
+                differentiable_backward(dy_j, x_j, weight, spec.eps, mean_j)
+                for dy_j, x_j, mean_j in zip(
+                    dy.split(spec.sizes), x.split(spec.sizes), mean.split(x.shape[1])
+                )
             ]
             dx = torch.cat([p[0] for p in parts])
             dweight = torch.stack([p[1] for p in parts]).sum(0)

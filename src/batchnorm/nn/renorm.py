@@ -174,7 +174,9 @@ class _RenormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: differentiable ops, so second derivatives are exact.
             effective = r if weight is None else weight.to(r.dtype) * r
-            dx, sum_dy_xhat, sum_dy = _reference.differentiable_backward(dy, x, effective, ctx.eps)
+            dx, sum_dy_xhat, sum_dy = _reference.differentiable_backward(
+                dy, x, effective, ctx.eps, mean
+            )
         else:
             dy = dy.contiguous(memory_format=_memory_format(x))
             if ctx.fused_backward:
