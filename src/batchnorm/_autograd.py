@@ -35,6 +35,13 @@ class TrainSpec(NamedTuple):
     stats_out: list[Tensor] | None = None
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: ``t`` itself when it already is. A gradient usually is, and
+    ``Tensor.to`` costs ~0.9 µs even as a no-op (argument parsing), against ~0.1 µs
+    for the dtype test: on a small layer's backward that is a visible share."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: TrainSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,8 +81,8 @@ class BatchNormTrain(torch.autograd.Function):
             )
         return (
             dx if need_x else None,
-            dweight.to(weight.dtype) if need_w else None,  # no-op when already that dtype
-            dbias.to(ctx.bias_dtype) if need_b else None,
+            as_dtype(dweight, weight.dtype) if need_w else None,
+            as_dtype(dbias, ctx.bias_dtype) if need_b else None,
             None,
         )
 

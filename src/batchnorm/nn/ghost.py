@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import functional as F
-from batchnorm._autograd import _memory_format
+from batchnorm._autograd import _memory_format, as_dtype
 from batchnorm._backends import (
     Backend,
     check_recordable,
@@ -214,8 +214,8 @@ class _GhostTrain(torch.autograd.Function):
             )
         return (
             dx if need_x else None,
-            dweight.to(weight.dtype) if need_w else None,
-            dbias.to(ctx.bias_dtype) if need_b else None,
+            as_dtype(dweight, weight.dtype) if need_w else None,
+            as_dtype(dbias, ctx.bias_dtype) if need_b else None,
             None,
         )
 

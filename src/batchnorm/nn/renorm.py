@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from batchnorm import _reference
 from batchnorm import functional as F
-from batchnorm._autograd import _memory_format
+from batchnorm._autograd import _memory_format, as_dtype
 from batchnorm._backends import (
     Backend,
     keeps_far_off_aten,
@@ -186,7 +186,7 @@ class _RenormTrain(torch.autograd.Function):
                 return (
                     dx if need_x else None,
                     dweight if need_w else None,
-                    sum_dy.to(ctx.bias_dtype) if need_b else None,
+                    as_dtype(sum_dy, ctx.bias_dtype) if need_b else None,
                     None,
                 )
             effective = r if weight is None else weight.to(r.dtype) * r
@@ -194,8 +194,8 @@ class _RenormTrain(torch.autograd.Function):
         dweight = r * sum_dy_xhat.to(r.dtype) + d * sum_dy.to(r.dtype) if need_w else None
         return (
             dx if need_x else None,
-            None if dweight is None else dweight.to(weight.dtype),
-            sum_dy.to(ctx.bias_dtype) if need_b else None,
+            None if dweight is None else as_dtype(dweight, weight.dtype),
+            as_dtype(sum_dy, ctx.bias_dtype) if need_b else None,
             None,
         )
 

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from batchnorm import _reference
 from batchnorm import functional as F
+from batchnorm._autograd import as_dtype
 from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 
 __all__ = ["SyncBatchNorm"]
@@ -192,8 +193,8 @@ class _SyncBatchNormTrain(torch.autograd.Function):
             ).add_(dys).mul_(_reference.channel_view(k, x)).to(x.dtype)
         return (
             dx,
-            sum_dy_xhat.to(weight.dtype) if need_w else None,
-            sum_dy.to(ctx.bias_dtype) if need_b else None,
+            as_dtype(sum_dy_xhat, weight.dtype) if need_w else None,
+            as_dtype(sum_dy, ctx.bias_dtype) if need_b else None,
             None, None, None, None, None, None, None, None, None,
         )
 
