@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from batchnorm import functional as F
-from batchnorm._autograd import _memory_format, as_dtype
+from batchnorm._autograd import _memory_format
 from batchnorm._backends import (
     Backend,
+    as_dtype,
     check_recordable,
     is_channels_last,
     records_ops,

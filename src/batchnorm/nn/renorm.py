@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from batchnorm import _reference
 from batchnorm import functional as F
-from batchnorm._autograd import _memory_format, as_dtype
+from batchnorm._autograd import _memory_format
 from batchnorm._backends import (
     Backend,
+    as_dtype,
     keeps_far_off_aten,
     prefer_aten_renorm,
     select_backend,

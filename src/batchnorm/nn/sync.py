@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from batchnorm import _reference
 from batchnorm import functional as F
-from batchnorm._autograd import as_dtype
+from batchnorm._backends import as_dtype
 from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
 
 __all__ = ["SyncBatchNorm"]
