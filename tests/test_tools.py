@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -137,9 +139,46 @@ def test_freeze_and_unfreeze() -> None:
     model.train()
     assert_close(model(x), expected, 1e-6, 1e-5, "frozen model in training mode")
     bn.unfreeze(model)
-    assert type(model[1]) is bn.BatchNorm2d and model[1].momentum == 0.1 and model[1].training
+    # Each layer is the one it was frozen from: torch's stays torch's.
+    assert type(model[1]) is nn.BatchNorm2d and type(model[5]) is bn.BatchNorm1d
+    assert model[1].momentum == 0.1 and model[1].training
     model.eval()
     assert_close(model(x), expected, 1e-6, 1e-5, "unfrozen model in eval mode")
+
+
+def test_unfreeze_gives_back_the_layers_freeze_replaced() -> None:
+    model = nn.Sequential(
+        nn.BatchNorm2d(4, momentum=0.01, affine=False),
+        bn.GhostBatchNorm2d(4, virtual_batch_size=8, momentum=None),
+        bn.BatchRenorm2d(4, r_max=2.0, d_max=1.0, backend="reference"),
+        bn.BatchNorm2d(4, bias=False, eps=1e-3),
+        bn.BatchNormAct2d(4, "identity"),
+    )
+    model[1].weight.requires_grad_(False)
+    x = torch.randn(16, 4, 5, 5)
+    model(x)
+    model(x)
+    model[3].eval()
+    original = copy.deepcopy(model)
+    # The record of each source layer survives a copy and pickling.
+    frozen = pickle.loads(pickle.dumps(copy.deepcopy(bn.freeze(model))))
+    restored = bn.unfreeze(frozen)
+    for before, after in zip(original, restored):
+        what = type(before).__name__
+        assert type(after) is type(before), what
+        assert after.extra_repr() == before.extra_repr(), what
+        assert after.training == before.training, what
+        assert [p.requires_grad for p in after.parameters()] == [
+            p.requires_grad for p in before.parameters()], what
+        state = after.state_dict()
+        assert state.keys() == before.state_dict().keys(), what
+        for key, value in before.state_dict().items():
+            assert torch.equal(state[key], value), f"{what}.{key}"
+    assert int(restored[1].num_batches_tracked) == 2  # momentum=None averages by it
+    assert getattr(restored[2], "backend", None) == "reference"
+    # A frozen layer built as such becomes this package's layer with the defaults.
+    plain = bn.unfreeze(nn.Sequential(bn.FrozenBatchNorm2d(4)))
+    assert type(plain[0]) is bn.BatchNorm2d and plain[0].momentum == 0.1
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,6 +264,118 @@ def test_fold_untraceable_model_falls_back_to_sequentials() -> None:
     expected = model(x)
     assert bn.fold(model).count == 1
     _close_relative(model(x), expected, "folded output")
+
+
+class _Taps(nn.Module):
+    """Untraceable, and reads the Sequential's intermediate outputs (a feature tap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: fx cannot trace this
+            x = x * 0
+        taps = []
+        for layer in self.features:
+            x = layer(x)
+            taps.append(x)
+        return taps[0].sum() + taps[-1].sum()
+
+
+class _Indexed(nn.Module):
+    """Untraceable, and calls the Sequential's children one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x * 0
+        y = self.body[0](x)
+        return self.body[1](y) + y
+
+
+class _OpaqueChild(nn.Module):
+    """Traceable itself, with a child fx cannot trace and a pair of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.tail = _Untraceable(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+
+    def forward(self, x):
+        return self.tail(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize(("make", "folded", "warns"), [
+    (_Taps, 0, True),
+    (_Indexed, 0, True),
+    # The child that stops the trace is kept opaque: the pair beside it folds, and so
+    # does the one inside it (its untraceable forward only calls its child whole).
+    (_OpaqueChild, 2, False),
+], ids=["taps", "indexed", "opaque-child"])
+def test_fold_untraceable_parts_only_where_the_use_is_known(make, folded, warns) -> None:
+    model = _randomize(make()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x).detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = bn.fold(copy.deepcopy(model)).count
+        fold_model = bn.fold(model).model
+    assert count == folded
+    left_alone = [w for w in caught if "left the batch norms in" in str(w.message)]
+    assert bool(left_alone) == warns, [str(w.message) for w in caught]
+    assert all(w.filename == __file__ for w in left_alone)  # points at the caller
+    _close_relative(fold_model(x), expected, "output after fold")
+    model = _randomize(make())
+    expected = model(x).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert bn.drop_redundant_bias(model).count == folded
+    _close_relative(model(x), expected, "output after drop_redundant_bias")
+
+
+@pytest.mark.parametrize("tool", ["fold", "drop_redundant_bias"])
+def test_rewritten_linear_refuses_inputs_that_are_not_rows(tool) -> None:
+    # On (N, L, F) a Linear acts on dim 2, a BatchNorm1d on dim 1: with L == F the pair
+    # runs, but neither the fold nor the dropped bias holds.
+    model = _randomize(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))).eval()
+    rows = torch.randn(6, 4)
+    expected = model(rows)
+    assert getattr(bn, tool)(model).count == 1
+    _close_relative(model(rows), expected, f"(N, F) output after {tool}")
+    with pytest.raises(ValueError, match=rf"0 \(Linear\): {tool} rewrote it .* \(3, 4, 4\)"):
+        model(torch.randn(3, 4, 4))
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 4\)"):
+        model[0](input=torch.randn(3, 4, 4))
+    # The check is no obstacle to a later rewrite, a copy or pickling.
+    if tool == "drop_redundant_bias":
+        assert bn.fold(model).count == 1
+        assert len(model[0]._forward_pre_hooks) == 1
+    copied = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    _close_relative(copied(rows), expected, "output of a pickled copy")
+
+
+def test_convert_refuses_a_batch_act_called_with_a_residual() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 3, 1), bn.BatchNormAct2d(3, "identity")
+
+        def forward(self, x):
+            return self.norm(self.conv(x), x)
+
+    model = Residual()
+    for tool in (lambda m: bn.convert(m, "torch"), lambda m: bn.convert(m, "ghost"), bn.freeze):
+        with pytest.raises(ValueError, match=r"norm \(BatchNormAct2d\) is called with a residual"):
+            tool(model)
+        assert type(model.norm) is bn.BatchNormAct2d
+    assert type(bn.convert(model, "batch_act").norm) is bn.BatchNormAct2d
+    # Without a residual an identity BatchNormAct is plain batch norm.
+    plain = bn.convert(nn.Sequential(bn.BatchNormAct2d(3, "identity")), "torch")
+    assert type(plain[0]) is nn.BatchNorm2d
 
 
 def test_fold_leaves_unsafe_pairs_alone() -> None:
@@ -321,10 +472,19 @@ def test_recalibrate_gives_statistics_of_the_concatenated_data() -> None:
     assert_close(layer.running_var, torch.cat(batches[:2]).var(0), 1e-6, 1e-6, "first two batches")
 
 
-def test_recalibrate_downstream_layers_see_batch_normalized_inputs() -> None:
+@pytest.mark.parametrize("first", [
+    lambda: bn.BatchNorm1d(4),
+    # During the pass Ghost normalizes the whole batch, and Renorm uses r = 1, d = 0:
+    # their r and d (chunks) would otherwise come from the statistics being replaced.
+    lambda: bn.GhostBatchNorm1d(4, virtual_batch_size=2),
+    lambda: bn.BatchRenorm1d(4, r_max=3.0, d_max=5.0),
+], ids=["batch", "ghost", "renorm"])
+def test_recalibrate_downstream_layers_see_batch_normalized_inputs(first) -> None:
     gen = torch.Generator().manual_seed(1)
-    model = nn.Sequential(bn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model = nn.Sequential(first(), nn.Dropout(0.5), nn.Linear(4, 3), nn.BatchNorm1d(3))
     model = _randomize(model).double()
+    settings = (getattr(model[0], "virtual_batch_size", None), getattr(model[0], "r_max", None),
+                getattr(model[0], "d_max", None))
     model.train()
     model[3].eval()
     modes = [m.training for m in model.modules()]
@@ -347,6 +507,29 @@ def test_recalibrate_downstream_layers_see_batch_normalized_inputs() -> None:
     assert model[0].momentum is None and model[3].momentum == 0.1
     assert int(model[3].num_batches_tracked) == 5
     assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+    assert settings == (getattr(model[0], "virtual_batch_size", None),
+                        getattr(model[0], "r_max", None), getattr(model[0], "d_max", None))
+
+
+def test_recalibrate_layer_called_with_keyword_input_and_lazy_layers() -> None:
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = bn.BatchNorm1d(3, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.norm(input=x)
+
+    gen = torch.Generator().manual_seed(4)
+    batches = _batches(gen, [5, 7], 3)
+    model = Keyword()
+    assert bn.recalibrate(model, batches).layers == 1
+    data = torch.cat(batches)
+    assert_close(model.norm.running_mean, data.mean(0), 1e-12, 1e-12, "keyword-input running_mean")
+    assert_close(model.norm.running_var, data.var(0), 1e-12, 1e-12, "keyword-input running_var")
+    for lazy in (nn.LazyBatchNorm1d(), bn.LazyBatchNorm1d()):
+        with pytest.raises(ValueError, match=r"recalibrate: 0 \(Lazy.*has not seen an input"):
+            bn.recalibrate(nn.Sequential(lazy), batches)
 
 
 def test_recalibrate_torch_layers_and_errors() -> None:

@@ -10,8 +10,12 @@ any hooks that were on the old layers.
 
 from __future__ import annotations
 
+import ast
+import functools
 import inspect
 import itertools
+import sys
+import textwrap
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -147,13 +151,18 @@ def _is_uninitialized(module: nn.Module) -> bool:
     )
 
 
-def _check_initialized(module: nn.Module, name: str) -> None:
-    if _is_uninitialized(module):
-        raise ValueError(
-            f"{name or 'model'} ({type(module).__name__}) is a lazy layer that has not "
-            "seen an input yet; run one forward pass before rewriting the model (convert "
-            f"to {', '.join(repr(k) for k in _LAZY)} makes it the lazy layer of that kind)"
-        )
+def _check_initialized(module: nn.Module, name: str, what: str | None = None) -> None:
+    """A clear error for a lazy layer without its shapes; ``what``: the tool called, for
+    tools that need the layer's statistics (else the rewriting tools' message)."""
+    if not _is_uninitialized(module):
+        return
+    layer = f"{name or 'model'} ({type(module).__name__}) is a lazy layer that has not seen an input yet"
+    if what is not None:
+        raise ValueError(f"{what}: {layer}; run one forward pass first, so it has its statistics")
+    raise ValueError(
+        f"{layer}; run one forward pass before rewriting the model (convert "
+        f"to {', '.join(repr(k) for k in _LAZY)} makes it the lazy layer of that kind)"
+    )
 
 
 def _build_lazy(
@@ -250,14 +259,7 @@ def _build(
     else:
         config = {"eps": old.eps}
         if not frozen_source:
-            config.update(momentum=old.momentum, affine=old.affine,
-                          track_running_stats=old.track_running_stats)
-            if old.affine and getattr(old, "bias", None) is None:
-                config["bias"] = False
-            if isinstance(old, _BatchNormBase) and isinstance(cls, type) and issubclass(
-                cls, _BatchNormBase
-            ):
-                config.update(backend=old.backend, check_finite=old.check_finite)
+            config.update(_trainable_config(old, cls))
         if kind == "batch_act":
             # A plain BN becomes BN + identity: the model computes the same function.
             config["activation"] = "identity"
@@ -269,9 +271,69 @@ def _build(
     except TypeError as e:
         raise TypeError(f"convert: cannot build a {kind!r} layer for {where}: {e}") from e
     _copy_state(old, new)
+    if kind == "frozen" and not frozen_source:
+        new._thawed = _Thawed.of(old)  # so that unfreeze can give the layer back
     source = layer_rank(old)
     if layer_rank(new) is None and source is not None:
         new._source_dim = source  # so a later convert back knows the rank
+    new.train(old.training)
+    return new
+
+
+def _trainable_config(old: nn.Module, cls: Any) -> dict[str, Any]:
+    """The settings of a trainable layer that a trainable layer of class ``cls`` takes."""
+    config: dict[str, Any] = {
+        "momentum": old.momentum, "affine": old.affine,
+        "track_running_stats": old.track_running_stats,
+    }
+    if old.affine and getattr(old, "bias", None) is None:
+        config["bias"] = False
+    if isinstance(old, _BatchNormBase) and isinstance(cls, type) and issubclass(cls, _BatchNormBase):
+        config.update(backend=old.backend, check_finite=old.check_finite)
+    return config
+
+
+class _Thawed(NamedTuple):
+    """What :func:`freeze` keeps on a frozen layer of the trainable layer it replaced, so
+    that :func:`unfreeze` builds that layer again: its class, its settings (eps aside,
+    which the frozen layer has), its parameters' ``requires_grad`` and its counter."""
+
+    cls: type[nn.Module]
+    config: dict[str, Any]
+    requires_grad: dict[str, bool]
+    num_batches_tracked: int | None
+
+    @staticmethod
+    def of(old: nn.Module) -> _Thawed:
+        cls = type(old)
+        config = {**_trainable_config(old, cls), **_family_kwargs(old, cls)}
+        # A process group is a live handle of this run, not a setting to keep.
+        config.pop("process_group", None)
+        flags = {
+            key: p.requires_grad for key in ("weight", "bias")
+            if isinstance(p := getattr(old, key, None), nn.Parameter)
+        }
+        tracked = getattr(old, "num_batches_tracked", None)
+        return _Thawed(cls, config, flags, None if tracked is None else int(tracked))
+
+
+def _thaw(old: _FrozenBatchNorm, record: _Thawed, name: str) -> nn.Module:
+    """The layer ``record`` describes, with the frozen layer's state and mode."""
+    try:
+        new = record.cls(old.num_features, eps=old.eps, **_factory_of(old), **record.config)
+    except TypeError as e:
+        where = name or "the model's root"
+        raise TypeError(f"unfreeze: cannot rebuild {record.cls.__name__} for {where}: {e}") from e
+    _copy_state(old, new)
+    with torch.no_grad():
+        for key, flag in record.requires_grad.items():
+            getattr(new, key).requires_grad_(flag)
+        tracked = getattr(new, "num_batches_tracked", None)
+        if isinstance(tracked, Tensor) and record.num_batches_tracked is not None:
+            tracked.fill_(record.num_batches_tracked)
+    source = getattr(old, "_source_dim", None)
+    if source is not None and layer_rank(new) is None:
+        new._source_dim = source
     new.train(old.training)
     return new
 
@@ -391,8 +453,32 @@ def _convert(
         dim = layer_rank(old) or default_dim
         return _build(old, kind, dim, kwargs, name, what)
 
+    cls = _target_class(kind, default_dim)
+    if not (isinstance(cls, type) and issubclass(cls, _BatchNormAct)):
+        _check_no_residual(model, what, kind)
     _warn_left_alone(model, what, _is_batch_norm)
     return _replace(model, _is_batch_norm, build)
+
+
+def _check_no_residual(model: nn.Module, what: str, kind: str) -> None:
+    """ValueError if the model calls a BatchNormAct layer with a residual, which a layer
+    of ``kind`` (no residual input) could not take. Seen in the model's fx graph; a
+    model fx cannot trace is not checked here, and the new layer then raises TypeError
+    at its first call with a residual."""
+    if not any(isinstance(m, _BatchNormAct) for m in model.modules()):
+        return
+    submodules = dict(model.named_modules())
+    for graph in _traces_or_none(model) or []:
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(submodules[node.target], _BatchNormAct):
+                continue
+            if len(node.args) > 1 or set(node.kwargs) - {"input"}:
+                raise ValueError(
+                    f"{what}: {node.target} ({type(submodules[node.target]).__name__}) is "
+                    f"called with a residual, which a {kind!r} layer does not take, so "
+                    "converting it would change the model (convert to 'batch_act', or add "
+                    "the residual outside the layer)"
+                )
 
 
 def freeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
@@ -411,16 +497,27 @@ def freeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
 
 
 def unfreeze(model: nn.Module, *, default_dim: int = 2) -> nn.Module:
-    """Replace every frozen layer with this package's trainable :class:`BatchNorm2d` (1d/3d).
+    """Replace every frozen layer with a trainable one, with the frozen weight, bias and
+    statistics and the frozen layer's train/eval mode.
 
-    The new layers get the frozen weight, bias and statistics, ``momentum=0.1`` and
-    ``num_batches_tracked = 0``, and the frozen layer's train/eval mode. ``default_dim``
-    is the rank for a frozen layer of no fixed rank.
+    A layer that :func:`freeze` (or ``convert(..., "frozen")``) made becomes the layer it
+    replaced again: the same class (torch's, this package's, Ghost, Renorm, ...), the
+    same settings (momentum, affine, bias, track_running_stats, backend, the family's
+    own), ``requires_grad`` flags and ``num_batches_tracked`` (which ``momentum=None``
+    averages by). ``unfreeze(freeze(m))`` is ``m`` with the statistics and affine of the
+    frozen layers. A frozen layer built or loaded as such becomes this package's
+    :class:`BatchNorm2d` (1d/3d) with ``momentum=0.1`` and ``num_batches_tracked = 0``;
+    ``default_dim`` is the rank for one of no fixed rank. The record of the source
+    layer is kept on the frozen module (through ``copy.deepcopy`` and pickling), not in
+    its state_dict.
     """
     if default_dim not in (1, 2, 3):
         raise ValueError(f"unfreeze: default_dim must be 1, 2 or 3, got {default_dim!r}")
 
     def build(old: nn.Module, name: str) -> nn.Module:
+        record = getattr(old, "_thawed", None)
+        if isinstance(record, _Thawed):
+            return _thaw(old, record, name)
         return _build(old, "batchnorm", layer_rank(old) or default_dim, {}, name, "unfreeze")
 
     return _replace(model, lambda m: isinstance(m, _FrozenBatchNorm), build)
@@ -447,30 +544,38 @@ def _out_channels(module: nn.Module) -> int:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """symbolic_trace's tracer, but batch-norm layers and producers are never traced into."""
+    """symbolic_trace's tracer, but batch-norm layers and producers are never traced into,
+    nor (with ``children_as_leaves``) the traced module's direct children."""
+
+    def __init__(self, children_as_leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.children_as_leaves = children_as_leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             _has_channel_statistics(m) or _is_producer(m)
+            or module_qualified_name in self.children_as_leaves
             or super().is_leaf_module(m, module_qualified_name)
         )
 
 
-def _traces(module: nn.Module) -> list[torch.fx.Graph]:
+def _traces(module: nn.Module, children_as_leaves: bool = False) -> list[torch.fx.Graph]:
     """The fx graphs of ``module.forward``: every argument symbolic, and, when forward has
     optional arguments, once more with those at their defaults.
 
     Under tracing an optional argument is a Proxy, so ``if skip is None: skip = y``
     takes the branch a real call with the default would not; a pair counts only if it
-    is a pair in both graphs.
+    is a pair in both graphs. With ``children_as_leaves`` the direct children are not
+    traced into (a child fx cannot trace then does not stop the trace).
     """
-    graphs = [_LeafTracer().trace(module)]
+    leaves = frozenset(module._modules) if children_as_leaves else frozenset()
+    graphs = [_LeafTracer(leaves).trace(module)]
     defaults = {
         name: p.default for name, p in inspect.signature(module.forward).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
     if defaults:
-        graphs.append(_LeafTracer().trace(module, concrete_args=defaults))
+        graphs.append(_LeafTracer(leaves).trace(module, concrete_args=defaults))
     return graphs
 
 
@@ -500,47 +605,188 @@ def _graph_pairs(module: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, st
     return pairs
 
 
-def _traced_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
+def _traces_or_none(
+    module: nn.Module, children_as_leaves: bool = False
+) -> list[torch.fx.Graph] | None:
+    """_traces, or None where fx cannot trace the module."""
+    try:
+        return _traces(module, children_as_leaves)
+    except Exception:  # noqa: BLE001 - fx raises many kinds of errors for untraceable code
+        return None
+
+
+def _common_pairs(module: nn.Module, graphs: list[torch.fx.Graph]) -> list[tuple[str, str]]:
+    common = set.intersection(*(set(_graph_pairs(module, g)) for g in graphs))
+    return [pair for pair in _graph_pairs(module, graphs[0]) if pair in common]
+
+
+# The names through which a method reaches a module's children without naming one.
+_CHILD_ACCESSORS = frozenset({
+    "_modules", "__dict__", "children", "named_children", "modules", "named_modules",
+    "get_submodule", "apply", "__getattr__", "__getitem__", "__iter__",
+})
+
+
+def _whole_called_children(module: nn.Module) -> set[str]:
+    """The children that every method of ``module``'s classes uses only as ``self.child(...)``.
+
+    For a module whose forward fx cannot trace, its source is the only account of how
+    it uses its children: a child also reached another way (``for m in self.body``,
+    ``self.body[0](x)``, kept in a list, handed to a function) may have its
+    intermediate outputs read, so no pair inside it is safe. ``self`` itself used
+    other than through an attribute (``getattr(self, name)``, ``f(self)``), or source
+    that cannot be read, makes every child unsafe.
+    """
+    names = set(module._modules)
+    safe = set(names)
+    for cls in type(module).__mro__:
+        if cls in (nn.Module, object):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        except (OSError, TypeError, SyntaxError):
+            return set()
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            arguments = function.args.posonlyargs + function.args.args
+            if not arguments:
+                continue
+            me = arguments[0].arg
+            for node in ast.walk(function):
+                if not (isinstance(node, ast.Name) and node.id == me) or node is arguments[0]:
+                    continue
+                use = parents.get(node)
+                if not isinstance(use, ast.Attribute):
+                    return set()  # self passed on or iterated: any child may be reached
+                if use.attr in _CHILD_ACCESSORS:
+                    return set()
+                if use.attr in names and isinstance(use.ctx, ast.Load) and not (
+                    isinstance(parents.get(use), ast.Call) and parents[use].func is use
+                ):
+                    safe.discard(use.attr)
+    return safe
+
+
+def _traced_pairs(
+    module: nn.Module, prefix: str, untraced: list[str]
+) -> list[tuple[str, str]]:
     """(producer, bn) qualified names found in the module's fx graphs (see _graph_pairs).
 
-    A module whose forward cannot be traced (data-dependent control flow, ...) is
-    searched through its children instead; for an nn.Sequential the order of the
-    children is the data flow, so consecutive children pair up directly.
+    When fx cannot trace the module, the search goes by what is known of how it uses
+    its children, and only into children it calls as a whole (whose inside no one else
+    reads):
+
+    1. Traced with its children as leaves (a child fx cannot trace stopped the trace):
+       the graph gives the pairs among the children, and shows which children are only
+       called (nothing inside one is called or read directly).
+    2. An nn.Sequential: the order of the children is the data flow, so consecutive
+       children pair up, and each child is called as a whole.
+    3. Otherwise (its own forward has data-dependent control flow, say), the children
+       that its source only ever calls (see _whole_called_children).
+
+    The qualified names of modules left unsearched because of that go to ``untraced``.
     """
-    try:
-        graphs = _traces(module)
-    except Exception:  # noqa: BLE001 - fx raises many kinds of errors for untraceable code
-        pairs: list[tuple[str, str]] = []
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (n1, a), (n2, b) in itertools.pairwise(children):
-                if _is_producer(a) and _is_batch_norm(b):
-                    pairs.append((prefix + n1, prefix + n2))
-        for name, child in module.named_children():
-            pairs += _traced_pairs(child, f"{prefix}{name}.")
-        return pairs
-    common = set.intersection(*(set(_graph_pairs(module, g)) for g in graphs))
-    return [(prefix + p, prefix + b) for p, b in _graph_pairs(module, graphs[0]) if (p, b) in common]
+    graphs = _traces_or_none(module)
+    if graphs is not None:
+        return [(prefix + p, prefix + b) for p, b in _common_pairs(module, graphs)]
+    pairs: list[tuple[str, str]] = []
+    children = dict(module.named_children())
+    graphs = _traces_or_none(module, children_as_leaves=True)
+    if graphs is not None:
+        pairs += [(prefix + p, prefix + b) for p, b in _common_pairs(module, graphs)]
+        # A child is used whole when no node calls or reads anything inside it.
+        reached_inside = {
+            str(n.target).partition(".")[0] for g in graphs for n in g.nodes
+            if n.op in ("call_module", "get_attr") and "." in str(n.target)
+        }
+        whole = set(children) - reached_inside
+    elif type(module).forward is nn.Sequential.forward:
+        for (n1, a), (n2, b) in itertools.pairwise(children.items()):
+            if _is_producer(a) and _is_batch_norm(b):
+                pairs.append((prefix + n1, prefix + n2))
+        whole = set(children)
+    else:
+        whole = _whole_called_children(module)
+    for name, child in children.items():
+        if name in whole:
+            pairs += _traced_pairs(child, f"{prefix}{name}.", untraced)
+        elif any(_is_batch_norm(m) for m in child.modules()):
+            untraced.append(f"{prefix}{name}")
+    return pairs
+
+
+def _require_rows(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                  name: str, tool: str) -> None:
+    """Forward pre-hook on a Linear that ``tool`` rewrote with the batch norm after it.
+
+    The rewrite holds for (N, features) inputs only: on (N, L, features) the Linear acts
+    on the last dim, a BatchNorm1d on dim 1, and the folded scale (or the dropped bias)
+    is wrong. Which ranks a model feeds cannot be seen without running it, so the
+    rewritten Linear checks each call.
+    """
+    x = args[0] if args else kwargs.get("input")
+    if isinstance(x, Tensor) and x.dim() != 2:
+        raise ValueError(
+            f"{name or 'model'} (Linear): {tool} rewrote it with the batch norm after it, which "
+            f"holds for (N, features) inputs only, but got input of shape {tuple(x.shape)}; "
+            f"rewrite a copy of the model from before {tool} with the batch norm kept "
+            "(or reshape to 2-d around the pair)"
+        )
+
+
+def _guard_rows(producer: nn.Module, name: str, tool: str) -> None:
+    if isinstance(producer, nn.Linear) and not any(
+        _is_guard(h) for h in producer._forward_pre_hooks.values()
+    ):
+        producer.register_forward_pre_hook(
+            functools.partial(_require_rows, name=name, tool=tool), with_kwargs=True
+        )
+
+
+def _is_guard(hook: Any) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _require_rows
 
 
 def _has_hooks(module: nn.Module) -> bool:
     # A forward pre-hook may recompute the weight (torch.nn.utils.weight_norm,
-    # spectral_norm), undoing a fold; a forward hook may change the output.
-    return bool(module._forward_pre_hooks or module._forward_hooks)
+    # spectral_norm), undoing a fold; a forward hook may change the output. The rank
+    # guard of an earlier fold or drop_redundant_bias changes nothing.
+    pre = [h for h in module._forward_pre_hooks.values() if not _is_guard(h)]
+    return bool(pre or module._forward_hooks)
 
 
-def _feeding_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+def _warn_untraced(untraced: list[str], what: str) -> None:
+    if untraced:
+        shown = ", ".join(untraced[:5]) + (", ..." if len(untraced) > 5 else "")
+        warnings.warn(
+            f"{what}: left the batch norms in {shown} alone: fx cannot trace the module "
+            "that holds each, and that module reaches it other than by calling it whole "
+            "(iterating over it, indexing it, ...), so a rewrite there could change what "
+            f"it reads; call {what} on a part it calls whole (it rewrites in place)",
+            stacklevel=4  # the caller of fold / drop_redundant_bias,
+        )
+
+
+def _feeding_pairs(
+    model: nn.Module, what: str
+) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """Every producer -> batch-norm pair of the model that can be rewritten on its own.
 
     Each module is used exactly once, has no forward hooks, and the producer's
     parameters belong to it alone (a tied weight would change the other user too).
-    A Linear pairs only with a 1-d (or rank-agnostic) batch norm.
+    A Linear pairs only with a 1-d (or rank-agnostic) batch norm. Parts of the model
+    that could not be searched are named in a warning from ``what``.
     """
     occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     found: list[tuple[str, nn.Module, str, nn.Module]] = []
     seen: set[str] = set()
-    for producer_name, bn_name in _traced_pairs(model, ""):
+    untraced: list[str] = []
+    pairs = _traced_pairs(model, "", untraced)
+    _warn_untraced(untraced, what)
+    for producer_name, bn_name in pairs:
         if bn_name in seen:
             continue
         seen.add(bn_name)
@@ -625,15 +871,20 @@ def fold(model: nn.Module) -> Rewritten:
     float64, rounded once to the weight's dtype.
 
     Pairs are found in the model's torch.fx graph (Conv1d/2d/3d, ConvTranspose1d/2d/3d
-    and Linear — exact types — whose output has the batch norm as its only user), and,
-    for parts that fx cannot trace, between consecutive children of nn.Sequential.
-    Left alone, since folding them could change the model: layers used more than
+    and Linear — exact types — whose output has the batch norm as its only user). Where
+    fx cannot trace a module, the search goes only into the children it is known to
+    call whole: those its graph with the children kept opaque shows only called, every
+    child of an nn.Sequential (whose consecutive children pair up), or else those its
+    source only ever calls as ``self.child(...)``; the batch norms in the other
+    children are left alone, with a warning naming them. Left alone, since folding them could change the model: layers used more than
     once; producers whose parameters are shared with another module or read directly
     elsewhere in the forward; modules with forward hooks (``weight_norm`` and
     ``spectral_norm`` recompute the weight in one); layers without running
     statistics; batch norms called with a residual; batch-norm subclasses that
-    override ``forward``. A Linear pairs only with a 1-d batch norm and is assumed to
-    produce (N, features) activations, whose dim 1 is the batch norm's channel dim.
+    override ``forward``. A Linear pairs only with a 1-d (or rank-agnostic) batch
+    norm, and the pair holds only for (N, features) activations, whose dim 1 is the
+    batch norm's channel dim: the folded Linear gets a forward pre-hook that raises
+    ValueError on an input of another rank, where the fold would be wrong.
     A forward with optional arguments is traced with them symbolic and at their
     defaults, and only pairs found in both count.
 
@@ -655,11 +906,12 @@ def fold(model: nn.Module) -> Rewritten:
     for name, m in model.named_modules():
         _check_initialized(m, name)
     count = 0
-    for _, producer, bn_name, layer in _feeding_pairs(model):
+    for producer_name, producer, bn_name, layer in _feeding_pairs(model, "fold"):
         affine = _eval_affine(layer)
         if affine is None:
             continue
         _scale_output_channels(producer, *affine)
+        _guard_rows(producer, producer_name, "fold")
         rest = layer.activation_module() if isinstance(layer, _BatchNormAct) else nn.Identity()
         _set_submodule(model, bn_name, rest.train(False))
         count += 1
@@ -678,7 +930,9 @@ def drop_redundant_bias(model: nn.Module) -> Rewritten:
     (``running_mean -= bias``): eval-mode outputs stay the same, and the estimate stays
     consistent with the unbiased outputs training will now produce. Batch renorm's d
     and ghost batch norm's chunks are unchanged by the shift too. The pairs are those
-    :func:`fold` finds; the model can be in either mode and is changed in place.
+    :func:`fold` finds; the model can be in either mode and is changed in place. As
+    there, a Linear whose bias was removed gets a forward pre-hook that raises
+    ValueError on an input that is not (N, features), where the bias was not redundant.
 
     Returns:
         ``Rewritten(model, count)``: the number of biases removed.
@@ -686,7 +940,7 @@ def drop_redundant_bias(model: nn.Module) -> Rewritten:
     for name, m in model.named_modules():
         _check_initialized(m, name)
     count = 0
-    for _, producer, _, layer in _feeding_pairs(model):
+    for producer_name, producer, _, layer in _feeding_pairs(model, "drop_redundant_bias"):
         bias = producer.bias
         if bias is None:
             continue
@@ -694,6 +948,7 @@ def drop_redundant_bias(model: nn.Module) -> Rewritten:
             if layer.running_mean is not None:
                 layer.running_mean.sub_(bias.detach().to(layer.running_mean.dtype))
         producer.bias = None
+        _guard_rows(producer, producer_name, "drop_redundant_bias")
         count += 1
     return Rewritten(model, count)
 
@@ -784,7 +1039,11 @@ def recalibrate(
     batch-norm layers run in training mode, so every layer normalizes with its batch's
     statistics and the layers downstream see inputs normalized that way (as fvcore's
     precise BN does; with reasonably large batches these approach the population-
-    normalized inputs). Every other module runs in eval mode: dropout is off, so the
+    normalized inputs). That holds for the family too: during the pass a Ghost layer
+    normalizes the whole batch at once, not chunk by chunk, and a Batch Renorm layer
+    uses r = 1 and d = 0 (its r and d come from the running statistics that the pass
+    replaces, so the layers after it would otherwise record inputs scaled by the old
+    statistics). Every other module runs in eval mode: dropout is off, so the
     statistics match what the layers see at inference. Momentum is set to 0 during the
     pass so no layer's running statistics drift; the parameters are never touched.
 
@@ -835,7 +1094,15 @@ def recalibrate(
         and m.running_var is not None
     ]
     layers = [*plain, *recurrent]
+    recalibrated = {id(m) for m in layers}
+    for name, m in model.named_modules():
+        if id(m) in recalibrated:
+            _check_initialized(m, name, "recalibrate")
     modes = [(m, m.training) for m in model.modules()]
+    # Settings that make the family's layers normalize with their batch's statistics
+    # during the pass (see above), restored afterwards.
+    settings = [(m, m.virtual_batch_size) for m in plain if isinstance(m, _GhostBatchNorm)]
+    limits = [(m, m.r_max, m.d_max) for m in plain if isinstance(m, _BatchRenorm)]
     saved = [
         (m, m.momentum, m.running_mean.clone(), m.running_var.clone(),
          None if m.num_batches_tracked is None else m.num_batches_tracked.clone(),
@@ -858,9 +1125,10 @@ def recalibrate(
         if stats is not None:
             pending.append((key, stats))
 
-    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor):
-            stage((id(module), None), args[0], id(module) not in groups)
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, Tensor):
+            stage((id(module), None), x, id(module) not in groups)
 
     def record_step(
         module: RecurrentBatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -876,7 +1144,7 @@ def recalibrate(
             x = x[module._check_mask(mask, x)]  # the layer's own reading of a mask
         stage((id(module), module.slot(t)), x, True)
 
-    hooks = [m.register_forward_pre_hook(record) for m in plain]
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in plain]
     hooks += [m.register_forward_pre_hook(record_step, with_kwargs=True) for m in recurrent]
     # Inputs go to the device of the model's first parameter (or buffer), if any.
     first = next(iter([*model.parameters(), *model.buffers()]), None)
@@ -888,6 +1156,10 @@ def recalibrate(
         for m in layers:
             m.train()
             m.momentum = 0.0
+        for m, _ in settings:
+            m.virtual_batch_size = sys.maxsize  # one chunk: plain batch norm
+        for m, _, _ in limits:
+            m.r_max, m.d_max = 1.0, 0.0  # r = 1, d = 0: plain batch norm
         with torch.no_grad():
             for x in _inputs(batches, num_batches):
                 pending.clear()
@@ -915,6 +1187,10 @@ def recalibrate(
             h.remove()
         for m, mode in modes:
             m.training = mode
+        for m, size in settings:
+            m.virtual_batch_size = size
+        for m, r_max, d_max in limits:
+            m.r_max, m.d_max = r_max, d_max
         with torch.no_grad():
             for (m, momentum, rm, rv, tracked, skipped_buf), skipped_val in zip(saved, skipped):
                 m.momentum = momentum
