@@ -11,7 +11,6 @@ any hooks that were on the old layers.
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import itertools
 import sys
@@ -717,43 +716,35 @@ def _traced_pairs(
     return pairs
 
 
-def _require_rows(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                  name: str, tool: str) -> None:
-    """Forward pre-hook on a Linear that ``tool`` rewrote with the batch norm after it.
+def _require_rows(module: nn.Module, args: tuple[Tensor]) -> None:
+    """Forward pre-hook on a Linear that fold or drop_redundant_bias rewrote together
+    with the batch norm after it.
 
     The rewrite holds for (N, features) inputs only: on (N, L, features) the Linear acts
     on the last dim, a BatchNorm1d on dim 1, and the folded scale (or the dropped bias)
     is wrong. Which ranks a model feeds cannot be seen without running it, so the
-    rewritten Linear checks each call.
+    rewritten Linear checks each call. A plain function of the input tuple, so that
+    torch.jit.script compiles it with the model.
     """
-    x = args[0] if args else kwargs.get("input")
-    if isinstance(x, Tensor) and x.dim() != 2:
+    if len(args) > 0 and args[0].dim() != 2:  # no args: called as linear(input=x)
         raise ValueError(
-            f"{name or 'model'} (Linear): {tool} rewrote it with the batch norm after it, which "
-            f"holds for (N, features) inputs only, but got input of shape {tuple(x.shape)}; "
-            f"rewrite a copy of the model from before {tool} with the batch norm kept "
-            "(or reshape to 2-d around the pair)"
+            "Linear: fold or drop_redundant_bias rewrote it together with the batch norm "
+            "after it, which holds for (N, features) inputs only, but got input of shape "
+            + str(list(args[0].shape)) + "; rewrite a copy of the model from before with "
+            "the batch norm kept (or reshape to 2-d around the pair)"
         )
 
 
-def _guard_rows(producer: nn.Module, name: str, tool: str) -> None:
-    if isinstance(producer, nn.Linear) and not any(
-        _is_guard(h) for h in producer._forward_pre_hooks.values()
-    ):
-        producer.register_forward_pre_hook(
-            functools.partial(_require_rows, name=name, tool=tool), with_kwargs=True
-        )
-
-
-def _is_guard(hook: Any) -> bool:
-    return isinstance(hook, functools.partial) and hook.func is _require_rows
+def _guard_rows(producer: nn.Module) -> None:
+    if isinstance(producer, nn.Linear) and _require_rows not in producer._forward_pre_hooks.values():
+        producer.register_forward_pre_hook(_require_rows)
 
 
 def _has_hooks(module: nn.Module) -> bool:
     # A forward pre-hook may recompute the weight (torch.nn.utils.weight_norm,
     # spectral_norm), undoing a fold; a forward hook may change the output. The rank
     # guard of an earlier fold or drop_redundant_bias changes nothing.
-    pre = [h for h in module._forward_pre_hooks.values() if not _is_guard(h)]
+    pre = [h for h in module._forward_pre_hooks.values() if h is not _require_rows]
     return bool(pre or module._forward_hooks)
 
 
@@ -911,7 +902,7 @@ def fold(model: nn.Module) -> Rewritten:
         if affine is None:
             continue
         _scale_output_channels(producer, *affine)
-        _guard_rows(producer, producer_name, "fold")
+        _guard_rows(producer)
         rest = layer.activation_module() if isinstance(layer, _BatchNormAct) else nn.Identity()
         _set_submodule(model, bn_name, rest.train(False))
         count += 1
@@ -948,7 +939,7 @@ def drop_redundant_bias(model: nn.Module) -> Rewritten:
             if layer.running_mean is not None:
                 layer.running_mean.sub_(bias.detach().to(layer.running_mean.dtype))
         producer.bias = None
-        _guard_rows(producer, producer_name, "drop_redundant_bias")
+        _guard_rows(producer)
         count += 1
     return Rewritten(model, count)
 
