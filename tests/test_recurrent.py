@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import reference
@@ -277,10 +279,11 @@ def test_state_and_repr() -> None:
 # ---------------------------------------------------------------------------------------
 # BN-LSTM
 # ---------------------------------------------------------------------------------------
-def test_cell_follows_the_paper_equations() -> None:
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_cell_follows_the_paper_equations(bias: bool) -> None:
     """One training step of the cell, recomputed with torch's batch_norm per term."""
     torch.manual_seed(6)
-    cell = bn.BNLSTMCell(3, 4, max_timesteps=5, dtype=torch.float64)
+    cell = bn.BNLSTMCell(3, 4, max_timesteps=5, dtype=torch.float64, bias=bias)
     with torch.no_grad():
         for norm in (cell.bn_ih, cell.bn_hh, cell.bn_c):
             norm.weight.uniform_(0.5, 1.5)
@@ -293,7 +296,9 @@ def test_cell_follows_the_paper_equations() -> None:
     tf = torch.nn.functional
     wx = tf.batch_norm(x @ cell.weight_ih.T, None, None, cell.bn_ih.weight, None, training=True)
     wh = tf.batch_norm(h @ cell.weight_hh.T, None, None, cell.bn_hh.weight, None, training=True)
-    i, f, g, o = (wx + wh + cell.bias).chunk(4, 1)  # torch.nn.LSTM's gate order
+    b = cell.bias if bias else 0.0  # bias=False: no b in the gates
+    assert (cell.bias is None) == (not bias)
+    i, f, g, o = (wx + wh + b).chunk(4, 1)  # torch.nn.LSTM's gate order
     c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h_ref = torch.sigmoid(o) * torch.tanh(
         tf.batch_norm(c_ref, None, None, cell.bn_c.weight, cell.bn_c.bias, training=True)
@@ -445,7 +450,10 @@ def test_bnlstm_errors() -> None:
         lstm(x, mask=torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"h_0 must have shape .* = \(1, 3, 3\), got \(3, 3\)"):
         lstm(x, (torch.zeros(3, 3), torch.zeros(3, 3)))
-    with pytest.raises(ValueError, match=r"input of shape \(T, N, input_size=2\), got \(4, 3\)"):
+    unbatched = r"\(T, input_size=2\) unbatched"
+    with pytest.raises(
+        ValueError, match=rf"input of shape \(T, N, input_size=2\), or {unbatched}, got \(4, 3\)"
+    ):
         lstm(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"input of shape \(N, input_size=2\), got \(3, 5\)"):
         lstm.cells[0](torch.randn(3, 5), t=0)
@@ -475,3 +483,300 @@ def test_failed_sequence_leaves_every_slot_unchanged() -> None:
     assert all(torch.equal(v, before[k]) for k, v in _statistics(norm).items())
     norm.forward_sequence(x[:2])  # a call that succeeds still updates its slots
     assert norm.num_batches_tracked.tolist() == [1, 1, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# BN-LSTM: torch.nn.LSTM's interface
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [(3, 4), (3, 4, 2), (3, 4, 2, False), (3, 4, 1, True, True), (3, 4, 2, True, False, 0.5)],
+    ids=["I_H", "layers", "bias", "batch_first", "dropout"],
+)
+def test_positional_arguments_follow_torch_lstm(args: tuple) -> None:
+    """BNLSTM(*args) reads its positional arguments as torch.nn.LSTM(*args) does."""
+    ours = bn.BNLSTM(*args, max_timesteps=3)
+    theirs = torch.nn.LSTM(*args)
+    for what in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "proj_size"):
+        assert getattr(ours, what) == getattr(theirs, what), what
+    assert all((cell.bias is not None) == theirs.bias for cell in ours.cells)
+
+
+def test_bias_false_drops_the_gate_bias() -> None:
+    """bias=False is bias=True with b = 0, and the bias=True state_dict is unchanged."""
+    torch.manual_seed(12)
+    with_bias = bn.BNLSTM(3, 4, 2, max_timesteps=3, dtype=torch.float64)
+    assert list(with_bias.state_dict())[:16] == [
+        "cells.0.weight_ih", "cells.0.weight_hh", "cells.0.bias",
+        "cells.0.bn_ih.weight", "cells.0.bn_ih.running_mean", "cells.0.bn_ih.running_var",
+        "cells.0.bn_ih.num_batches_tracked",
+        "cells.0.bn_hh.weight", "cells.0.bn_hh.running_mean", "cells.0.bn_hh.running_var",
+        "cells.0.bn_hh.num_batches_tracked",
+        "cells.0.bn_c.weight", "cells.0.bn_c.bias", "cells.0.bn_c.running_mean",
+        "cells.0.bn_c.running_var", "cells.0.bn_c.num_batches_tracked",
+    ]
+    no_bias = bn.BNLSTM(3, 4, 2, False, max_timesteps=3, dtype=torch.float64)
+    state = with_bias.state_dict()
+    assert list(no_bias.state_dict()) == [
+        k for k in state if k not in ("cells.0.bias", "cells.1.bias")
+    ]
+    assert all(cell.bias is None for cell in no_bias.cells) and "bias=False" in repr(no_bias)
+    no_bias.load_state_dict({k: v for k, v in state.items() if k in no_bias.state_dict()})
+    with torch.no_grad():
+        for cell in with_bias.cells:
+            cell.bias.zero_()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    out, (h, c) = no_bias(x)
+    out_ref, (h_ref, c_ref) = with_bias(x)
+    assert_close(out, out_ref, 0, 0, "output")
+    assert_close(h, h_ref, 0, 0, "h_n")
+    assert_close(c, c_ref, 0, 0, "c_n")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bidirectional": True}, r"BNLSTM: bidirectional=True is not supported"),
+        ({"proj_size": 2}, r"BNLSTM: proj_size=2 is not supported"),
+        ({"max_timesteps": 0}, r"BNLSTM: max_timesteps must be a positive int, got 0"),
+        ({"num_layers": 0}, r"BNLSTM: num_layers must be a positive int, got 0"),
+        ({"hidden_size": 0}, r"BNLSTM: hidden_size must be a positive int, got 0"),
+        ({"momentum": 2.0}, r"BNLSTM: momentum must be in \[0, 1\] or None, got 2.0"),
+        ({"dropout": 1.5}, r"BNLSTM: dropout must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_bnlstm_constructor_errors(kwargs, match) -> None:
+    args = {"input_size": 3, "hidden_size": 4, "max_timesteps": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        bn.BNLSTM(**args)
+
+
+def test_cell_constructor_errors_name_the_cell() -> None:
+    with pytest.raises(ValueError, match="BNLSTMCell: max_timesteps must be a positive int, got 0"):
+        bn.BNLSTMCell(3, 4, 0)
+    with pytest.raises(ValueError, match=r"BNLSTMCell: eps must be >= 0"):
+        bn.BNLSTMCell(3, 4, 2, eps=-1.0)
+
+
+def test_dropout_with_one_layer_warns_as_torch() -> None:
+    with pytest.warns(UserWarning, match="dropout=0.5 and num_layers=1"):
+        torch.nn.LSTM(3, 4, dropout=0.5)
+    with pytest.warns(UserWarning, match=r"BNLSTM: .*dropout=0.5 and num_layers=1"):
+        bn.BNLSTM(3, 4, dropout=0.5, max_timesteps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn.BNLSTM(3, 4, 2, dropout=0.5, max_timesteps=3)
+        bn.BNLSTM(3, 4, max_timesteps=3)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
+def test_unbatched_input_is_a_batch_of_one(batch_first: bool, with_hx: bool) -> None:
+    """(T, I) input and (L, H) states, as torch.nn.LSTM takes them; eval mode."""
+    torch.manual_seed(13)
+    T, D, H, L = 7, 3, 4, 2
+    lstm = bn.BNLSTM(D, H, L, batch_first=batch_first, max_timesteps=4, dtype=torch.float64)
+    lstm(torch.randn(T, 6, D, dtype=torch.float64))  # some running statistics
+    lstm.eval()
+    x = torch.randn(T, D, dtype=torch.float64)
+    hx = (torch.randn(L, H, dtype=torch.float64), torch.randn(L, H, dtype=torch.float64))
+    out, (h, c) = lstm(x, hx if with_hx else None)
+    out_t, (h_t, c_t) = torch.nn.LSTM(D, H, L, batch_first=batch_first).double()(
+        x, hx if with_hx else None
+    )
+    assert out.shape == out_t.shape == (T, H)
+    assert h.shape == h_t.shape == c.shape == c_t.shape == (L, H)
+    batch = x.unsqueeze(0 if batch_first else 1)
+    hx_batch = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if with_hx else None
+    out_b, (h_b, c_b) = lstm(batch, hx_batch)
+    assert_close(out, out_b.squeeze(0 if batch_first else 1), 0, 0, "output")
+    assert_close(h, h_b.squeeze(1), 0, 0, "h_n")
+    assert_close(c, c_b.squeeze(1), 0, 0, "c_n")
+
+
+def test_unbatched_input_errors() -> None:
+    lstm = bn.BNLSTM(3, 4, 2, max_timesteps=4)
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"BNLSTM: unbatched input .* training batch of 1 seq"):
+        lstm(x)  # training: one row per step
+    lstm.eval()
+    with pytest.raises(ValueError, match=r"h_0 must have shape \(num_layers, hidden_size\) = "
+                                         r"\(2, 4\) for unbatched input, got \(2, 1, 4\)"):
+        lstm(x, (torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)))
+    with pytest.raises(ValueError, match="lengths and mask need batched input"):
+        lstm(x, lengths=[5])
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_packed_sequence_equals_padded_with_lengths(enforce_sorted, batch_first) -> None:
+    """A PackedSequence gives what the padded batch with its lengths gives: the output
+    packed as the input, h_n/c_n in the caller's order, the same statistics and grads."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(14)
+    T, D, H, L = 6, 3, 5, 2
+    lengths = [6, 6, 6, 4, 4] if enforce_sorted else [6, 6, 4, 6, 4]
+    N = len(lengths)
+    packed_lstm = bn.BNLSTM(D, H, L, batch_first=batch_first, max_timesteps=4,
+                            dtype=torch.float64)
+    padded_lstm = bn.BNLSTM(D, H, L, batch_first=batch_first, max_timesteps=4,
+                            dtype=torch.float64)
+    padded_lstm.load_state_dict(packed_lstm.state_dict())
+    x = torch.randn(T, N, D, dtype=torch.float64)  # time-major; batch_first only for padded
+    hx = (torch.randn(L, N, H, dtype=torch.float64), torch.randn(L, N, H, dtype=torch.float64))
+    for mode in ("train", "eval"):
+        getattr(packed_lstm, mode)()
+        getattr(padded_lstm, mode)()
+        x_packed = x.clone().requires_grad_()
+        packed = pack_padded_sequence(x_packed, lengths, enforce_sorted=enforce_sorted)
+        out, (h, c) = packed_lstm(packed, hx)
+        x_padded = x.clone().requires_grad_()
+        out_ref, (h_ref, c_ref) = padded_lstm(
+            x_padded.transpose(0, 1) if batch_first else x_padded, hx, lengths=lengths
+        )
+        out_ref = out_ref.transpose(0, 1) if batch_first else out_ref
+        assert isinstance(out, PackedSequence)
+        assert torch.equal(out.batch_sizes, packed.batch_sizes)
+        for what in ("sorted_indices", "unsorted_indices"):
+            ours, theirs = getattr(out, what), getattr(packed, what)
+            assert (ours is None and theirs is None) or torch.equal(ours, theirs), what
+        expected = pack_padded_sequence(out_ref, lengths, enforce_sorted=enforce_sorted)
+        assert_close(out.data, expected.data, 1e-12, 1e-10, f"{mode} packed output")
+        unpacked, unpacked_lengths = pad_packed_sequence(out)
+        assert unpacked_lengths.tolist() == lengths
+        assert_close(unpacked, out_ref, 1e-12, 1e-10, f"{mode} unpacked output")
+        assert_close(h, h_ref, 1e-12, 1e-10, f"{mode} h_n (caller's order)")
+        assert_close(c, c_ref, 1e-12, 1e-10, f"{mode} c_n (caller's order)")
+        (out.data.sum() + h.sum()).backward()
+        (expected.data.sum() + h_ref.sum()).backward()
+        assert_close(x_packed.grad, x_padded.grad, 1e-12, 1e-10, f"{mode} input gradient")
+    for key, value in packed_lstm.state_dict().items():
+        assert_close(value, padded_lstm.state_dict()[key], 1e-12, 1e-10, key)
+    with pytest.raises(ValueError, match="a PackedSequence carries its own lengths"):
+        packed_lstm(pack_padded_sequence(x, lengths, enforce_sorted=False), lengths=lengths)
+
+
+def test_packed_sequence_shapes_follow_torch_lstm() -> None:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    packed = pack_padded_sequence(torch.randn(5, 3, 2), [3, 5, 4], enforce_sorted=False)
+    out, (h, c) = bn.BNLSTM(2, 4, 2, max_timesteps=5).eval()(packed)
+    out_t, (h_t, c_t) = torch.nn.LSTM(2, 4, 2)(packed)
+    assert out.data.shape == out_t.data.shape and torch.equal(out.batch_sizes, out_t.batch_sizes)
+    assert h.shape == h_t.shape and c.shape == c_t.shape
+
+
+def test_reset_parameters_and_flatten_parameters() -> None:
+    torch.manual_seed(15)
+    lstm = bn.BNLSTM(3, 4, 2, max_timesteps=3)
+    fresh = {k: v.clone() for k, v in lstm.state_dict().items()}
+    lstm(torch.randn(4, 5, 3))
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.add_(1.0)
+    lstm.reset_parameters()
+    for key, value in lstm.state_dict().items():
+        if "weight_ih" in key or "weight_hh" in key:
+            # New draws of torch's uniform ±1/sqrt(H) initialization.
+            assert not torch.equal(value, fresh[key]) and float(value.abs().max()) <= 0.5, key
+        else:
+            assert torch.equal(value, fresh[key]), key  # bias, γ, β and statistics
+    before = {k: v.clone() for k, v in lstm.state_dict().items()}
+    assert lstm.flatten_parameters() is None  # torch code calls it; nothing to pack
+    assert all(torch.equal(v, before[k]) for k, v in lstm.state_dict().items())
+    bn.BNLSTM(3, 4, bias=False, max_timesteps=3).reset_parameters()
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan"), 2.0])
+def test_bnlstm_float_mask_must_hold_0_and_1(value: float) -> None:
+    """As BNLSTMCell and RecurrentBatchNorm: a 0/1 float mask equals the bool mask, and
+    any other value is refused in training."""
+    torch.manual_seed(16)
+    lstm = bn.BNLSTM(3, 4, max_timesteps=3, dtype=torch.float64)
+    other = bn.BNLSTM(3, 4, max_timesteps=3, dtype=torch.float64)
+    other.load_state_dict(lstm.state_dict())
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    real = torch.ones(5, 4, dtype=torch.bool)
+    real[3:, 1] = False
+    out_float, _ = lstm(x, mask=real.to(torch.float64))
+    out_bool, _ = other(x, mask=real)
+    assert_close(out_float, out_bool, 0, 0, "0/1 float mask")
+    bad = real.to(torch.float64)
+    bad[3:, 1] = value
+    before = _statistics(lstm)
+    with pytest.raises(ValueError, match=r"BNLSTM: a floating-point mask must hold only 0"):
+        lstm(x, mask=bad)
+    assert all(torch.equal(v, before[k]) for k, v in _statistics(lstm).items())
+    cell = bn.BNLSTMCell(3, 4, 3)
+    with pytest.raises(ValueError, match=r"BNLSTMCell: a floating-point mask must hold only 0"):
+        cell(x[0].float(), t=0, mask=bad[3])
+
+
+@pytest.mark.parametrize(
+    ("shape", "t", "mask", "match"),
+    [
+        ((1, 3), 0, None, r"BNLSTMCell: time step t=0 has 1 row in input of shape \(1, 3\) in tr"),
+        ((4, 3), 2, torch.tensor([0, 1, 0, 0], dtype=torch.bool),
+         r"BNLSTMCell: time step t=2 has 1 real \(unmasked\) row in input of shape \(4, 3\)"),
+        ((4, 3), -1, None, r"BNLSTMCell: time index t must be >= 0, got -1"),
+        ((4, 3), 1.0, None, r"BNLSTMCell: time index t must be an int"),
+        ((4, 3), 0, torch.ones(3, dtype=torch.bool),
+         r"BNLSTMCell: mask must have shape \(N,\) = \(4,\) to match input \(4, 3\), got \(3,\)"),
+        ((4, 3), 0, torch.ones(4, dtype=torch.long),
+         r"BNLSTMCell: mask must be bool or floating point .* torch.int64"),
+    ],
+    ids=["one_row", "one_real_row", "negative_t", "float_t", "mask_shape", "mask_dtype"],
+)
+def test_cell_errors_name_the_cell_and_the_input(shape, t, mask, match) -> None:
+    cell = bn.BNLSTMCell(3, 4, max_timesteps=3)
+    before = _statistics(cell)
+    with pytest.raises(ValueError, match=match):
+        cell(torch.randn(shape), t=t, mask=mask)
+    assert all(torch.equal(v, before[k]) for k, v in _statistics(cell).items())
+
+
+def test_cell_one_real_row_runs_in_eval() -> None:
+    cell = bn.BNLSTMCell(3, 4, max_timesteps=3).eval()
+    h, c = cell(torch.randn(4, 3), t=0, mask=torch.tensor([0, 1, 0, 0], dtype=torch.bool))
+    assert h.shape == c.shape == (4, 4) and torch.isfinite(h).all()
+    h1, _ = cell(torch.randn(1, 3), t=0)
+    assert h1.shape == (1, 4)
+
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize(
+    ("make_call", "match"),
+    [
+        (lambda m: m(torch.randn(4, 3, 2, dtype=F64)),
+         r"BNLSTM: input dtype torch.float64 does not match weight dtype torch.float32"),
+        (lambda m: m(torch.randn(4, 3, 2), (torch.zeros(1, 3, 3, dtype=F64), torch.zeros(1, 3, 3))),
+         r"BNLSTM: h_0 dtype torch.float64 does not match weight dtype torch.float32"),
+        (lambda m: m(torch.randn(4, 3, 2), (torch.zeros(1, 3, 3), torch.zeros(1, 3, 3, dtype=F64))),
+         r"BNLSTM: c_0 dtype torch.float64 does not match weight dtype torch.float32"),
+        (lambda m: m.cells[0](torch.randn(3, 2, dtype=F64), t=0),
+         r"BNLSTMCell: input dtype torch.float64 does not match weight dtype torch.float32"),
+        (lambda m: m.cells[0](torch.randn(3, 2), (torch.zeros(3, 3, dtype=F64),
+                                                  torch.zeros(3, 3)), t=0),
+         r"BNLSTMCell: h dtype torch.float64 does not match weight dtype torch.float32"),
+    ],
+    ids=["input", "h_0", "c_0", "cell_input", "cell_h"],
+)
+def test_dtype_mismatch_is_a_clear_error(make_call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_call(bn.BNLSTM(2, 3, max_timesteps=4))
+
+
+def test_one_real_row_message_in_eval_without_running_statistics() -> None:
+    """Eval without running statistics uses batch statistics: the error says so."""
+    layer = bn.RecurrentBatchNorm(3, 2, track_running_stats=False).eval()
+    one = torch.tensor([1.0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"in eval mode without running statistics "
+                                         r"\(track_running_stats=False\)") as caught:
+        layer(torch.randn(4, 3), 0, one)
+    assert "use eval mode" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"in training; .* or use eval mode"):
+        layer.train()(torch.randn(4, 3), 0, one)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from batchnorm import functional as F
 from batchnorm.nn._base import (
@@ -67,6 +69,87 @@ def _statistics_kept_on_error(layers: Iterable[RecurrentBatchNorm]) -> Iterator[
             for buf, value in saved:
                 buf.copy_(value)
         raise
+
+
+def _time_index(name: str, t: object) -> int:
+    """The time step ``t`` as a non-negative int; errors name the layer ``name``."""
+    if isinstance(t, Tensor):
+        if t.dim() != 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(
+                f"{name}: time index t must be an int or a 0-dim integer tensor, got a "
+                f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
+            )
+        step = int(t.item())
+    elif isinstance(t, bool):
+        # ValueError for every bad time index or mask, type or shape alike: one
+        # exception to catch (the layers' documented contract).
+        raise ValueError(f"{name}: time index t must be an int, got bool {t}")  # noqa: TRY004
+    else:
+        try:
+            step = operator.index(t)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                f"{name}: time index t must be an int or a 0-dim integer tensor, got "
+                f"{type(t).__name__} {t!r}"
+            ) from None
+    if step < 0:
+        raise ValueError(f"{name}: time index t must be >= 0, got {step}")
+    return step
+
+
+def _step_mask(name: str, mask: object, x: Tensor, training: bool) -> Tensor:
+    """The mask of one time step, (N,) for the input ``x`` (N, ...), as a bool tensor."""
+    if not isinstance(mask, Tensor):
+        raise ValueError(  # noqa: TRY004 - see _time_index
+            f"{name}: mask must be a bool or floating-point tensor of shape "
+            f"({x.shape[0]},), got {type(mask).__name__}"
+        )
+    if tuple(mask.shape) != (x.shape[0],):
+        raise ValueError(
+            f"{name}: mask must have shape (N,) = ({x.shape[0]},) to match input "
+            f"{tuple(x.shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{name}: mask is on {mask.device} but input is on {x.device}")
+    return _mask_values(name, mask, training)
+
+
+def _mask_values(name: str, mask: Tensor, training: bool) -> Tensor:
+    """A bool or 0/1 floating-point mask (any shape) as bool, True for real entries.
+
+    In training a floating-point mask must hold only 0 and 1: a weight such as 0.5, or
+    NaN, has no meaning as "real or padded". Eval does not check, since the check
+    waits for the device and eval never does.
+    """
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise ValueError(
+            f"{name}: mask must be bool or floating point (1 = real, 0 = padded), "
+            f"got dtype {mask.dtype}"
+        )
+    if training and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"{name}: a floating-point mask must hold only 0 (padded) and 1 (real), "
+            f"got values {mask.unique().tolist()[:8]}"
+        )
+    return mask != 0
+
+
+def _check_positive_int(name: str, what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {what} must be a positive int, got {value!r}")
+
+
+def _check_dtype(name: str, what: str, tensor: Tensor, weight: Tensor) -> None:
+    """``tensor`` must have the weights' dtype, as torch.nn.LSTM requires, except under
+    autocast, which casts the products itself."""
+    if tensor.dtype != weight.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise ValueError(
+            f"{name}: {what} dtype {tensor.dtype} does not match weight dtype "
+            f"{weight.dtype}; convert the {what} (.to({weight.dtype})) or the module "
+            f"(.to({tensor.dtype}))"
+        )
 
 
 class RecurrentBatchNorm(nn.Module):
@@ -187,12 +270,7 @@ class RecurrentBatchNorm(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_layer_args(name, num_features, eps, momentum, backend)
-        if (
-            isinstance(max_timesteps, bool)
-            or not isinstance(max_timesteps, int)
-            or max_timesteps < 1
-        ):
-            raise ValueError(f"{name}: max_timesteps must be a positive int, got {max_timesteps!r}")
+        _check_positive_int(name, "max_timesteps", max_timesteps)
         self.num_features = num_features
         self.max_timesteps = max_timesteps
         self.eps = eps
@@ -287,11 +365,18 @@ class RecurrentBatchNorm(nn.Module):
         if count == x.shape[0]:
             return normalize(x)
         if count * (x.numel() // max(1, x.shape[0] * x.shape[1])) == 1:
+            # Without running statistics eval normalizes with batch statistics too, and
+            # "use eval mode" would not help there.
+            if self.training:
+                where = "in training"
+                fixes = "mask it as padding too, group sequences by length, or use eval mode"
+            else:
+                where = "in eval mode without running statistics (track_running_stats=False)"
+                fixes = "mask it as padding too or group sequences by length"
             raise ValueError(
                 f"{name}: time step t={step} has 1 real (unmasked) row of shape "
-                f"{tuple(x.shape[1:])} in training; batch statistics need more than 1 value "
-                "per channel (mask it as padding too, group sequences by length, or use eval "
-                "mode)"
+                f"{tuple(x.shape[1:])} {where}; batch statistics need more than 1 value "
+                f"per channel ({fixes})"
             )
         y_real = normalize(x.index_select(0, rows))
         out = torch.zeros(x.shape, dtype=y_real.dtype, device=x.device)
@@ -331,61 +416,11 @@ class RecurrentBatchNorm(nn.Module):
         return torch.stack(steps)
 
     def _time_index(self, t: object) -> int:
-        name = type(self).__name__
-        if isinstance(t, Tensor):
-            if t.dim() != 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise ValueError(
-                    f"{name}: time index t must be an int or a 0-dim integer tensor, got a "
-                    f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
-                )
-            step = int(t.item())
-        elif isinstance(t, bool):
-            # ValueError for every bad time index or mask, type or shape alike: one
-            # exception to catch (the layer's documented contract).
-            raise ValueError(f"{name}: time index t must be an int, got bool {t}")  # noqa: TRY004
-        else:
-            try:
-                step = operator.index(t)  # type: ignore[arg-type]
-            except TypeError:
-                raise ValueError(
-                    f"{name}: time index t must be an int or a 0-dim integer tensor, got "
-                    f"{type(t).__name__} {t!r}"
-                ) from None
-        if step < 0:
-            raise ValueError(f"{name}: time index t must be >= 0, got {step}")
-        return step
+        return _time_index(type(self).__name__, t)
 
     def _check_mask(self, mask: object, x: Tensor) -> Tensor:
         """The mask as a bool (N,) tensor on x's device."""
-        name = type(self).__name__
-        if not isinstance(mask, Tensor):
-            raise ValueError(  # noqa: TRY004 - see _time_index
-                f"{name}: mask must be a bool or floating-point tensor of shape "
-                f"({x.shape[0]},), got {type(mask).__name__}"
-            )
-        if tuple(mask.shape) != (x.shape[0],):
-            raise ValueError(
-                f"{name}: mask must have shape (N,) = ({x.shape[0]},) to match input "
-                f"{tuple(x.shape)}, got {tuple(mask.shape)}"
-            )
-        if mask.device != x.device:
-            raise ValueError(f"{name}: mask is on {mask.device} but input is on {x.device}")
-        if mask.dtype == torch.bool:
-            return mask
-        if not mask.is_floating_point():
-            raise ValueError(
-                f"{name}: mask must be bool or floating point (1 = real row, 0 = padded), "
-                f"got dtype {mask.dtype}"
-            )
-        real = mask != 0
-        if not self.training:
-            return real  # no host check in eval, which never waits for the device
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(
-                f"{name}: a floating-point mask must hold only 0 (padded) and 1 (real), "
-                f"got values {mask.unique().tolist()[:8]}"
-            )
-        return real
+        return _step_mask(type(self).__name__, mask, x, self.training)
 
     def extra_repr(self) -> str:
         text = (
@@ -421,10 +456,13 @@ class BNLSTMCell(nn.Module):
     Parameters follow :class:`torch.nn.LSTMCell`'s layout and gate order (i, f, g, o):
     ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), and one ``bias`` (4H,) in place of
     ``bias_ih + bias_hh``. Weights start uniform in ±1/sqrt(H) as in torch; the bias
-    starts at 0 except the forget gate's, at 1 (keeps the memory open early on).
+    starts at 0 except the forget gate's, at 1 (keeps the memory open early on). With
+    ``bias=False`` there is no ``b`` (``bias`` is None): the gate pre-activation is
+    :math:`\mathrm{BN}_t(W_h h_{t-1}) + \mathrm{BN}_t(W_x x_t)`; β_c stays.
 
     With a ``mask`` (N,), padded rows keep their state (h, c unchanged), stay out of
-    every batch statistic, and may hold any input (it is zeroed before use).
+    every batch statistic, and may hold any input (it is zeroed before use). In
+    training a step needs 0 or at least 2 real rows (see :class:`RecurrentBatchNorm`).
 
     Args:
         input_size: I.
@@ -433,11 +471,17 @@ class BNLSTMCell(nn.Module):
             :class:`RecurrentBatchNorm`).
         eps, momentum: of the three BN layers.
         gamma_init: initial γ of the three BN layers. Default: 0.1.
+        bias: learn the gate bias ``b``. Default: True.
         backend: the BN layers' backend.
 
     Shape:
         ``forward(input, hx=None, *, t, mask=None)``: input (N, I); hx a pair (h, c)
         of (N, H) or None for zeros; returns (h', c').
+
+    Raises:
+        ValueError: an input, h or c of the wrong shape, dtype (other than the
+            weights') or device; a bad time index or mask (see
+            :class:`RecurrentBatchNorm`); one real row in training.
     """
 
     __prepare_scriptable__ = _not_scriptable
@@ -457,12 +501,18 @@ class BNLSTMCell(nn.Module):
         device: Any = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for what, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BNLSTMCell: {what} must be a positive int, got {value!r}")
+        name = type(self).__name__
+        for what, value in (
+            ("input_size", input_size), ("hidden_size", hidden_size),
+            ("max_timesteps", max_timesteps),
+        ):
+            _check_positive_int(name, what, value)
+        # hidden_size is valid by now; this checks eps, momentum and backend.
+        check_layer_args(name, hidden_size, eps, momentum, backend)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -470,7 +520,11 @@ class BNLSTMCell(nn.Module):
         gates = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size, **factory))
-        self.bias = nn.Parameter(torch.empty(gates, **factory))
+        # Registered in the same place either way: a bias=True state_dict keeps its order.
+        if bias:
+            self.bias = nn.Parameter(torch.empty(gates, **factory))
+        else:
+            self.register_parameter("bias", None)
         bn: dict[str, Any] = {
             "eps": eps, "momentum": momentum, "weight_init": gamma_init, "backend": backend,
             **factory,
@@ -485,9 +539,10 @@ class BNLSTMCell(nn.Module):
         bound = 1.0 / math.sqrt(self.hidden_size)
         nn.init.uniform_(self.weight_ih, -bound, bound)
         nn.init.uniform_(self.weight_hh, -bound, bound)
-        with torch.no_grad():
-            self.bias.zero_()
-            self.bias[self.hidden_size : 2 * self.hidden_size].fill_(1.0)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+                self.bias[self.hidden_size : 2 * self.hidden_size].fill_(1.0)
         for norm in (self.bn_ih, self.bn_hh, self.bn_c):
             norm.reset_parameters()
 
@@ -499,53 +554,73 @@ class BNLSTMCell(nn.Module):
         t: int | Tensor,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        name = type(self).__name__
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input, hx), {"t": t, "mask": mask})  # type: ignore[no-any-return]
         if input.dim() != 2 or input.shape[1] != self.input_size:
             raise ValueError(
-                f"BNLSTMCell: expected input of shape (N, input_size={self.input_size}), got "
+                f"{name}: expected input of shape (N, input_size={self.input_size}), got "
                 f"{tuple(input.shape)}"
             )
+        # The inner BN layers check these too, but on W·x (N, 4H) and under their own
+        # name: checked here, the errors show the caller's input.
+        _check_dtype(name, "input", input, self.weight_ih)
+        step = _time_index(name, t)
         h, c = self._state(hx, input)
-        if mask is not None:
-            real = self.bn_c._check_mask(mask, input)
+        real = None if mask is None else _step_mask(name, mask, input, self.training)
+        if self.training:
+            count = input.shape[0] if real is None else int(real.sum())
+            if count == 1:
+                rows = "1 row" if real is None else "1 real (unmasked) row"
+                raise ValueError(
+                    f"{name}: time step t={step} has {rows} in input of shape "
+                    f"{tuple(input.shape)} in training; batch statistics need more than 1 "
+                    "value per channel (batch at least 2 sequences per step, or use eval mode)"
+                )
+        if real is not None:
             input = input.masked_fill(~real[:, None], 0)
-        return self._step(input @ self.weight_ih.t(), h, c, t, mask)
+        return self._step(input @ self.weight_ih.t(), h, c, step, real)
 
     def _step(
-        self, x_proj: Tensor, h: Tensor, c: Tensor, t: int | Tensor, mask: Tensor | None
+        self, x_proj: Tensor, h: Tensor, c: Tensor, t: int | Tensor, real: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """One step from the input projection W_x·x (N, 4H) and the state (h, c)."""
+        """One step from the input projection W_x·x (N, 4H) and the state (h, c);
+        ``real`` is the step's bool mask (N,) or None."""
         recurrent = h @ self.weight_hh.t()
-        gates = self.bn_ih(x_proj, t, mask) + self.bn_hh(recurrent, t, mask) + self.bias
+        gates = self.bn_ih(x_proj, t, real) + self.bn_hh(recurrent, t, real)
+        if self.bias is not None:
+            gates = gates + self.bias
         i, f, g, o = gates.chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(self.bn_c(c_new, t, mask))
-        if mask is None:
+        h_new = torch.sigmoid(o) * torch.tanh(self.bn_c(c_new, t, real))
+        if real is None:
             return h_new, c_new
-        keep = (mask != 0)[:, None]
+        keep = real[:, None]
         return torch.where(keep, h_new, h), torch.where(keep, c_new, c)
 
     def _state(self, hx: tuple[Tensor, Tensor] | None, input: Tensor) -> tuple[Tensor, Tensor]:
+        name = type(self).__name__
         shape = (input.shape[0], self.hidden_size)
         if hx is None:
             zeros = torch.zeros(shape, dtype=input.dtype, device=input.device)
             return zeros, zeros
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise ValueError(
-                f"BNLSTMCell: hx must be a pair (h, c) or None, got {type(hx).__name__}"
-            )
+            raise ValueError(f"{name}: hx must be a pair (h, c) or None, got {type(hx).__name__}")
         h, c = hx
         for what, s in (("h", h), ("c", c)):
             if not isinstance(s, Tensor) or tuple(s.shape) != shape:
                 got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-                raise ValueError(f"BNLSTMCell: {what} must have shape {shape}, got {got}")
+                raise ValueError(f"{name}: {what} must have shape {shape}, got {got}")
+            if s.device != input.device:
+                raise ValueError(f"{name}: {what} is on {s.device} but input is on {input.device}")
+            _check_dtype(name, what, s, self.weight_hh)
         return h, c
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.input_size}, {self.hidden_size}, max_timesteps={self.max_timesteps}"
-        )
+        text = f"{self.input_size}, {self.hidden_size}, max_timesteps={self.max_timesteps}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
 
 
 class BNLSTM(nn.Module):
@@ -556,26 +631,53 @@ class BNLSTM(nn.Module):
     step by step with that step's statistics. Dropout (in training) applies to the
     outputs of every layer but the last, as in torch.
 
+    The constructor takes torch.nn.LSTM's arguments in torch's positional order, and
+    ``forward`` takes what torch.nn.LSTM's does: a batched tensor, an unbatched (T, I)
+    sequence, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
+
     Padded sequences: ``lengths`` (N,) or ``mask`` (T, N) — (N, T) with
-    ``batch_first`` — mark the real steps. A padded step leaves h and c unchanged and
-    never enters the batch statistics, so ``h_n``/``c_n`` are the states after each
-    sequence's last real step (as with a packed sequence in torch) and the output at
-    padded steps is 0. In training every step needs 0 or at least 2 real sequences
-    (batch statistics of one row do not exist; see :class:`RecurrentBatchNorm`).
+    ``batch_first`` — mark the real steps (or pass a PackedSequence). A padded step
+    leaves h and c unchanged and never enters the batch statistics, so ``h_n``/``c_n``
+    are the states after each sequence's last real step (as with a packed sequence in
+    torch) and the output at padded steps is 0. In training every step needs 0 or at
+    least 2 real sequences (batch statistics of one row do not exist; see
+    :class:`RecurrentBatchNorm`), so one sequence — unbatched input too — runs in eval
+    mode only.
+
+    Not supported (ValueError): ``bidirectional=True`` and ``proj_size > 0``. Other
+    differences from torch.nn.LSTM: the parameters live in the cells
+    (``cells.{k}.weight_ih``, ``weight_hh`` and one ``bias`` per layer, plus the BN
+    layers), so state_dicts do not load into each other; a length-0 sequence (T = 0)
+    returns h_0/c_0 where torch raises; :meth:`flatten_parameters` does nothing.
 
     Args:
         input_size, hidden_size, num_layers: as in :class:`torch.nn.LSTM`.
+        bias: learn the gate bias ``b`` of every cell (see :class:`BNLSTMCell`).
+            Default: True.
         batch_first: input and output (N, T, ·) instead of (T, N, ·). Default: False.
-        max_timesteps: statistics slots per BN layer (required); longer sequences
-            reuse the last slot.
         dropout: between layers. Default: 0.
+        bidirectional: must be False.
+        proj_size: must be 0.
+        max_timesteps: statistics slots per BN layer (required, keyword only); longer
+            sequences reuse the last slot.
         eps, momentum, gamma_init: of every BN layer (γ starts at 0.1).
+        device, dtype: of the parameters and buffers (keyword only).
         backend: the BN layers' backend.
 
     Shape:
-        ``forward(input, hx=None, *, lengths=None, mask=None)``: input (T, N, I)
-        (or (N, T, I)); hx a pair (h_0, c_0) of (num_layers, N, H) or None; returns
-        ``output, (h_n, c_n)`` with output (T, N, H) (or (N, T, H)).
+        ``forward(input, hx=None, *, lengths=None, mask=None)``: input (T, N, I) (or
+        (N, T, I)); hx a pair (h_0, c_0) of (num_layers, N, H) or None; returns
+        ``output, (h_n, c_n)`` with output (T, N, H) (or (N, T, H)) and h_n, c_n
+        (num_layers, N, H). Unbatched input (T, I), whatever ``batch_first``: hx
+        (num_layers, H), output (T, H), h_n and c_n (num_layers, H), and no
+        ``lengths``/``mask``. A PackedSequence input gives a PackedSequence output with
+        its ``batch_sizes``, ``sorted_indices`` and ``unsorted_indices``; hx and
+        h_n/c_n are in the caller's batch order, as in torch.
+
+    Raises:
+        ValueError: an input, hx, lengths or mask of the wrong shape, dtype (other than
+            the weights') or device; one real sequence at a step in training; an
+            unsupported argument (bidirectional, proj_size).
 
     Examples::
 
@@ -591,19 +693,25 @@ class BNLSTM(nn.Module):
     input_size: int
     hidden_size: int
     num_layers: int
+    bias: bool
     batch_first: bool
-    max_timesteps: int
     dropout: float
+    bidirectional: bool
+    proj_size: int
+    max_timesteps: int
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
         num_layers: int = 1,
+        bias: bool = True,
         batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
         *,
         max_timesteps: int,
-        dropout: float = 0.0,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         gamma_init: float = 0.1,
@@ -612,48 +720,145 @@ class BNLSTM(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"BNLSTM: num_layers must be a positive int, got {num_layers!r}")
+        name = type(self).__name__
+        for what, value in (
+            ("input_size", input_size), ("hidden_size", hidden_size),
+            ("num_layers", num_layers), ("max_timesteps", max_timesteps),
+        ):
+            _check_positive_int(name, what, value)
+        # hidden_size is valid by now; this checks eps, momentum and backend.
+        check_layer_args(name, hidden_size, eps, momentum, backend)
         if not (0.0 <= dropout <= 1.0):
-            raise ValueError(f"BNLSTM: dropout must be in [0, 1], got {dropout}")
+            raise ValueError(f"{name}: dropout must be in [0, 1], got {dropout}")
+        if bidirectional:
+            raise ValueError(
+                f"{name}: bidirectional={bidirectional!r} is not supported (one direction "
+                "only; use bidirectional=False)"
+            )
+        if proj_size != 0:
+            raise ValueError(
+                f"{name}: proj_size={proj_size!r} is not supported (no projection of h; "
+                "use proj_size=0)"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{name}: dropout applies to the outputs of every layer but the last, so a "
+                f"nonzero dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}",
+                UserWarning,
+                stacklevel=2,
+            )
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
+        self.bias = bias
         self.batch_first = batch_first
-        self.max_timesteps = max_timesteps
         self.dropout = dropout
+        self.bidirectional = False
+        self.proj_size = 0
+        self.max_timesteps = max_timesteps
         self.cells = nn.ModuleList(
             BNLSTMCell(
                 input_size if layer == 0 else hidden_size, hidden_size, max_timesteps,
-                eps, momentum, gamma_init, device, dtype, backend=backend,
+                eps, momentum, gamma_init, device, dtype, bias=bias, backend=backend,
             )
             for layer in range(num_layers)
         )
 
+    def reset_parameters(self) -> None:
+        """Every cell as the constructor leaves it (:meth:`BNLSTMCell.reset_parameters`):
+        new weights, the bias, BN γ and β, and the running statistics."""
+        for cell in self.cells:
+            cell.reset_parameters()
+
+    def flatten_parameters(self) -> None:
+        """Does nothing. torch.nn.LSTM packs its weights into one cuDNN buffer here;
+        the BN-LSTM runs its cells step by step and has no such buffer. It exists so
+        that code written for torch.nn.LSTM, which calls it, runs unchanged."""
+
     def forward(
         self,
-        input: Tensor,
+        input: Tensor | PackedSequence,
         hx: tuple[Tensor, Tensor] | None = None,
         *,
         lengths: Tensor | list[int] | None = None,
         mask: Tensor | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx, lengths, mask)
         if not isinstance(input, Tensor):
             return non_tensor_input(self, (input, hx), {"lengths": lengths, "mask": mask})  # type: ignore[no-any-return]
-        if input.dim() != 3 or input.shape[2] != self.input_size:
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             layout = "(N, T, input_size" if self.batch_first else "(T, N, input_size"
             raise ValueError(
-                f"BNLSTM: expected input of shape {layout}={self.input_size}), got "
-                f"{tuple(input.shape)}"
+                f"BNLSTM: expected input of shape {layout}={self.input_size}), or "
+                f"(T, input_size={self.input_size}) unbatched, got {tuple(input.shape)}"
             )
+        if input.dim() == 2:
+            if lengths is not None or mask is not None:
+                raise ValueError(
+                    "BNLSTM: lengths and mask need batched input; an unbatched (T, "
+                    "input_size) sequence has no padding (slice it to its length instead)"
+                )
+            # One sequence of a batch of one, as torch does; batch_first does not apply.
+            output, (h_n, c_n) = self._sequence(input.unsqueeze(1), hx, None, unbatched=True)
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
-        steps, batch = x.shape[0], x.shape[1]
-        real = self._step_mask(lengths, mask, steps, batch, x.device)  # (T, N) bool or None
-        h0, c0 = self._initial_state(hx, x)
-        if self.training and x.shape[1] == 1 and x.shape[0] > 0:
+        real = self._step_mask(lengths, mask, x.shape[0], x.shape[1], x.device)
+        output, state = self._sequence(x, hx, real, unbatched=False)
+        return (output.transpose(0, 1) if self.batch_first else output), state
+
+    def _forward_packed(
+        self,
+        input: PackedSequence,
+        hx: tuple[Tensor, Tensor] | None,
+        lengths: Tensor | list[int] | None,
+        mask: Tensor | None,
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
+        """A PackedSequence runs as the padded batch with its lengths, then its output is
+        packed as the input was (same batch_sizes and indices)."""
+        if lengths is not None or mask is not None:
             raise ValueError(
-                "BNLSTM: a training batch of 1 sequence has 1 value per channel at each step; "
-                "batch statistics need more than 1 (use eval mode for single sequences)"
+                "BNLSTM: a PackedSequence carries its own lengths; pass lengths or mask "
+                "only with a padded tensor"
+            )
+        if input.data.dim() != 2 or input.data.shape[1] != self.input_size:
+            raise ValueError(
+                f"BNLSTM: expected a PackedSequence of data (sum of lengths, input_size="
+                f"{self.input_size}), got data of shape {tuple(input.data.shape)}"
+            )
+        # (T, N, I) in the caller's batch order, the order of hx and of h_n/c_n in torch.
+        padded, lens = pad_packed_sequence(input)
+        real = self._step_mask(lens, None, padded.shape[0], padded.shape[1], padded.device)
+        output, state = self._sequence(padded, hx, real, unbatched=False)
+        if input.sorted_indices is not None:
+            output = output.index_select(1, input.sorted_indices)
+            lens = lens.index_select(0, input.sorted_indices.cpu())
+        data = pack_padded_sequence(output, lens).data  # lengths sorted: the input's packing
+        packed = PackedSequence(
+            data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+        )
+        return packed, state
+
+    def _sequence(
+        self,
+        x: Tensor,
+        hx: tuple[Tensor, Tensor] | None,
+        real: Tensor | None,
+        *,
+        unbatched: bool,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Every layer over the time-major sequence ``x`` (T, N, I); output (T, N, H)."""
+        _check_dtype("BNLSTM", "input", x, self.cells[0].weight_ih)
+        h0, c0 = self._initial_state(hx, x, unbatched)
+        if self.training and x.shape[1] == 1 and x.shape[0] > 0:
+            what = (
+                "unbatched input (T, input_size) is a training batch of 1 sequence, which"
+                if unbatched else "a training batch of 1 sequence"
+            )
+            raise ValueError(
+                f"BNLSTM: {what} has 1 value per channel at each step; batch statistics "
+                "need more than 1 (use eval mode for single sequences)"
             )
         if self.training and real is not None:
             counts = real.sum(1).tolist()
@@ -692,8 +897,7 @@ class BNLSTM(nn.Module):
             )
             h_n.append(h)
             c_n.append(c)
-        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
-        return output, (torch.stack(h_n), torch.stack(c_n))
+        return layer_input, (torch.stack(h_n), torch.stack(c_n))
 
     def _step_mask(
         self,
@@ -725,16 +929,14 @@ class BNLSTM(nn.Module):
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             layout = "(N, T)" if self.batch_first else "(T, N)"
             raise ValueError(f"BNLSTM: mask must have shape {layout} = {expected}, got {got}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise ValueError(
-                f"BNLSTM: mask must be bool or floating point (1 = real step), got {mask.dtype}"
-            )
-        real = mask.transpose(0, 1) if self.batch_first else mask
-        return (real != 0).to(device)
+        real = _mask_values("BNLSTM", mask, self.training)
+        return (real.transpose(0, 1) if self.batch_first else real).to(device)
 
     def _initial_state(
-        self, hx: tuple[Tensor, Tensor] | None, x: Tensor
+        self, hx: tuple[Tensor, Tensor] | None, x: Tensor, unbatched: bool
     ) -> tuple[Tensor, Tensor]:
+        """(h_0, c_0) as (num_layers, N, H) for the time-major ``x`` (T, N, I); the
+        caller's are (num_layers, H) for unbatched input."""
         shape = (self.num_layers, x.shape[1], self.hidden_size)
         if hx is None:
             zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
@@ -743,20 +945,30 @@ class BNLSTM(nn.Module):
             raise ValueError(
                 f"BNLSTM: hx must be a pair (h_0, c_0) or None, got {type(hx).__name__}"
             )
+        if unbatched:
+            shape, layout = (self.num_layers, self.hidden_size), "(num_layers, hidden_size)"
+        else:
+            layout = "(num_layers, N, hidden_size)"
         for what, s in zip(("h_0", "c_0"), hx, strict=True):
             if not isinstance(s, Tensor) or tuple(s.shape) != shape:
                 got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
                 raise ValueError(
-                    f"BNLSTM: {what} must have shape (num_layers, N, hidden_size) = {shape}, "
-                    f"got {got}"
+                    f"BNLSTM: {what} must have shape {layout} = {shape}"
+                    f"{' for unbatched input' if unbatched else ''}, got {got}"
                 )
-        return hx[0], hx[1]
+            if s.device != x.device:
+                raise ValueError(f"BNLSTM: {what} is on {s.device} but input is on {x.device}")
+            _check_dtype("BNLSTM", what, s, self.cells[0].weight_hh)
+        h0, c0 = hx
+        return (h0.unsqueeze(1), c0.unsqueeze(1)) if unbatched else (h0, c0)
 
     def extra_repr(self) -> str:
         text = (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
             f"max_timesteps={self.max_timesteps}"
         )
+        if not self.bias:
+            text += ", bias=False"
         if self.batch_first:
             text += ", batch_first=True"
         if self.dropout:
