@@ -125,6 +125,28 @@ def test_convert_errors() -> None:
         bn.convert(nn.Sequential(nn.LazyBatchNorm2d()), "renorm")
 
 
+@pytest.mark.parametrize("kind", ["batchnorm", "torch", "ghost", "renorm", "sync", "batch_act",
+                                  "frozen", "convert_sync_batchnorm"])
+def test_convert_keeps_statistics_kept_without_tracking(kind) -> None:
+    # Switching track_running_stats off after training stops the updates but keeps the
+    # buffers, and eval normalizes with them (torch's rule): the new layer must too.
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    model(torch.randn(8, 3, 2, 2) * 3 + 5)
+    model[0].track_running_stats = False
+    model.eval()
+    x = torch.randn(4, 3, 2, 2)
+    expected = model(x)
+    state = copy.deepcopy(model.state_dict())
+    if kind == "convert_sync_batchnorm":
+        new = bn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        new = bn.convert(model, kind)
+    assert_close(new(x), expected, 1e-6, 1e-6, f"eval output after convert to {kind}")
+    if kind != "frozen":  # frozen layers keep no counter
+        assert new.state_dict().keys() == state.keys()
+        new.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------
 # freeze / unfreeze
 # ----------------------------------------------------------------------------------------

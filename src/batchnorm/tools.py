@@ -342,6 +342,15 @@ def _copy_state(old: nn.Module, new: nn.Module) -> None:
         for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
                     "num_batches_skipped"):
             src, dst = getattr(old, key, None), getattr(new, key, None)
+            if (
+                isinstance(src, Tensor) and dst is None and key in new._buffers
+                and not nn.parameter.is_lazy(src)
+            ):
+                # Statistics kept with track_running_stats switched off after training
+                # (to stop updating them): eval still normalizes with them, as torch's
+                # layers do, so the new layer keeps them too.
+                setattr(new, key, src.detach().clone())
+                continue
             if isinstance(src, Tensor) and isinstance(dst, Tensor) and not (
                 nn.parameter.is_lazy(src) or nn.parameter.is_lazy(dst)
             ):

@@ -460,7 +460,10 @@ def _to_sync(cls: type[SyncBatchNorm], old: Any, process_group: Any) -> SyncBatc
         new.weight = old.weight
         if has_bias:
             new.bias = old.bias
-    if old.track_running_stats:
+    # Statistics may outlive track_running_stats=False (switched off after training, to
+    # stop updating them); eval still normalizes with them, so they come along, as
+    # torch's converter brings them.
+    if old.running_mean is not None:
         new.running_mean = old.running_mean
         new.running_var = old.running_var
         new.num_batches_tracked = old.num_batches_tracked
