@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 
@@ -124,3 +126,14 @@ def trainable_2d_layers() -> dict[str, Callable[[int], torch.nn.Module]]:
         "renorm": lambda c: bn.BatchRenorm2d(c),
         "batch_act": lambda c: bn.BatchNormAct2d(c, activation="relu"),
     }
+
+
+def triton_device() -> str:
+    """Where the Triton backend runs here: CUDA, or CPU tensors under the interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); skip without Triton."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    return "cpu"

@@ -207,3 +207,12 @@ def test_auto_short_rows_run_the_fused_kernels(activation: str, with_residual: b
         )
     for name, a, b in zip(("out", "dx", "dweight", "dbias", "dresidual"), *results.values()):
         assert torch.equal(a, b), name
+
+
+def test_numpy_negative_slope_is_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    layer = bn.BatchNormAct2d(3, "leaky_relu", negative_slope=np.float32(0.25))
+    assert layer.negative_slope == 0.25 and type(layer.negative_slope) is float
+    assert bn.BatchNormAct2d(3, "leaky_relu", negative_slope=np.int64(0)).negative_slope == 0.0
+    with pytest.raises(TypeError, match="BatchNormAct2d: negative_slope must be a number, got bool"):
+        bn.BatchNormAct2d(3, "leaky_relu", negative_slope=True)

@@ -189,3 +189,76 @@ _LAYER_ERRORS = [
 def test_functional_errors_under_a_layer_name_the_layer(make, call, error, match) -> None:
     with pytest.raises(error, match=match):
         call(make())
+
+
+# ----------------------------------------------------------------------------------------
+# a named backend that cannot run the input: the error names the layer
+# ----------------------------------------------------------------------------------------
+_HALF = torch.ones(7, 3, 4, 4).half()
+
+
+@pytest.mark.parametrize(("make", "x", "match"), [
+    (lambda: bn.BatchNorm2d(3, backend="numba"), _HALF, r"^BatchNorm2d: backend='numba' runs on float32/float64 CPU"),
+    (lambda: bn.BatchNorm2d(3, backend="aten"), _HALF, r"^BatchNorm2d: backend='aten' runs on float32/float64 CPU"),
+    (lambda: bn.GhostBatchNorm2d(3, backend="numba"), _HALF, r"^GhostBatchNorm2d: backend='numba' runs on"),
+    (lambda: bn.BatchRenorm2d(3, backend="aten"), _HALF, r"^BatchRenorm2d: backend='aten' runs on"),
+    (lambda: bn.BatchNormAct2d(3, backend="numba"), _HALF, r"^BatchNormAct2d: backend='numba' runs on"),
+    (lambda: bn.BatchNorm2d(3, backend="numba").half(), torch.ones(7, 3, 4, 4),
+     r"^BatchNorm2d: backend='numba' takes float32/float64 CPU weight"),
+])
+def test_named_backend_that_cannot_run_the_input_names_the_layer(make, x, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()(x)
+
+
+def test_the_functional_names_itself_for_a_backend_that_cannot_run() -> None:
+    with pytest.raises(ValueError, match=r"^batch_norm: backend='numba' runs on float32/float64"):
+        F.batch_norm(_HALF, None, None, training=True, backend="numba")
+
+
+# ----------------------------------------------------------------------------------------
+# the norm registry
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("call", "error", "match"), [
+    # Python's own message names the private base's __init__ (_GhostBatchNorm.__init__())
+    (lambda: bn.create_norm("ghost", 8, virtual_bs=4), TypeError,
+     (r"^create_norm\('ghost', dim=2\): GhostBatchNorm2d got an unexpected keyword argument "
+      r"'virtual_bs'; it takes virtual_batch_size, ")),
+    (lambda: bn.create_norm("frozen", 8, dim=1, momentum=0.1), TypeError,
+     r"^create_norm\('frozen', dim=1\): FrozenBatchNorm1d got an unexpected keyword argument 'momentum'"),
+    (lambda: bn.create_norm(bn.BatchRenorm2d, 8, rmax=2.0), TypeError,
+     r"^create_norm\(BatchRenorm2d, dim=2\): BatchRenorm2d got an unexpected keyword argument 'rmax'"),
+    (lambda: bn.create_norm("batch", 8, dim="2"), ValueError,
+     r"^create_norm\('batch'\): dim must be 1 .*, 2 .* or 3 .*, got str '2'"),
+    (lambda: bn.create_norm("batch", 8, dim=4), ValueError, r"dim must be 1 .* got int 4"),
+    (lambda: bn.create_norm("batch", 8, dim=True), ValueError, r"dim must be 1 .* got bool True"),
+    (lambda: bn.create_norm("group", 0), ValueError,
+     r"^create_norm\('group', dim=2\): num_features must be a positive int, got 0"),
+    (lambda: bn.create_norm("group", -1), ValueError, r"num_features must be a positive int, got -1"),
+    (lambda: bn.create_norm("layer", 0), ValueError,
+     r"^create_norm\('layer', dim=2\): num_features must be a positive int, got 0"),
+    (lambda: bn.create_norm("batch", 8.0), ValueError, r"num_features must be a positive int, got 8.0"),
+    (lambda: bn.create_norm(bn.BatchNorm2d(3), 8), TypeError,
+     r"got the module instance BatchNorm2d\(\.\.\.\); pass its class"),
+    (lambda: bn.register_norm("yy", {2: 5}), TypeError,
+     r"^register_norm\('yy'\): the factory for dim 2 must be a class, a partial or a function"),
+    (lambda: bn.register_norm("yy", {1: bn.BatchNorm1d, 2: bn.BatchNorm2d(3)}), TypeError,
+     r"^register_norm\('yy'\): the factory for dim 2 .* got the module instance BatchNorm2d"),
+])
+def test_registry_arguments(call, error, match) -> None:
+    from batchnorm.nn.registry import norm_names
+
+    with pytest.raises(error, match=match):
+        call()
+    assert "yy" not in norm_names()  # a refused registration registers nothing
+
+
+def test_registry_takes_numpy_numbers_and_factories_with_kwargs() -> None:
+    np = pytest.importorskip("numpy")
+    layer = bn.create_norm("batch", np.int64(8), dim=np.int64(1))
+    assert isinstance(layer, bn.BatchNorm1d) and layer.num_features == 8
+
+    def factory(num_features: int, **kwargs: object) -> torch.nn.Module:
+        return bn.BatchNorm2d(num_features, **kwargs)
+
+    assert bn.create_norm(factory, 4, momentum=0.2).momentum == 0.2

@@ -89,3 +89,19 @@ def test_other_ranks_and_errors() -> None:
 def test_bad_eps_is_refused_at_construction(eps) -> None:
     with pytest.raises(ValueError, match="FrozenBatchNorm2d: eps must be finite and >= 0"):
         bn.FrozenBatchNorm2d(3, eps=eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, True, [1e-5]])
+def test_eps_of_the_wrong_type_is_a_named_error(eps) -> None:
+    with pytest.raises(TypeError, match=r"^FrozenBatchNorm2d: eps must be a real number, got "):
+        bn.FrozenBatchNorm2d(4, eps=eps)
+
+
+def test_numpy_numbers_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    layer = bn.FrozenBatchNorm2d(np.int64(4), eps=np.float32(1e-3))
+    assert layer.num_features == 4 and type(layer.num_features) is int
+    assert type(layer.eps) is float and layer.eps == pytest.approx(1e-3)
+    assert layer(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+    with pytest.raises(ValueError, match="num_features must be a positive int, got True"):
+        bn.FrozenBatchNorm2d(True)

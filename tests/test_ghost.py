@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import reference
 import torch
-from cases import TOLERANCES, assert_close
+from cases import TOLERANCES, assert_close, triton_device
 
 import batchnorm as bn
 import batchnorm.nn.ghost as ghost_module
@@ -159,17 +158,6 @@ def test_running_stats_follow_batch_norm_over_steps(momentum) -> None:
     assert int(ghost.num_batches_tracked) == 6
 
 
-def _triton_device() -> str:
-    """Where the Triton backend runs here: CUDA, or CPU tensors under the interpreter
-    (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); skip without Triton."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    return "cpu"
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("backend", ["reference", "numba", "triton"])
 def test_running_stats_precise_far_from_zero(backend, layout, path) -> None:
@@ -178,7 +166,7 @@ def test_running_stats_precise_far_from_zero(backend, layout, path) -> None:
     to more digits: the unfused paths take them in float64 from the backend (float32
     means gave 3.5e-3 relative error in running_var). The fused numba kernel merges
     in float64 itself."""
-    device = _triton_device() if backend == "triton" else "cpu"
+    device = triton_device() if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(4)
     x = (1e4 + 1e-2 * torch.randn(32, 3, 8, 8, generator=gen, dtype=torch.float64)).float()
     if layout == "channels_last":
@@ -297,3 +285,12 @@ def test_registry_and_repr() -> None:
     assert isinstance(layer, bn.GhostBatchNorm2d) and isinstance(layer, bn.BatchNorm2d)
     assert "virtual_batch_size=4" in repr(layer)
     assert isinstance(bn.create_norm("ghost", 8, dim=1), bn.GhostBatchNorm1d)
+
+
+def test_numpy_virtual_batch_size_is_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    layer = bn.GhostBatchNorm2d(3, virtual_batch_size=np.int64(4))
+    assert layer.virtual_batch_size == 4 and type(layer.virtual_batch_size) is int
+    assert layer(torch.randn(8, 3, 2, 2)).shape == (8, 3, 2, 2)
+    with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
+        bn.GhostBatchNorm2d(3, virtual_batch_size=np.float64(4.0))

@@ -7,7 +7,8 @@ import io
 import pytest
 import reference
 import torch
-from cases import TOLERANCES, assert_close
+import torch.autograd.forward_ad as fwAD
+from cases import TOLERANCES, assert_close, triton_device
 
 import batchnorm as bn
 
@@ -346,3 +347,150 @@ def test_non_finite_batch_is_skipped_on_every_path(backend) -> None:
     assert int(layer.num_batches_tracked) == 0 and int(layer.num_batches_skipped) == 1
     layer(torch.randn(4, 3, 2, 2))
     assert int(layer.num_batches_tracked) == 1 and int(layer.num_batches_skipped) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# half precision: the output is computed in float32 and rounded once
+# ----------------------------------------------------------------------------------------
+# Significand bits and smallest normal exponent (of 2) per half dtype.
+_HALF_FORMAT = {torch.bfloat16: (8, -126), torch.float16: (11, -14)}
+
+
+def _ulp(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s numbers at each |value| (its binade's, subnormals' below)."""
+    bits, min_exponent = _HALF_FORMAT[dtype]
+    _, exponent = torch.frexp(value.abs())  # |v| = m·2^e, m in [0.5, 1): binade 2^(e−1)
+    binade = torch.clamp(exponent - 1, min=min_exponent)
+    return torch.pow(2.0, (binade - (bits - 1)).double())
+
+
+# (running_mean, running_var, bias, r_max, d_max) for 2 channels of x ~ N(0, 1):
+#  r_clipped: σ_B/σ ≈ 10 clipped to r = 3, d = 0 and β = −6: y = 3x̂ − 6, which cancels
+#             near x̂ = 2, where a first rounding of x̂ is amplified;
+#  d_clipped: σ_B/σ ≈ 2 and |μ_B − μ|/σ = 6 clipped to d = ±5, β = ∓6 (the same).
+_HALF_CASES = {
+    "r_clipped": ([0.0, 0.0], [0.01, 0.01], [-6.0, -6.0], 3.0, 0.0),
+    "d_clipped": ([3.0, -3.0], [0.25, 0.25], [6.0, -6.0], 3.0, 5.0),
+}
+
+
+def _half_backend_device(backend: str) -> str:
+    return triton_device() if backend == "triton" else "cpu"
+
+
+# "auto" on CPU half precision is the reference; "traceable" is "auto" inside forward-mode
+# AD (the torch.compile / torch.func path); Triton without a GPU runs interpreted.
+@pytest.mark.parametrize("case", list(_HALF_CASES))
+@pytest.mark.parametrize("backend", ["reference", "auto", "traceable", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_precision_output_is_rounded_once(dtype, backend, case) -> None:
+    """Every output within one ulp of the float64 formula on the same (rounded) input,
+    near zero too, where y = γ(x̂·r + d) + β cancels: x̂ rounded to half precision and
+    then mapped again was off by several ulps there (28% at |y| < 0.25 in bfloat16).
+    (Correct rounding is within half an ulp; one ulp leaves room for the interpreted
+    Triton kernels, whose bfloat16 stores truncate.)"""
+    device = _half_backend_device(backend)
+    rm, rv, beta, r_max, d_max = _HALF_CASES[case]
+    layer = bn.BatchRenorm2d(
+        2, r_max=r_max, d_max=d_max, backend="auto" if backend == "traceable" else backend
+    ).to(device)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor(rm))
+        layer.running_var.copy_(torch.tensor(rv))
+        layer.bias.copy_(torch.tensor(beta))
+    rm0, rv0 = layer.running_mean.cpu().clone(), layer.running_var.cpu().clone()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 4, 4, generator=gen).to(dtype)
+    if backend == "traceable":
+        with fwAD.dual_level():
+            y = fwAD.unpack_dual(layer(fwAD.make_dual(x, torch.ones_like(x)))).primal
+    else:
+        y = layer(x.to(device)).cpu()
+    assert y.dtype == dtype
+    expected = renorm_reference(x.double(), None, torch.tensor(beta, dtype=torch.float64),
+                                rm0, rv0, r_max, d_max, layer.eps)
+    err = (y.double() - expected).abs()
+    # float32 arithmetic's own error, far below a half-precision ulp
+    allowed = _ulp(expected, dtype) + 1e-6 * float(expected.abs().max())
+    worst = int((err / allowed).argmax())
+    assert bool((err <= allowed).all()), (
+        f"{case}: |y - formula| = {float(err.flatten()[worst]):.3g} at y = "
+        f"{float(expected.flatten()[worst]):.4g}, more than one ulp ({float(allowed.flatten()[worst]):.3g})"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# far from zero: d from the batch mean to every digit
+# ----------------------------------------------------------------------------------------
+def _far_layer(backend: str) -> bn.BatchRenorm2d:
+    """Running statistics at 1e4 with σ = 0.01: r ≈ 0.95 and |d| < 1, neither clipped
+    (so a gradient or tangent through r or d would show)."""
+    layer = bn.BatchRenorm2d(3, r_max=3.0, d_max=5.0, backend=backend)
+    with torch.no_grad():
+        layer.running_mean.fill_(1e4)
+        layer.running_var.fill_(1e-4)
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return layer
+
+
+def _far_input() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = 1e4 + 0.01 * torch.randn(32, 3, 4, 4, generator=gen)
+    return x, torch.randn(x.shape, generator=gen)
+
+
+# "traceable": "auto" inside forward-mode AD, the plain-ops path that torch.compile,
+# torch.export and torch.func run.
+@pytest.mark.parametrize("backend", ["reference", "numba", "auto", "traceable"])
+def test_far_from_zero_output_keeps_its_digits(backend) -> None:
+    """x = 1e4 ± 0.01 in float32: d = (μ_B − μ)/σ from the batch mean rounded to
+    float32 is off by up to ulp(1e4)/2/σ ≈ 0.05; taken as (c − μ) + offset it keeps
+    float32's digits, and y is within 1e-6 of the float64 formula (spread ~1)."""
+    layer = _far_layer("auto" if backend == "traceable" else backend)
+    rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
+    x, tangent = _far_input()
+    weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
+    if backend == "traceable":
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent)))
+        y = out.primal
+        # The tangent with r and d constant: the float64 formula's jvp.
+        _, expected_tangent = torch.func.jvp(
+            lambda t: renorm_reference(t, weight, bias, rm0, rv0, 3.0, 5.0, layer.eps),
+            (x.double(),), (tangent.double(),),
+        )
+        scale = float(expected_tangent.abs().max())
+        assert_close(out.tangent, expected_tangent, 1e-6 * scale, 0.0, "tangent (jvp)")
+    else:
+        y = layer(x)
+    expected = renorm_reference(x.double(), weight, bias, rm0, rv0, 3.0, 5.0, layer.eps)
+    assert_close(y, expected, 1e-6, 0.0, f"{backend}: output far from zero")
+    ref = reference.forward(x, None, None, rm0, rv0, True, 0.1, layer.eps)
+    assert_close(layer.running_mean, ref.running_mean, 1e-3, 1e-7, "running_mean")
+
+
+def test_compiled_training_step_matches_eager_in_every_gradient() -> None:
+    """torch.compile (its partitioner included) gives the eager layer's output, running
+    statistics and dx, dγ, dβ. r is needed by the backward and depends on the running
+    variance, which the step updates in place: recomputed there instead of saved, it
+    came out of the updated value (dγ off by ~6 at this size)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 6, 6, generator=gen) + 0.5
+    dy = torch.randn(x.shape, generator=gen)
+    results = []
+    for compiled in (False, True):
+        layer = bn.BatchRenorm2d(8, r_max=3.0, d_max=5.0)
+        with torch.no_grad():
+            layer.running_var.fill_(4.0)  # r = σ_B/σ ≈ 0.5, unclipped
+            layer.running_mean.fill_(0.3)
+        run = torch.compile(layer, backend="aot_eager") if compiled else layer
+        xi = x.clone().requires_grad_()
+        y = run(xi)
+        y.backward(dy)
+        results.append((y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_mean,
+                        layer.running_var))
+    for what, got, expected in zip(
+        ("output", "dx", "dweight", "dbias", "running_mean", "running_var"), *reversed(results)
+    ):
+        assert_close(got, expected, 1e-4, 1e-4, f"compiled {what}")

@@ -322,7 +322,7 @@ def check_recordable(name: str, *tensors: Tensor | None) -> None:
     :func:`records_ops` (``tensors``: the call's inputs)."""
     if records_ops(*tensors):
         raise RuntimeError(
-            f"backend={name!r} runs compiled kernels, which torch.jit.trace, torch.export, "
+            f"batch_norm: backend={name!r} runs compiled kernels, which torch.jit.trace, torch.export, "
             "torch.func transforms and forward-mode AD cannot see into; use backend='auto' (plain "
             "torch ops there) or 'reference'"
         )
@@ -361,7 +361,9 @@ def _select(name: str, x: Tensor) -> Backend:
     (:func:`select_backend` then checks the call's parameters, :func:`_for_params`,
     and for plain batch norm the functional refines a numba choice per call:
     :func:`prefer_aten`, :func:`prefer_composed_act`.)
-    Naming a backend that cannot run on ``x`` is an error, never a silent fallback.
+    Naming a backend that cannot run on ``x`` is an error, never a silent fallback. Its
+    message begins ``"batch_norm: "``, the functional API's prefix, which a layer's
+    forward replaces with its own name (:func:`batchnorm.nn._base.name_the_layer`).
     """
     if name == "auto":
         if _triton_supports(x):
@@ -378,15 +380,17 @@ def _select(name: str, x: Tensor) -> Backend:
     if name == "numba":
         if not _numba_supports(x):
             raise ValueError(
-                f"backend='numba' runs on float32/float64 CPU tensors, "
+                f"batch_norm: backend='numba' runs on float32/float64 CPU tensors, "
                 f"got a {x.dtype} tensor on {x.device}"
             )
         backend = _get("numba")
         if backend is None:
-            raise RuntimeError("backend='numba' was requested but numba is not installed")
+            raise RuntimeError(
+                "batch_norm: backend='numba' was requested but numba is not installed"
+            )
         if not _numba_usable(backend):
             raise RuntimeError(
-                "backend='numba' cannot run in this forked child process: its parent already "
+                "batch_norm: backend='numba' cannot run in this forked child process: its parent already "
                 "started numba's OpenMP runtime, which does not survive fork(); use "
                 "backend='auto' (falls back to the reference) or the 'spawn' start method"
             )
@@ -394,28 +398,33 @@ def _select(name: str, x: Tensor) -> Backend:
     if name == "aten":
         if not _numba_supports(x):
             raise ValueError(
-                f"backend='aten' runs on float32/float64 CPU tensors, "
+                f"batch_norm: backend='aten' runs on float32/float64 CPU tensors, "
                 f"got a {x.dtype} tensor on {x.device}"
             )
         backend = _get("aten")
         if backend is None:
-            raise RuntimeError("backend='aten' needs numba (for its running-statistics update)")
+            raise RuntimeError(
+                "batch_norm: backend='aten' needs numba (for its running-statistics update)"
+            )
         return backend
     if name == "triton":
         if not (x.device.type == "cuda" or _triton_interpreting()):
             raise ValueError(
-                f"backend='triton' runs on CUDA tensors (or CPU tensors with "
+                f"batch_norm: backend='triton' runs on CUDA tensors (or CPU tensors with "
                 f"TRITON_INTERPRET=1), got a tensor on {x.device}"
             )
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(
-                f"backend='triton' supports float16, bfloat16 and float32, got {x.dtype}"
+                f"batch_norm: backend='triton' supports float16, bfloat16 and float32, got "
+                f"{x.dtype}"
             )
         backend = _get("triton")
         if backend is None:
-            raise RuntimeError("backend='triton' was requested but triton is not installed")
+            raise RuntimeError(
+                "batch_norm: backend='triton' was requested but triton is not installed"
+            )
         return backend
-    raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    raise ValueError(f"batch_norm: backend must be one of {BACKEND_NAMES}, got {name!r}")
 
 
 def _triton_interpreting() -> bool:
@@ -696,7 +705,7 @@ def _for_params(name: str, chosen: Backend, params: tuple[Tensor | None, ...]) -
             if name == "auto":
                 return _get("reference")  # type: ignore[return-value]
             raise ValueError(
-                f"backend={name!r} takes float32/float64 CPU weight, bias and running "
+                f"batch_norm: backend={name!r} takes float32/float64 CPU weight, bias and running "
                 f"statistics, got a {t.dtype} tensor on {t.device}; use backend='auto' "
                 "or 'reference', or convert them"
             )

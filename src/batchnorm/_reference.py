@@ -107,6 +107,38 @@ def update_running_stats(
     )
 
 
+def update_from_centred_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    centre: Tensor,
+    offset: Tensor,
+    var: Tensor,
+    m: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> None:
+    """:func:`update_running_stats` with the batch statistics of :func:`centred_stats`
+    (``mean = centre + offset`` in the statistics dtype).
+
+    Detached and without grad: the statistics come from differentiable ops, and the
+    update also runs outside an autograd Function (under torch.compile and torch.func),
+    where the buffers must not join the graph. float64 running statistics for a
+    narrower input (the scratch buffers of ghost batch norm's chunks) get every digit
+    of the mean, centre + offset in float64, which ``mean`` has rounded away.
+    """
+    with torch.no_grad():
+        batch_mean, batch_var = mean.detach(), var.detach()
+        if running_mean.dtype == torch.float64 and batch_mean.dtype != torch.float64:
+            batch_mean = centre.detach().double() + offset.detach().double()
+            batch_var = batch_var.double()
+        update_running_stats(
+            running_mean, running_var, batch_mean, batch_var, m, momentum,
+            num_batches_tracked, num_batches_skipped,
+        )
+
+
 def commit_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -186,22 +218,10 @@ class _ReferenceBackend:
         mean = centre + offset
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None and running_var is not None:
-            m = x.numel() // x.shape[1]
-            # Detached and without grad: the ops here are differentiable, and this
-            # forward also runs outside an autograd Function (under torch.compile and
-            # torch.func), where the buffers must not join the graph.
-            with torch.no_grad():
-                batch_mean, batch_var = mean.detach(), var.detach()
-                if running_mean.dtype == torch.float64 and batch_mean.dtype != torch.float64:
-                    # float64 running statistics for a narrower input (the scratch
-                    # buffers of ghost batch norm's chunks): every digit of the mean,
-                    # centre + offset, which batch_mean has rounded away.
-                    batch_mean = centre.detach().double() + offset.detach().double()
-                    batch_var = batch_var.double()
-                update_running_stats(
-                    running_mean, running_var, batch_mean, batch_var, m, momentum,
-                    num_batches_tracked, num_batches_skipped,
-                )
+            update_from_centred_stats(
+                running_mean, running_var, mean, centre, offset, var, x.numel() // x.shape[1],
+                momentum, num_batches_tracked, num_batches_skipped,
+            )
         scale, shift = affine_coefficients(weight, bias, offset, invstd)
         return apply_centred(centred, x, scale, shift), mean, invstd
 

@@ -16,6 +16,7 @@ reference backend, CPU half precision).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -67,7 +68,8 @@ class _BatchNormAct(_BatchNormBase):
             raise ValueError(
                 f"{type(self).__name__}: activation must be one of {ACTIVATIONS}, got {activation!r}"
             )
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        # numbers.Real: NumPy numbers too (stored as a Python float).
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
             raise TypeError(
                 f"{type(self).__name__}: negative_slope must be a number, got "
                 f"{type(negative_slope).__name__}"

@@ -8,6 +8,7 @@ layers can be swapped for frozen ones (see :func:`batchnorm.freeze`).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -45,15 +46,20 @@ class _FrozenBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
-            )
+        name = type(self).__name__
+        # numbers.Integral / numbers.Real: NumPy numbers too, as the other layers take.
+        if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
+                or num_features < 1):
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        # A 0-dim tensor as the trainable layers take (convert and freeze carry theirs).
+        if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, Tensor)):
+            raise TypeError(f"{name}: eps must be a real number, got {type(eps).__name__} {eps!r}")
         if not (0.0 <= eps < math.inf):
-            raise ValueError(f"{type(self).__name__}: eps must be finite and >= 0, got {eps}")
+            raise ValueError(f"{name}: eps must be finite and >= 0, got {eps}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
+        # Python numbers, not NumPy ones: TorchScript bakes them in as constants.
+        self.num_features = int(num_features)
+        self.eps = eps if isinstance(eps, Tensor) else float(eps)
         # Buffers, not parameters: they move with .to() and live in the state_dict, but
         # no optimizer sees them.
         self.register_buffer("weight", torch.ones(num_features, **factory))

@@ -16,6 +16,7 @@ obtains them from the same pass that normalizes.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -245,9 +246,10 @@ class _GhostBatchNorm(_BatchNormBase):
         backend: str = "auto",
         check_finite: bool = False,
     ) -> None:
+        # numbers.Integral: NumPy integers too, as num_features takes them.
         if (
             isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
+            or not isinstance(virtual_batch_size, numbers.Integral)
             or virtual_batch_size < 1
         ):
             raise ValueError(
@@ -258,7 +260,7 @@ class _GhostBatchNorm(_BatchNormBase):
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, backend=backend, check_finite=check_finite,
         )
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = int(virtual_batch_size)
 
     @names_its_errors
     def forward(self, input: Tensor) -> Tensor:

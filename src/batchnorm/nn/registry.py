@@ -9,6 +9,8 @@ count first. :func:`create_norm` accepts a registered name, a class, or a
 from __future__ import annotations
 
 import functools
+import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -46,7 +48,75 @@ def register_norm(name: str, by_dim: Mapping[int, NormFactory], *, overwrite: bo
     bad = [d for d in by_dim if d not in (1, 2, 3)]
     if bad or not by_dim:
         raise ValueError(f"norm {name!r}: dims must be a non-empty subset of (1, 2, 3), got {list(by_dim)}")
+    for dim, factory in by_dim.items():
+        # Checked here, not at the first create_norm, which may run much later.
+        _check_factory(f"register_norm({name!r})", f"the factory for dim {dim}", factory)
     _REGISTRY[name] = dict(by_dim)
+
+
+def _check_factory(owner: str, what: str, factory: object) -> None:
+    """A factory is a class or other callable; a module instance is callable too (its
+    forward), but building a layer from one would run that forward."""
+    if isinstance(factory, nn.Module):
+        raise TypeError(
+            f"{owner}: {what} must be a class, a partial or a function that builds a layer, "
+            f"got the module instance {type(factory).__name__}(...); pass its class, "
+            f"{type(factory).__name__}, or functools.partial({type(factory).__name__}, ...)"
+        )
+    if not callable(factory):
+        raise TypeError(
+            f"{owner}: {what} must be a class, a partial or a function that builds a layer, "
+            f"got {type(factory).__name__} {factory!r}"
+        )
+
+
+def _spec_text(spec: object) -> str:
+    """How an error shows ``spec``: a name as written, a class or factory by its name."""
+    if isinstance(spec, str):
+        return repr(spec)
+    func = spec.func if isinstance(spec, functools.partial) else spec
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _check_dim(owner: str, dim: object) -> int:
+    # numbers.Integral: NumPy integers too; bool is an int but never a dimensionality.
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim not in (1, 2, 3):
+        raise ValueError(
+            f"{owner}: dim must be 1 (N, C) or (N, C, L), 2 (N, C, H, W) or 3 "
+            f"(N, C, D, H, W), got {type(dim).__name__} {dim!r}"
+        )
+    return int(dim)
+
+
+def _check_num_features(owner: str, num_features: object) -> None:
+    if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
+            or num_features < 1):
+        raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+
+
+def _check_kwargs(owner: str, factory: NormFactory, kwargs: Mapping[str, Any]) -> None:
+    """Keyword arguments the factory does not take, named against the public class or
+    factory: Python's own message names the ``__init__`` that defines them, often a
+    private base class (``_GhostBatchNorm.__init__()``)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let it raise
+        return
+    parameters = list(signature.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    # The first positional parameter takes num_features.
+    taken = [
+        p.name for p in parameters[1:]
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    unknown = [key for key in kwargs if key not in taken]
+    if unknown:
+        name = _spec_text(factory)
+        raise TypeError(
+            f"{owner}: {name} got an unexpected keyword argument {unknown[0]!r}; it takes "
+            f"{', '.join(taken) if taken else 'no keyword arguments'}"
+        )
 
 
 def norm_names() -> list[str]:
@@ -56,6 +126,7 @@ def norm_names() -> list[str]:
 
 def get_norm_layer(spec: NormSpec, dim: int = 2) -> NormFactory:
     """Resolve ``spec`` (name, class or partial) to a factory taking ``num_features`` first."""
+    dim = _check_dim(f"get_norm_layer({_spec_text(spec)})", dim)
     if isinstance(spec, str):
         key = _key(spec)
         if key not in _REGISTRY:
@@ -66,6 +137,12 @@ def get_norm_layer(spec: NormSpec, dim: int = 2) -> NormFactory:
                 f"norm {spec!r} has no {dim}d form; available dims: {sorted(by_dim)}"
             )
         return by_dim[dim]
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"norm spec must be a str, a class or a partial, got the module instance "
+            f"{type(spec).__name__}(...); pass its class, {type(spec).__name__}, or "
+            f"functools.partial({type(spec).__name__}, ...)"
+        )
     if callable(spec):
         return spec
     raise TypeError(f"norm spec must be a str, a class or a partial, got {type(spec).__name__}")
@@ -80,8 +157,19 @@ def create_norm(spec: NormSpec, num_features: int, *, dim: int = 2, **kwargs: An
         dim: 1 for (N, C)/(N, C, L) inputs, 2 for (N, C, H, W), 3 for (N, C, D, H, W);
             used only to pick a registered name's class.
         **kwargs: passed to the layer.
+
+    Raises:
+        ValueError: an unknown name, a dim not 1, 2 or 3 (or one the name has no form
+            for), num_features not a positive int.
+        TypeError: a spec that is not a name, class or partial (a module instance, say),
+            a keyword argument the layer does not take.
     """
-    return get_norm_layer(spec, dim)(num_features, **kwargs)
+    dim = _check_dim(f"create_norm({_spec_text(spec)})", dim)
+    factory = get_norm_layer(spec, dim)
+    owner = f"create_norm({_spec_text(spec)}, dim={dim})"
+    _check_num_features(owner, num_features)
+    _check_kwargs(owner, factory, kwargs)
+    return factory(num_features, **kwargs)
 
 
 register_norm("batch", {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d})
@@ -106,6 +194,7 @@ def layer_norm(
     rank: ``LayerNorm(C)`` normalizes the *last* dim, so it would need a channels-last
     (N, L, C) layout for (N, C, L) inputs.
     """
+    _check_num_features("layer_norm", num_features)
     return nn.GroupNorm(1, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 
 
@@ -121,6 +210,7 @@ def group_norm(
     """
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
+    _check_num_features("group_norm", num_features)
     groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
     return nn.GroupNorm(groups, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 

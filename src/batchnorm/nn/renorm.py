@@ -86,7 +86,41 @@ def _renorm_affine(
     return scale, shift
 
 
-def _renorm_traceable(
+def _renorm_constants_centred(
+    centre: Tensor,
+    offset: Tensor,
+    invstd: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    """r and d of :func:`_renorm_constants` from :func:`batchnorm._reference.centred_stats`'
+    batch mean ``centre + offset``, in invstd's dtype.
+
+    μ_B − μ is formed as ``(centre − μ) + offset``: where the batch and running means
+    are within a factor 2 of each other ``centre − μ`` is exact (Sterbenz), so d keeps
+    its digits far from zero, where the mean rounded to float32 is off by up to
+    ulp(μ_B)/2 (5e-4 at 1e4: d off by 0.05 for σ = 0.01). Computed in the wider of
+    the statistics' and the running mean's dtypes, so no float64 is needed for a
+    float32 layer (which MPS, say, does not have).
+    """
+    dtype = invstd.dtype
+    work = torch.promote_types(dtype, running_mean.dtype)
+    diff = (centre.to(work) - running_mean.to(work)) + offset.to(work)
+    sigma = torch.sqrt(running_var.to(dtype) + eps)
+    r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)
+    d = (diff.to(dtype) / sigma).clamp(-d_max, d_max)
+    # One stacked tensor, which the compilers' partitioner never recomputes (stack/cat
+    # are not on its list of ops to recompute): it saves r and d for the backward.
+    # Left to it, it recomputes r from the running variance there, which the forward
+    # has updated in place by then, and γ's gradient comes out wrong.
+    rd = torch.stack((r, d))
+    return rd[0], rd[1]
+
+
+def _renorm_centred(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -98,26 +132,35 @@ def _renorm_traceable(
     num_batches_skipped: Tensor | None,
     r_max: float,
     d_max: float,
-) -> Tensor:
-    """Batch renorm's training output from plain torch ops, for torch.compile and
-    torch.func (see ``batchnorm._backends.under_transform``).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Batch renorm's training forward in plain torch ops: the reference backend's, and
+    the traceable form (torch.compile, torch.func). Returns (y, mean, invstd, r, d).
 
-    r and d are computed without gradient from the batch statistics and the running
-    ones from before the (guarded) update; then ``y = γ(x̂·r + d) + β`` is torch's batch
-    norm with weight γr and bias γd + β, whose autograd gives dγ = r·Σdy·x̂ + d·Σdy.
+    With the batch statistics of :func:`batchnorm._reference.centred_stats` (``centred
+    = x − c``, c the mean rounded to the statistics dtype, ``offset = μ_B − c``), r and
+    d from them and the running statistics from before the (guarded) update, and
+    ``y = γ(x̂·r + d) + β`` as one affine map about c::
+
+        y = centred·k + (γd + β − offset·k),   k = γr·invstd
+
+    in the statistics dtype (float32 for half-precision input), rounded once to x's
+    dtype. Differentiable in x, γ and β, with r and d constants: computed from
+    detached statistics (no_grad alone would leave them forward-mode tangents).
     """
-    with torch.no_grad():
-        mean, var = _reference.batch_stats(x)
-        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
-        r, d = _renorm_constants(
-            mean, torch.rsqrt(var + eps), running_mean.to(mean.dtype), sigma, r_max, d_max
-        )
-        _reference.update_running_stats(
-            running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
-            num_batches_tracked, num_batches_skipped,
-        )
-    scale, shift = _renorm_affine(weight, bias, r, d)
-    return torch.nn.functional.batch_norm(x, None, None, scale, shift, True, 0.0, eps)
+    centre, offset, var, centred = _reference.centred_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    r, d = _renorm_constants_centred(
+        centre.detach(), offset.detach(), invstd.detach(), running_mean, running_var, eps,
+        r_max, d_max,
+    )
+    mean = centre + offset
+    _reference.update_from_centred_stats(
+        running_mean, running_var, mean, centre, offset, var, x.numel() // x.shape[1],
+        momentum, num_batches_tracked, num_batches_skipped,
+    )
+    folded_weight, folded_bias = _renorm_affine(weight, bias, r, d)
+    scale, shift = _reference.affine_coefficients(folded_weight, folded_bias, offset, invstd)
+    return _reference.apply_centred(centred, x, scale, shift), mean, invstd, r, d
 
 
 class _RenormTrain(torch.autograd.Function):
@@ -129,9 +172,10 @@ class _RenormTrain(torch.autograd.Function):
     Forward: on a backend with a renorm kernel (numba), r and d are folded into the
     affine coefficients, ``y = x̂·(γr) + (γd + β)``, computed in the same pass as batch
     norm's output, from the batch statistics and the running statistics from before
-    the (guarded) update. Elsewhere the backend normalizes (``x̂``, no affine) and
-    updates the running statistics; r and d come from the batch ``mean`` and ``invstd``
-    it returns, and one more in-place pass applies the affine map.
+    the (guarded) update. The reference does the same in torch ops
+    (:func:`_renorm_centred`). Elsewhere (Triton) the backend normalizes and updates
+    the running statistics, and r and d come from the batch ``mean`` and ``invstd`` it
+    returns (:func:`_renorm_composed`).
 
     Backward: with r and d constant, ``y = γ'·x̂ + β'`` with ``γ' = γr`` is batch norm,
     so the backend's backward with weight γr gives dx, ``Σ dy·x̂`` and ``Σ dy``, and
@@ -153,6 +197,8 @@ class _RenormTrain(torch.autograd.Function):
         )
         if fused is not None:
             y, mean, invstd, r, d = fused(*args)
+        elif backend is _reference.BACKEND:
+            y, mean, invstd, r, d = _renorm_centred(*args)
         else:
             y, mean, invstd, r, d = _renorm_composed(*args, backend)
         ctx.save_for_backward(x, weight)
@@ -215,8 +261,18 @@ def _renorm_composed(
     d_max: float,
     backend: Backend,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Batch renorm's forward on a backend without a renorm kernel: ``x̂`` from the
-    backend, then ``y = x̂·(γr) + (γd + β)`` in place. Returns (y, mean, invstd, r, d)."""
+    """Batch renorm's forward on a backend without a renorm kernel: the batch
+    statistics (and the running update) from its ``forward_train``, then
+    ``y = x̂·(γr) + (γd + β)``. Returns (y, mean, invstd, r, d).
+
+    float32/float64 input: the backend's ``x̂`` (no affine) and one more in-place pass
+    for the affine map. Half precision: x̂ rounded to float16/bfloat16 and mapped again
+    would round twice, and where γd + β cancels x̂·γr the first rounding shows (bf16:
+    0.05 where a correctly rounded output is off by 0.03, 28% relative near zero), so
+    the output comes from the backend's ``forward_eval`` with the batch statistics
+    (μ_B, σ²_B = invstd⁻² − ε) and weight γr, bias γd + β: computed in float32 and
+    rounded once, one pass as the in-place one is.
+    """
     dtype = stats_dtype(x)
     old_mean = running_mean.to(dtype, copy=True)
     sigma = torch.sqrt(running_var.to(dtype) + eps)
@@ -233,8 +289,9 @@ def _renorm_composed(
     )
     if y.dtype == dtype:
         y = torch.addcmul(channel_view(shift, x), y, channel_view(scale, x), out=y)
-    else:  # half precision: combine in float32, round once
-        y = torch.addcmul(channel_view(shift, x), y.to(dtype), channel_view(scale, x)).to(x.dtype)
+    else:
+        var = invstd.to(dtype).pow(-2) - eps
+        y = backend.forward_eval(x, scale, shift, mean, var, eps)
     return y, mean, invstd, r, d
 
 
@@ -343,7 +400,11 @@ class _BatchRenorm(_BatchNormBase):
             skipped, self.r_max, self.d_max,
         )
         if self.backend in ("auto", "reference") and under_transform():
-            return _renorm_traceable(*args)
+            # Plain torch ops for torch.compile and torch.func (see
+            # batchnorm._backends.under_transform); their autograd, with r and d
+            # constant, gives batch norm's dx with weight γr, dγ = r·Σdy·x̂ + d·Σdy
+            # and dβ = Σdy.
+            return _renorm_centred(*args)[0]
         backend = own = select_backend(self.backend, x, weight, bias, running_mean, running_var)
         if self.backend == "auto":
             backend = prefer_aten_renorm(backend, x)
