@@ -557,6 +557,26 @@ def test_recalibrate_layer_called_with_keyword_input_and_lazy_layers() -> None:
             bn.recalibrate(nn.Sequential(lazy), batches)
 
 
+def test_recalibrate_mapping_batches_are_keyword_arguments() -> None:
+    class Fed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = bn.BatchNorm1d(3, dtype=torch.float64)
+
+        def forward(self, features, labels=None):
+            return self.norm(features)
+
+    gen = torch.Generator().manual_seed(5)
+    data = _batches(gen, [4, 6], 3)
+    model = Fed()
+    used = bn.recalibrate(model, [{"features": x, "labels": torch.zeros(len(x))} for x in data])
+    assert (used.layers, used.batches) == (1, 2)
+    assert_close(model.norm.running_mean, torch.cat(data).mean(0), 1e-12, 1e-12, "running_mean")
+    assert_close(model.norm.running_var, torch.cat(data).var(0), 1e-12, 1e-12, "running_var")
+    with pytest.raises(TypeError, match="batch 0 must be a tensor, an .* or a mapping"):
+        bn.recalibrate(model, [3.0])
+
+
 def test_recalibrate_torch_layers_and_errors() -> None:
     gen = torch.Generator().manual_seed(2)
     model = nn.Sequential(nn.BatchNorm1d(4).double(), bn.FrozenBatchNorm1d(4, dtype=torch.float64))

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -1007,16 +1007,28 @@ class _TooFewValues(Exception):
     """A batch in which a layer would normalize a single value per channel."""
 
 
-def _inputs(batches: Iterable[Any], num_batches: int | None) -> Iterator[Tensor]:
+def _inputs(
+    batches: Iterable[Any], num_batches: int | None
+) -> Iterator[tuple[tuple[Tensor, ...], dict[str, Any]]]:
+    """Each batch as the model's call arguments: a tensor, or the first item of a
+    tuple/list (input, target, ...), positionally; a mapping as keyword arguments."""
     # islice stops before fetching batch num_batches + 1: the caller's iterator keeps it.
     for i, batch in enumerate(itertools.islice(batches, num_batches)):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(batch, Mapping):
+            yield (), dict(batch)
+            continue
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(x, Tensor):
             raise TypeError(
-                f"recalibrate: batch {i} must be a tensor or an (input, target) tuple, got "
-                f"{type(batch).__name__}" + (f" of {type(x).__name__}" if x is not batch else "")
+                f"recalibrate: batch {i} must be a tensor, an (input, target) tuple or a "
+                f"mapping of keyword arguments, got {type(batch).__name__}"
+                + (f" of {type(x).__name__}" if x is not batch else "")
             )
-        yield x
+        yield (x,), {}
+
+
+def _to_device(value: Any, device: Any) -> Any:
+    return value.to(device) if isinstance(value, Tensor) and device is not None else value
 
 
 def recalibrate(
@@ -1068,8 +1080,10 @@ def recalibrate(
 
     Args:
         model: any module tree.
-        batches: an iterable of input tensors or of (input, target, ...) tuples/lists;
-            inputs are moved to the model's device.
+        batches: an iterable of input tensors, of (input, target, ...) tuples/lists
+            (the model gets the input), or of mappings, passed as keyword arguments
+            (``model(**batch)``, as dictionary-fed models take them); tensors are moved
+            to the model's device.
         num_batches: use at most this many batches (default: all).
 
     Returns:
@@ -1077,7 +1091,8 @@ def recalibrate(
 
     Raises:
         ValueError: ``num_batches`` < 1, no batches at all, or every batch skipped.
-        TypeError: a batch that is neither a tensor nor a tuple/list starting with one.
+        TypeError: a batch that is not a tensor, a tuple/list starting with one, or a
+            mapping.
     """
     if num_batches is not None and (
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
@@ -1161,10 +1176,13 @@ def recalibrate(
         for m, _, _ in limits:
             m.r_max, m.d_max = 1.0, 0.0  # r = 1, d = 0: plain batch norm
         with torch.no_grad():
-            for x in _inputs(batches, num_batches):
+            for args, kwargs in _inputs(batches, num_batches):
                 pending.clear()
                 try:
-                    model(x if device is None else x.to(device))
+                    model(
+                        *(_to_device(a, device) for a in args),
+                        **{k: _to_device(v, device) for k, v in kwargs.items()},
+                    )
                 except _TooFewValues:
                     skipped_batches += 1
                     continue
