@@ -90,13 +90,14 @@ def _run(label: str, seed: int, params: dict[str, Any], accuracies: list[float],
             "diverged_step": None, "rows": rows, "extra": {"start": {}, "end": end or {}}}
 
 
-def _placement_record(final: dict[str, tuple[float, float]], ratio: float) -> dict[str, Any]:
+def _placement_record(final: dict[str, tuple[float, ...]], ratio: float,
+                      seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
     exp = BNPlacement()
     runs = []
     for activation in ("relu", "sigmoid"):
         for variant, *_ in VARIANTS:
-            for seed in (0, 1):
-                acc = final.get(variant, (0.9, 0.9))[seed]
+            for seed in seeds:
+                acc = final.get(variant, (0.9,) * len(seeds))[seed]
                 end = ({"grad_ratio": [ratio], "bias_moved": [1e-8]}
                        if variant == "BN before, bias kept" else {})
                 runs.append(_run(f"{activation}: {variant}", seed,
@@ -107,21 +108,30 @@ def _placement_record(final: dict[str, tuple[float, float]], ratio: float) -> di
     return {"config": to_dict(exp.make_config("quick")), "data": {"classes": 10}, "runs": runs}
 
 
-@pytest.mark.parametrize(("final", "ratio", "bias", "placement"), [
+@pytest.mark.parametrize(("final", "ratio", "expected"), [
     # after beats before: placement not supported; bias inert and harmless
     ({"BN before": (0.90, 0.91), "BN before, bias kept": (0.90, 0.91),
-      "BN after": (0.93, 0.94)}, 1e-8, SUPPORTED, NOT_SUPPORTED),
-    # before clearly better in both; the kept bias has a real gradient
+      "BN after": (0.93, 0.94)}, 1e-8, [SUPPORTED, SUPPORTED, NOT_SUPPORTED]),
+    # before clearly better in both; the kept bias has a real gradient (the check fails)
     ({"BN before": (0.95, 0.96), "BN before, bias kept": (0.95, 0.96),
-      "BN after": (0.90, 0.91)}, 1e-2, MIXED, SUPPORTED),
-    # before better, but seed ranges overlap; the bias changes the accuracy too
+      "BN after": (0.90, 0.91)}, 1e-2, [NOT_SUPPORTED, SUPPORTED, SUPPORTED]),
+    # before better, but seed ranges overlap; the bias changes the accuracy in every seed
     ({"BN before": (0.90, 0.97), "BN before, bias kept": (0.85, 0.86),
-      "BN after": (0.91, 0.92)}, 1e-2, NOT_SUPPORTED, MIXED),
+      "BN after": (0.91, 0.92)}, 1e-8, [SUPPORTED, NOT_SUPPORTED, MIXED]),
+    # the same on average, but one seed differs by 3 points
+    ({"BN before": (0.90, 0.93), "BN before, bias kept": (0.92, 0.91),
+      "BN after": (0.91, 0.92)}, 1e-8, [SUPPORTED, MIXED, NOT_SUPPORTED]),
+    # one seed only: an equivalence needs a spread to compare, too
+    ({"BN before": (0.90,), "BN before, bias kept": (0.90,), "BN after": (0.93,)},
+     1e-8, [SUPPORTED, MIXED, NOT_SUPPORTED]),
 ])
-def test_placement_verdicts(final: dict[str, tuple[float, float]], ratio: float, bias: str,
-                            placement: str) -> None:
-    analysis = BNPlacement().analyze(_placement_record(final, ratio))
-    assert [v.verdict for v in analysis.verdicts] == [bias, placement]
+def test_placement_verdicts(final: dict[str, tuple[float, ...]], ratio: float,
+                            expected: list[str]) -> None:
+    seeds = tuple(range(len(final["BN before"])))
+    analysis = BNPlacement().analyze(_placement_record(final, ratio, seeds))
+    assert [v.verdict for v in analysis.verdicts] == expected
+    # the zero gradient holds by construction: a check, not evidence
+    assert [v.check for v in analysis.verdicts] == [True, False, False]
 
 
 def _inference_record(gain: float, batch2: float, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
@@ -147,32 +157,35 @@ def _inference_record(gain: float, batch2: float, seeds: tuple[int, ...] = (0, 1
     return {"config": cfg, "data": {"classes": 10}, "runs": runs}
 
 
-@pytest.mark.parametrize(("gain", "batch2", "single", "recal"), [
+@pytest.mark.parametrize(("gain", "batch2", "population", "recal"), [
     (0.05, 0.4, SUPPORTED, SUPPORTED),
     (0.005, 0.4, SUPPORTED, MIXED),
-    (0.0, 0.905, MIXED, NOT_SUPPORTED),
+    (0.0, 0.905, NOT_SUPPORTED, NOT_SUPPORTED),
 ])
-def test_inference_verdicts(gain: float, batch2: float, single: str, recal: str) -> None:
+def test_inference_verdicts(gain: float, batch2: float, population: str, recal: str) -> None:
     analysis = Inference().analyze(_inference_record(gain, batch2))
-    assert [v.verdict for v in analysis.verdicts] == [single, recal]
-    assert "stalest: momentum 0.001" in analysis.verdicts[1].measured or recal == NOT_SUPPORTED
+    # The batch-of-one identity is a check; the loss with batch statistics is evidence.
+    assert [v.verdict for v in analysis.verdicts] == [SUPPORTED, population, recal]
+    assert [v.check for v in analysis.verdicts] == [True, False, False]
+    assert "stalest: momentum 0.001" in analysis.verdicts[2].measured or recal == NOT_SUPPORTED
 
 
 def test_inference_single_seed_is_never_supported() -> None:
     """A seed's settings share their weights: two settings are not two seeds."""
     analysis = Inference().analyze(_inference_record(0.05, 0.4, seeds=(0,)))
-    assert analysis.verdicts[0].verdict == MIXED
+    assert analysis.verdicts[1].verdict == MIXED
 
 
 def _smoothness_record(final: dict[str, tuple[float, float]],
-                       landscape: dict[str, dict[str, tuple[float, float]]]) -> dict[str, Any]:
+                       landscape: dict[str, dict[str, tuple[float, float]]],
+                       seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
     from batchnorm.lab.config import to_dict
     from batchnorm.lab.experiments.smoothness import RUNS, Smoothness
 
     cfg = to_dict(Smoothness().make_config("quick"))
     runs = []
     for label, _, part in RUNS:
-        for seed in (0, 1):
+        for seed in seeds:
             acc = final[label][seed]
             noise = 0.5 if label.startswith("noisy") else 0.02
             rows = []
@@ -215,6 +228,32 @@ def test_smoothness_verdicts(final, landscape, expected) -> None:
     assert [v.verdict for v in analysis.verdicts] == expected
     if expected[1] == MIXED:
         assert "not testable" in analysis.verdicts[1].measured
+
+
+_TRAINED = {"baseline": (0.95, 0.95), "BN": (0.95, 0.95), "baseline, high rate": (0.1, 0.1),
+            "BN, high rate": (0.95, 0.95), "noisy BN, high rate": (0.95, 0.95)}
+
+
+@pytest.mark.parametrize(("baseline_cos", "bn_cos", "seeds", "expected"), [
+    # BN's shift 1.5x the baseline's or more, seeds apart: not reduced
+    ((0.90, 0.91), (0.85, 0.86), (0, 1), SUPPORTED),
+    # the baseline's 1.5x BN's, seeds apart: reduced
+    ((0.85, 0.86), (0.90, 0.91), (0, 1), NOT_SUPPORTED),
+    # BN's a little larger on average: as weak as a small reduction, so neither
+    ((0.90, 0.91), (0.895, 0.905), (0, 1), MIXED),
+    # one seed: no spread to compare, on either side
+    ((0.90, 0.91), (0.85, 0.86), (0,), MIXED),
+    ((0.85, 0.86), (0.90, 0.91), (0,), MIXED),
+])
+def test_smoothness_ics_verdict_is_symmetric(baseline_cos: tuple[float, float],
+                                             bn_cos: tuple[float, float],
+                                             seeds: tuple[int, ...], expected: str) -> None:
+    from batchnorm.lab.experiments.smoothness import Smoothness
+
+    landscape = {"baseline": _ROUGH | {"ics_cos": baseline_cos},
+                 "BN": _SMOOTH | {"ics_cos": bn_cos}}
+    verdicts = Smoothness().analyze(_smoothness_record(_TRAINED, landscape, seeds)).verdicts
+    assert "covariate shift" in verdicts[2].statement and verdicts[2].verdict == expected
 
 
 def test_smoothness_ics_is_not_testable_when_a_run_has_no_measure() -> None:
@@ -270,17 +309,21 @@ def test_batch_stats_probe_restores_the_running_statistics(cache_dir: Path) -> N
     assert not model.training
 
 
-def _batchsize_record(bn_small: float, layer_small: float) -> dict[str, Any]:
+def _batchsize_record(bn_small: float, layer_small: float,
+                      seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
     from batchnorm.lab.config import to_dict
 
     cfg = to_dict(BatchSize().make_config("quick"))
     runs = []
     for label in ("BN", "layer norm", "group norm", "batch renorm"):
         for bs in cfg["batch_sizes"]:
-            for seed in (0, 1):
+            for seed in seeds:
                 small = {"BN": bn_small, "batch renorm": bn_small}.get(label, layer_small)
                 acc = (small if bs == cfg["batch_sizes"][0] else 0.93) + 0.002 * seed
-                runs.append(_run(label, seed, {"batch_size": bs}, [0.1, acc, acc, acc]))
+                end = ({"batch_stats_accuracy": acc - 0.01 * (1 + seed)}
+                       if label in ("BN", "batch renorm") else None)
+                runs.append(_run(label, seed, {"batch_size": bs}, [0.1, acc, acc, acc],
+                                 end=end))
     plan = {str(bs): {"steps": 10, "lr": 0.1, "epochs": 1.0} for bs in cfg["batch_sizes"]}
     return {"config": cfg, "data": {"classes": 10}, "runs": runs, "notes": {"plan": plan}}
 
@@ -293,6 +336,28 @@ def _batchsize_record(bn_small: float, layer_small: float) -> dict[str, Any]:
 def test_batchsize_verdicts(bn_small: float, layer_small: float, expected: list[str]) -> None:
     analysis = BatchSize().analyze(_batchsize_record(bn_small, layer_small))
     assert [v.verdict for v in analysis.verdicts] == expected
+
+
+def test_batchsize_works_across_sizes_needs_two_seeds() -> None:
+    (works, *_) = BatchSize().analyze(_batchsize_record(0.40, 0.92, seeds=(0,))).verdicts
+    assert "works across" in works.statement and works.verdict == MIXED
+
+
+def test_batchsize_statistics_figure_shows_the_seed_range() -> None:
+    """Running against batch statistics: a mean per batch size with min..max bars."""
+    from matplotlib.container import ErrorbarContainer
+
+    record = _batchsize_record(0.40, 0.92)
+    captions = [c for c, _ in BatchSize().figures(record)]
+    fig = BatchSize().figures(record)[1][1]
+    assert "min..max" in captions[1]
+    (ax,) = fig.axes
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 4  # BN and renorm, running and batch statistics
+    # BN's batch statistics at the largest size: seeds 0.93 - 0.01 and 0.932 - 0.02
+    segments = [seg for c in bars for coll in c.lines[2] for seg in coll.get_segments()]
+    spans = {(round(float(seg[0][1]), 2), round(float(seg[1][1]), 2)) for seg in segments}
+    assert (91.2, 92.0) in spans
 
 
 def test_noisy_batch_norm() -> None:
@@ -416,3 +481,141 @@ def test_batch_statistics_accuracy(cache_dir: Path) -> None:
     assert not any(m.training for m in model.modules())
     assert batch_statistics_accuracy(model, x[:10], y[:10], 32) == (pytest.approx(float("nan"),
                                                                                  nan_ok=True), 0)
+
+
+def _fig1_record(base_final: float, base_diverged: bool = False) -> dict[str, Any]:
+    """fig1 with BN at 0.95 from step 100 and a baseline that climbs to ``base_final``
+    by step 1,000 (or diverges at step 250 in every seed)."""
+    from batchnorm.lab.config import to_dict
+    from batchnorm.lab.experiments.fig1 import Fig1
+
+    cfg = to_dict(Fig1().make_config("quick"))
+    runs = []
+    for seed in (0, 1):
+        bn = [0.1] + [0.95] * 60
+        base = [0.1] + [min(base_final, 0.1 + 0.1 * i) for i in range(1, 61)]
+        run = _run("baseline", seed, {"norm": "none"}, base)
+        if base_diverged:
+            run["outcome"], run["diverged_step"] = "diverged", 250
+            run["rows"] = [r for r in run["rows"] if r["step"] < 250]
+        runs += [run, _run("BN", seed, {"norm": "batch"}, bn)]
+    return {"config": cfg, "data": {"classes": 10}, "runs": runs}
+
+
+@pytest.mark.parametrize(("base_final", "base_diverged", "expected", "words"), [
+    (0.90, False, SUPPORTED, ""),          # the baseline trained: a real target
+    (0.90, True, MIXED, "not testable"),   # diverged: the target would be chance
+    (0.12, False, MIXED, "not testable"),  # completed at chance
+])
+def test_fig1_speedup_needs_a_baseline_that_trained(base_final: float, base_diverged: bool,
+                                                    expected: str, words: str) -> None:
+    from batchnorm.lab.experiments.fig1 import Fig1
+
+    speed = Fig1().analyze(_fig1_record(base_final, base_diverged)).verdicts[0]
+    assert speed.claim == 1 and speed.verdict == expected
+    assert words in speed.measured
+
+
+def _reg_run(config: str, seed: int, train_acc: float, test_acc: float, *, lr: float = 0.1,
+             virtual: int | None = None, diverged: bool = False) -> dict[str, Any]:
+    """A regularization run with its end measurements (none if it diverged)."""
+    end = {} if diverged else {
+        "train": {"loss": 0.01, "accuracy": train_acc},
+        "validation": {"loss": 0.3, "accuracy": test_acc},
+        "test": {"loss": 0.3, "accuracy": test_acc}}
+    params: dict[str, Any] = {"config": config, "lr": lr, "part": "grid"}
+    if virtual is not None:
+        params.update({"part": "ghost", "virtual_batch": virtual})
+    run = _run(f"{config} lr={lr:g}", seed, params, [0.1, test_acc, test_acc, test_acc], end=end)
+    if diverged:
+        run["outcome"], run["diverged_step"] = "diverged", 100
+    return run
+
+
+def _regularization_record(test: dict[str, tuple[float, ...]],
+                           diverged: tuple[tuple[str, int], ...] = ()) -> dict[str, Any]:
+    """Every configuration fits the subset (train 100%); ``test``: its test accuracy per
+    seed, keyed by configuration or by virtual batch size (as a string)."""
+    from batchnorm.lab.config import to_dict
+    from batchnorm.lab.experiments.regularization import CONFIGS, Regularization, _ghost_name
+
+    cfg = to_dict(Regularization().make_config("quick"))
+    runs = []
+    for name, _, _ in CONFIGS:
+        for seed, acc in enumerate(test[name]):
+            runs.append(_reg_run(name, seed, 1.0, acc, diverged=(name, seed) in diverged))
+    for v in cfg["virtual_batches"]:
+        for seed, acc in enumerate(test.get(str(v), ())):
+            runs.append(_reg_run(_ghost_name(v), seed, 1.0, acc, virtual=v,
+                                 diverged=(str(v), seed) in diverged))
+    cfg["seeds"] = len(test["BN"])
+    return {"config": cfg, "data": {"classes": 10, "test": 1000}, "runs": runs,
+            "notes": {"chosen_lr": {name: 0.1 for name, _, _ in CONFIGS},
+                      "virtual_batch_lr": 0.1}}
+
+
+# BN tests 2 points above the baseline, which dropout lifts to BN's level; ghost BN
+# with virtual batches of 6 tests highest, 20 between: every claim-5 verdict holds.
+_REG = {"baseline": (0.88, 0.885, 0.882), "baseline + dropout": (0.90, 0.905, 0.902),
+        "BN": (0.90, 0.905, 0.902), "BN + dropout": (0.901, 0.906, 0.903),
+        "6": (0.92, 0.925, 0.922), "20": (0.91, 0.915, 0.912)}
+
+
+@pytest.mark.parametrize(("diverged", "expected"), [
+    ((), [SUPPORTED, SUPPORTED, SUPPORTED]),
+    # BN's third seed diverges: it fails that seed in all three, it does not drop out
+    ((("BN", 2),), [MIXED, MIXED, MIXED]),
+    # a ghost BN seed diverges: only the mechanism verdict loses it
+    ((("6", 1),), [SUPPORTED, SUPPORTED, MIXED]),
+])
+def test_regularization_a_diverged_seed_fails_every_seed_rule(
+        diverged: tuple[tuple[str, int], ...], expected: list[str]) -> None:
+    from batchnorm.lab.experiments.regularization import Regularization
+
+    verdicts = Regularization().analyze(_regularization_record(_REG, diverged)).verdicts
+    assert [v.verdict for v in verdicts] == expected
+    for v, verdict in zip(verdicts, expected):
+        assert ("diverged seeds" in v.measured) == (verdict == MIXED)
+
+
+@pytest.mark.parametrize(("ghost", "expected"), [
+    # smaller virtual batches (noisier statistics) generalize better, seeds apart
+    ({"6": (0.92, 0.925), "20": (0.91, 0.915)}, SUPPORTED),
+    # the order reverses, seeds apart: the noise does not regularize here
+    ({"6": (0.88, 0.885), "20": (0.89, 0.895)}, NOT_SUPPORTED),
+    # no difference the seeds can resolve
+    ({"6": (0.899, 0.906), "20": (0.90, 0.905)}, MIXED),
+    # a smaller gap that is not ordered by the virtual batch size
+    ({"6": (0.92, 0.925), "20": (0.94, 0.945)}, MIXED),
+    # a smaller gap from fitting less: virtual 6 ends at 95% train accuracy
+    ({"6": (0.90, 0.905), "20": (0.90, 0.905), "train6": (0.95, 0.95)}, MIXED),
+])
+def test_regularization_noise_mechanism_verdict(ghost: dict[str, tuple[float, ...]],
+                                                expected: str) -> None:
+    from batchnorm.lab.experiments.regularization import Regularization
+
+    test = {k: v[:2] for k, v in _REG.items() if not k.isdigit()}
+    record = _regularization_record({**test, "6": ghost["6"], "20": ghost["20"]})
+    for run in record["runs"]:
+        if run["params"].get("virtual_batch") == 6 and "train6" in ghost:
+            run["extra"]["end"]["train"]["accuracy"] = ghost["train6"][run["seed"]]
+    verdicts = Regularization().analyze(record).verdicts
+    assert len(verdicts) == 3 and "virtual batch" in verdicts[2].statement
+    assert verdicts[2].verdict == expected
+
+
+def test_regularization_batch_noise_is_described_not_judged(tiny_results: Path) -> None:
+    """The spread of x̂ over batch compositions falls as 1/sqrt(B) for any network: it
+    is reported, but no verdict rests on it."""
+    import json
+
+    record = json.loads((tiny_results / "regularization" / "result.json").read_text())
+    analysis = record["analysis"]
+    assert any("batch noise at B=" in k for k in analysis["measures"])
+    assert not any("sqrt" in v["statement"] or "x̂" in v["measured"]
+                   for v in analysis["verdicts"])
+    ghost = [r for r in record["runs"] if r["params"].get("part") == "ghost"]
+    assert {r["params"]["virtual_batch"] for r in ghost} == set(
+        record["config"]["virtual_batches"])
+    assert all(r["params"]["lr"] == record["notes"]["chosen_lr"]["BN"] for r in ghost)
+    assert all(r["model"]["norm_class"].startswith("batchnorm.") for r in ghost)

@@ -12,7 +12,7 @@ from torch import nn
 import batchnorm
 from batchnorm.lab.diagnostics import layer_inputs
 from batchnorm.lab.models import MLPSpec, build, log_space
-from batchnorm.lab.runner import dataset
+from batchnorm.lab.runner import Runner, dataset
 from batchnorm.lab.train import RunSpec, TrainSpec, train
 
 
@@ -192,3 +192,14 @@ def test_rnn_runs_train(cache_dir: Path) -> None:
     a, b = train(spec, dataset("synthetic")), train(spec, dataset("synthetic"))
     assert a.outcome == "completed" and a.rows == b.rows
     assert a.model["spec"]["kind"] == "bnlstm"
+
+
+@pytest.mark.parametrize(("jobs", "threads", "message"), [
+    (0, 1, "jobs: expected an int >= 1, got 0"),
+    (-3, 1, "jobs: expected an int >= 1, got -3"),
+    (1, 0, "threads: expected an int >= 1, got 0"),
+])
+def test_runner_rejects_fewer_than_one_job_or_thread(jobs: int, threads: int, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        Runner(jobs=jobs, threads=threads)
+    assert str(err.value) == message

@@ -122,3 +122,14 @@ def test_damaged_results_give_a_clear_error_or_a_partial_report(
     result.write_text(json.dumps(record))
     text = report.build(copy).read_text()
     assert "runs table failed" in text and 'id="exp-speedup"' in text
+
+
+def test_checks_are_marked_and_counted(rebuilt: Path) -> None:
+    """A property that holds by construction (placement's zero bias gradient) is shown
+    as a check, not counted as evidence without saying so."""
+    from batchnorm.lab.experiments.base import CHECK_RULE
+
+    text = rebuilt.read_text()
+    assert "check: A bias in front of BN gets no gradient" in text
+    assert "of them checks" in text
+    assert CHECK_RULE.split(":")[0] in text.replace("&#x27;", "'")

@@ -5,7 +5,8 @@
     batchnorm --version
     batchnorm lab list
     batchnorm lab run NAME... [--preset quick|full|tiny] [--seeds N] [--out DIR]
-                              [--data SPEC] [--jobs N] [--threads N] [--key=value ...]
+                              [--data SPEC] [--jobs N] [--threads N] [--overwrite]
+                              [--key=value ...]
     batchnorm lab run all
     batchnorm lab report DIR [-o FILE]
 
@@ -61,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run", allow_abbrev=False,
         help="run experiments (or 'all') and write the report",
         description="Run experiments and write DIR/<name>/result.json and DIR/report.html. "
-        "Any config key can be set with --key=value (see 'batchnorm lab list').",
+        "Any config key can be set with --key=value (see 'batchnorm lab list'). Rerunning "
+        "the same command into DIR replaces its results; a run that would replace a result "
+        "of a different run (another --preset, --seeds, --data or --key=value) is refused "
+        "before training unless --overwrite is given. Other experiments' results stay.",
     )
     run.add_argument("names", nargs="+", metavar="NAME", help="experiment names, or 'all'")
     run.add_argument("--preset", choices=PRESETS, default="quick",
@@ -75,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes (default: one per core)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     run.add_argument("--no-report", action="store_true", help="do not write the report")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace saved results of a different run (another preset, seed "
+                     "count, data set or --key=value); without it such a run is refused")
 
     report = sub.add_parser("report", help="write the HTML report of a results directory",
                             allow_abbrev=False)
@@ -166,20 +173,29 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from batchnorm.lab.data import DataError
     from batchnorm.lab.runner import Runner, default_jobs
 
+    # Everything that can be wrong with the command is checked before the results
+    # directory is created: a refused command leaves nothing behind.
     overrides: dict[str, object] = dict(parse_override_args(extra))
     if args.seeds is not None:
         overrides["seeds"] = str(args.seeds)
     if args.data is not None:
         overrides["data"] = args.data
+    for option, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option}: expected an int >= 1, got {value}")
     jobs = args.jobs if args.jobs is not None else default_jobs()
-    _check_writable_dir(args.out, "--out")  # before training, not after it
-    t0 = time.perf_counter()
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out: expected a directory, got the file {args.out}")
     try:
-        with Runner(jobs=jobs, threads=args.threads) as runner:
-            suite.run_all(args.names, args.preset, overrides, args.out, runner)
+        plan = suite.prepare(args.names, args.preset, overrides)
     except DataError as exc:
         print(f"batchnorm lab: data error: {exc}", file=sys.stderr)
         return 2
+    suite.check_replace(plan, args.preset, overrides, args.out, args.overwrite)
+    _check_writable_dir(args.out, "--out")  # before training, not after it
+    t0 = time.perf_counter()
+    with Runner(jobs=jobs, threads=args.threads) as runner:
+        suite.run_plan(plan, args.preset, overrides, args.out, runner)
     if not args.no_report:
         path = report.build(args.out)
         print(f"report: {path.resolve()}")

@@ -45,10 +45,12 @@ class LabConfig:
         """Raise :class:`ConfigError` for values of the right type that make no sense.
 
         Rules every experiment shares: no float is NaN or infinite; the fields named in
-        :data:`AT_LEAST_ONE` (sizes, counts, step budgets) are >= 1 and those in
-        :data:`POSITIVE` (rates, multipliers, scales) > 0, entry by entry for lists;
-        ``eval_every <= steps``, so that training is evaluated at least once; and
-        ``norm_backend`` is one of the library's backends. Experiments add their own.
+        :data:`AT_LEAST_ONE` (sizes, counts, step budgets) are >= 1, those in
+        :data:`POSITIVE` (rates, multipliers, scales, ratio thresholds) > 0 and those in
+        :data:`NON_NEGATIVE` (margins and tolerances) >= 0, entry by entry for lists; a
+        list holds no value twice (except :data:`REPEATABLE` ones); ``eval_every <=
+        steps``, so that training is evaluated at least once; and ``norm_backend`` is
+        one of the library's backends. Experiments add their own.
         """
         if self.seeds < 1:
             raise ConfigError(f"--seeds: expected an int >= 1, got {self.seeds}")
@@ -69,6 +71,12 @@ class LabConfig:
                 raise ConfigError(f"--{f.name}: expected values >= 1, got {_to_text(value)}")
             if f.name in POSITIVE and any(v <= 0 for v in numbers):
                 raise ConfigError(f"--{f.name}: expected values > 0, got {_to_text(value)}")
+            if f.name in NON_NEGATIVE and any(v < 0 for v in numbers):
+                raise ConfigError(f"--{f.name}: expected values >= 0, got {_to_text(value)}")
+            if (isinstance(value, tuple) and f.name not in REPEATABLE
+                    and len(set(value)) < len(value)):
+                raise ConfigError(
+                    f"--{f.name}: expected distinct values, got {_to_text(value)}")
         steps, every = getattr(self, "steps", None), getattr(self, "eval_every", None)
         if isinstance(steps, int) and isinstance(every, int) and every > steps:
             raise ConfigError(
@@ -83,14 +91,31 @@ AT_LEAST_ONE = frozenset({
     "recal_batch_size", "hidden", "deep_hidden", "hidden_size", "probe_examples",
     "probe_batches", "sample_size", "single_examples", "noise_examples", "noise_draws",
     "noise_batch_sizes", "landscape_batches", "num_scales", "num_groups", "ghost_batch",
-    "evals", "train_examples", "sequence_length",
+    "evals", "train_examples", "sequence_length", "works_from",
 })
-#: Field names that mean a learning rate, a multiplier or a scale in every experiment.
+#: Field names that mean a learning rate, a multiplier or a scale in every experiment,
+#: and the thresholds on a ratio ("at least k times as much"): a ratio is never
+#: negative, so k <= 0 would pass whatever was measured.
 POSITIVE = frozenset({
     "lr", "noisy_lr", "deep_lr", "base_lr", "lr_grid", "bn_multipliers",
     "baseline_multipliers", "step_multipliers", "init_std", "scale_min", "scale_max",
-    "epochs", "speedup_threshold",
+    "epochs", "speedup_threshold", "drift_threshold", "unstable_ratio", "smooth_ratio",
+    "grad_ratio_max",
 })
+#: Field names of a verdict's thresholds in points or in the measure's own units:
+#: margins and gaps a difference must reach, and tolerances it may miss by. A negative
+#: margin passes a difference that goes the wrong way; a negative tolerance turns
+#: "within" into "beyond". Zero is a strict but meaningful threshold.
+NON_NEGATIVE = frozenset({
+    "tolerance", "deep_gap", "within", "count_margin", "moved", "gap_margin",
+    "dropout_tolerance", "drop_threshold", "less_margin", "ghost_margin", "logit_tolerance",
+    "batch_stat_drop", "recal_gain", "same_tolerance", "placement_margin", "margin",
+    "noisy_margin", "noisy_gap",
+})
+#: List fields whose values may repeat: layer widths. In every other list each value is
+#: one setting (a rate, a batch size, a momentum, ...), and a repeated one would train
+#: the same configuration twice under one label and merge its runs.
+REPEATABLE = frozenset({"hidden", "deep_hidden"})
 
 
 def field_types(config_class: type) -> dict[str, Any]:

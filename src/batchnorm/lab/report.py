@@ -17,7 +17,7 @@ from typing import Any
 
 from batchnorm.lab import plots, results, stats
 from batchnorm.lab.experiments import REGISTRY
-from batchnorm.lab.experiments.base import SPREAD_RULE, VERDICTS, Analysis
+from batchnorm.lab.experiments.base import CHECK_RULE, SPREAD_RULE, VERDICTS, Analysis
 
 REPORT_FILE = "report.html"
 
@@ -66,6 +66,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _statement(row: dict[str, Any]) -> str:
+    """A verdict's statement, marked when it is a check (holds by construction)."""
+    return ("check: " if row.get("check") else "") + str(row["statement"])
+
+
 def _verdict_cell(verdict: str) -> str:
     return f'<td class="verdict {verdict.replace(" ", "-")}">{_e(verdict)}</td>'
 
@@ -99,7 +104,8 @@ def _section(record: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         parts.append("<table><tr><th>claim</th><th>as tested</th><th>measured</th>"
                      "<th>criterion</th><th>verdict</th></tr>")
         for v in analysis.verdicts:
-            parts.append(f"<tr><td>{v.claim}</td><td>{_e(v.statement)}</td><td>{_e(v.measured)}"
+            parts.append(f"<tr><td>{v.claim}</td><td>{_e(_statement(v.__dict__))}</td>"
+                         f"<td>{_e(v.measured)}"
                          f"</td><td>{_e(v.criterion)}</td>{_verdict_cell(v.verdict)}</tr>")
             verdict_rows.append({"experiment": name, "anchor": anchor, **v.__dict__})
         parts.append("</table>")
@@ -159,10 +165,11 @@ def _runs_table(record: dict[str, Any]) -> str:
 def _page(results_dir: Path, records: list[dict[str, Any]], rows: list[dict[str, Any]],
           sections: list[str]) -> str:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+    checks = sum(bool(r.get("check")) for r in rows)
     score = [("<table><tr><th>claim</th><th>as tested</th><th>experiment</th><th>measured</th>"
               "<th>verdict</th></tr>")]
     for r in sorted(rows, key=lambda r: r["claim"]):
-        score.append(f"<tr><td>{r['claim']}</td><td>{_e(r['statement'])}</td>"
+        score.append(f"<tr><td>{r['claim']}</td><td>{_e(_statement(r))}</td>"
                      f'<td><a href="#{r["anchor"]}">{_e(r["experiment"])}</a></td>'
                      f"<td>{_e(r['measured'])}</td>{_verdict_cell(r['verdict'])}</tr>")
     score.append("</table>")
@@ -184,10 +191,12 @@ experiment time; torch {_e(env.get('torch'))}, batchnorm {_e(env.get('batchnorm'
 commit {_e(env.get('git_commit') or 'unknown')}. Report written {_e(results.now())}.</p>
 <h2>Scorecard</h2>
 <p>{counts['supported']} supported, {counts['mixed']} mixed, {counts['not supported']} not
-supported. Every verdict below is computed from the runs in this directory.</p>
+supported{f", {checks} of them checks" if checks else ""}. Every verdict below is
+computed from the runs in this directory.</p>
 {''.join(score)}
 <p class="note"><b>The verdict rule.</b> {_e(SPREAD_RULE)} A diverged run (NaN or infinite
-loss) is an outcome, not an error: it scores chance accuracy and never reaches a target.</p>
+loss) is an outcome, not an error: it scores chance accuracy and never reaches a target.
+{_e(CHECK_RULE)}</p>
 {''.join(sections)}
 </body>
 </html>

@@ -82,8 +82,9 @@ class Runner:
     """
 
     def __init__(self, jobs: int = 1, threads: int = 1, progress: bool | None = None):
-        if jobs < 1 or threads < 1:
-            raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+        for name, value in (("jobs", jobs), ("threads", threads)):
+            if value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value}")
         self.jobs = jobs
         self.threads = threads
         self.progress = sys.stdout.isatty() if progress is None else progress

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 Run = dict[str, Any]
 
@@ -124,16 +124,29 @@ def trained(run: Run, chance: float) -> bool:
     return not diverged(run) and final_accuracy(run, chance) >= halfway(chance)
 
 
-def mean_curve(runs: Sequence[Run], key: str = "accuracy", split: str = "test") -> tuple[
-    list[int], list[float], list[float], list[float]
-]:
-    """Steps, mean, min and max over runs at the steps every run evaluated."""
+class MeanCurve(NamedTuple):
+    """A curve over seeds: at each step, the mean, min and max over the runs that have a
+    value there, and how many runs that is (``count``)."""
+
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    count: list[int]
+
+
+def mean_curve(runs: Sequence[Run], key: str = "accuracy", split: str = "test") -> MeanCurve:
+    """Mean, min and max over runs at every step some run evaluated.
+
+    A run that diverged stops early; the curve goes on over the others, and ``count``
+    says how many runs each point is the mean of, so a plot can show where the set of
+    seeds shrinks instead of ending every curve at the first divergence.
+    """
     curves = [dict(zip(*curve(r, key, split))) for r in runs]
-    if not curves:
-        return [], [], [], []
-    common = sorted(set.intersection(*(set(c) for c in curves)))
-    vals = [[c[s] for c in curves] for s in common]
-    return common, [mean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+    steps = sorted({s for c in curves for s in c})
+    vals = [[c[s] for c in curves if s in c] for s in steps]
+    return MeanCurve(steps, [mean(v) for v in vals], [min(v) for v in vals],
+                     [max(v) for v in vals], [len(v) for v in vals])
 
 
 def final_by_param(

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,25 +81,124 @@ def run_experiment(
     return record
 
 
-def run_all(
-    names: Sequence[str], preset: str, overrides: dict[str, Any], out_dir: Path,
-    runner: Runner, log: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
-    """Check every config and data spec, then run the experiments one after another."""
+Plan = list[tuple[Experiment, LabConfig]]
+
+
+def prepare(names: Sequence[str], preset: str, overrides: dict[str, Any]) -> Plan:
+    """Each named experiment with its checked config, every data spec loaded and every
+    config checked against its data: whatever can be wrong fails here, before training.
+
+    Raises:
+        KeyError: an unknown experiment name.
+        ConfigError: an unknown key, a bad value, or a config that does not fit its data.
+        DataError: a data spec that cannot be loaded.
+    """
     experiments = resolve(names)
     configs = configure(experiments, preset, overrides)
     for exp, config in zip(experiments, configs):
-        # a bad data spec, or a config that does not fit the data, fails here, before
-        # any training
         exp.check_data(config, dataset(config.data))
+    return list(zip(experiments, configs))
+
+
+def replaced_difference(
+    saved: Any, preset: str, config: LabConfig, overrides: dict[str, Any]
+) -> str | None:
+    """How the saved record ``saved`` differs from a run of ``config`` under ``preset``
+    and ``overrides``, in words (the first difference); None if it is a rerun of the
+    same command.
+
+    The same command means the same preset and, for every key set on the command line
+    of either run (``--seeds`` and ``--data`` included), the same value. Keys set on
+    neither are not compared: a default that changed with the code is not the user's
+    choice, and a rerun after an update should replace its results.
+    """
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        return "not a lab result"
+    if saved.get("preset") != preset:
+        return f"saved: preset {saved.get('preset')}; this run: preset {preset}"
+    saved_overrides = saved.get("overrides")
+    keys = set(valid_keys(type(config)))
+    set_keys = {*(saved_overrides if isinstance(saved_overrides, dict) else {}), *overrides}
+    new = results.clean(to_dict(config))
+    for key in sorted(set_keys & keys):
+        old = saved["config"].get(key)
+        if old != new[key]:
+            return f"saved: {key}={_show(old)}; this run: {key}={_show(new[key])}"
+    return None
+
+
+def _show(value: Any) -> str:
+    """A config value as a command line spells it."""
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def check_replace(
+    plan: Plan, preset: str, overrides: dict[str, Any], out_dir: Path, overwrite: bool = False,
+) -> None:
+    """Refuse to replace a saved result of a different run unless ``overwrite``.
+
+    A rerun of the same command replaces its results (see :func:`replaced_difference`);
+    a run with another preset, seed count, data set or override would silently destroy
+    a record that may have taken hours (a ``full`` one replaced by a stray ``tiny``),
+    so it needs ``overwrite``. Checked before training, so a refused run trains nothing.
+
+    Raises:
+        ValueError: one or more results would be replaced; the message names each file
+            and how it differs.
+    """
+    if overwrite:
+        return
+    conflicts: list[tuple[Path, str]] = []
+    for exp, config in plan:
+        path = out_dir / exp.name / results.RESULT_FILE
+        if not path.exists():
+            continue
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # a damaged file may still be worth a look
+            difference: str | None = f"cannot be read ({exc})"
+        else:
+            difference = replaced_difference(saved, preset, config, overrides)
+        if difference is not None:
+            conflicts.append((path, difference))
+    if len(conflicts) == 1:
+        path, difference = conflicts[0]
+        raise ValueError(f"--out: {path} holds a different run ({difference}); pass "
+                         "--overwrite to replace it, or choose another --out")
+    if conflicts:
+        raise ValueError(
+            f"--out: {len(conflicts)} saved results hold a different run; pass --overwrite "
+            "to replace them, or choose another --out:"
+            + "".join(f"\n  {path} ({difference})" for path, difference in conflicts))
+
+
+def run_plan(
+    plan: Plan, preset: str, overrides: dict[str, Any], out_dir: Path, runner: Runner,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run prepared experiments one after another, saving each record as it ends."""
     records = []
-    for exp, config in zip(experiments, configs):
+    for exp, config in plan:
         log(f"{exp.name}: {exp.title} [{preset}, {config.seeds} seeds, data {config.data}]")
         record = run_experiment(exp, config, preset, runner, out_dir, overrides)
         n_div = sum(r["outcome"] == "diverged" for r in record["runs"])
         log(f"  {len(record['runs'])} runs ({n_div} diverged) in {record['wall_s']:.1f} s "
             f"-> {out_dir / exp.name / results.RESULT_FILE}")
         for v in record["analysis"]["verdicts"]:
-            log(f"  claim {v['claim']}: {v['verdict'].upper()}: {v['measured']}")
+            check = " (check)" if v.get("check") else ""
+            log(f"  claim {v['claim']}{check}: {v['verdict'].upper()}: {v['measured']}")
         records.append(record)
     return records
+
+
+def run_all(
+    names: Sequence[str], preset: str, overrides: dict[str, Any], out_dir: Path,
+    runner: Runner, log: Callable[[str], None] = print, overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Check every config, data spec and saved result that would be replaced (see
+    :func:`check_replace`), then run the experiments one after another."""
+    plan = prepare(names, preset, overrides)
+    check_replace(plan, preset, overrides, out_dir, overwrite)
+    return run_plan(plan, preset, overrides, out_dir, runner, log)

@@ -32,6 +32,14 @@ SPREAD_RULE = (
     "but misses the threshold or the seed-spread rule, or only some parts hold."
 )
 
+#: What a verdict marked as a check is; printed in the report.
+CHECK_RULE = (
+    "A row marked 'check' verifies a property that holds by construction (an exact "
+    "identity, up to float rounding): it shows that the code measures what it says, "
+    "not evidence for the claim, and one run is enough to verify it, so the seed-spread "
+    "rule does not apply to it."
+)
+
 #: Overrides every experiment's presets start from. ``tiny`` is for tests: seconds on
 #: a small data set, with the pure-torch backend, which needs no JIT compilation.
 COMMON_PRESETS: dict[str, dict[str, Any]] = {
@@ -51,6 +59,8 @@ class Verdict:
         measured: the number(s) behind the verdict, readable.
         verdict: ``supported``, ``mixed`` or ``not supported``.
         criterion: the rule that turned the numbers into the verdict.
+        check: True for a property that holds by construction (see
+            :data:`CHECK_RULE`): verified, but no evidence for the claim.
     """
 
     claim: int
@@ -58,6 +68,7 @@ class Verdict:
     measured: str
     verdict: str
     criterion: str
+    check: bool = False
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

@@ -224,9 +224,10 @@ class BatchSize(Experiment):
         "Per norm and seed, final test accuracy (mean of the last 3 evaluations) at each "
         "batch size; a norm's drop = its best batch size's accuracy minus its accuracy "
         "at the smallest, per seed. (a) BN works: at every batch size >= `works_from`, "
-        "its mean is within `within` points of its best there, and so is every seed. "
-        "(b) BN degrades: its mean drop is >= `drop_threshold` points, every seed's best "
-        "accuracy above every seed's at the smallest batch size. (c) layer and group norm "
+        "its mean is within `within` points of its best there, and so is every seed, "
+        "with at least two seeds. (b) BN degrades: its mean drop is >= `drop_threshold` "
+        "points, every seed's best accuracy above every seed's at the smallest batch "
+        "size. (c) layer and group norm "
         "degrade less: each one's mean drop is at least `less_margin` points below "
         "BN's, every BN seed's drop above every seed's of the other norm; supported if "
         "both hold. (d) the same for batch renorm. (e) ghost BN beats BN at the largest "
@@ -358,14 +359,18 @@ class BatchSize(Experiment):
                chance: float) -> Verdict:
         """(a) BN within ``within`` points of its best at every batch size >= works_from,
         and training there: its best at least halfway from chance to 100% (a network
-        at chance everywhere is "within 2 points of its best" too)."""
+        at chance everywhere is "within 2 points of its best" too).
+
+        An equivalence ("as good at every size"), so the seed-spread rule takes the
+        form it has for equivalences: every seed within the tolerance, and at least two
+        seeds, since one seed has no spread to compare."""
         mean_acc = stats.mean_over_seeds(bn)
         large = [bs for bs in mean_acc if bs >= cfg["works_from"]]
         within = cfg["within"] / 100
         best = max(mean_acc[bs] for bs in large)
         ok = [bs for bs in large if mean_acc[bs] >= best - within]
-        seeds_ok = all(accs[bs] >= best - within for accs in bn.values() for bs in large
-                       if bs in accs)
+        seeds_ok = len(bn) >= 2 and all(
+            accs[bs] >= best - within for accs in bn.values() for bs in large if bs in accs)
         worst = min(large, key=lambda bs: mean_acc[bs])
         trains = best >= stats.halfway(chance)
         return Verdict(
@@ -380,7 +385,8 @@ class BatchSize(Experiment):
                 direction_ok=trains and 2 * len(ok) > len(large),
             ),
             criterion=f"at every batch size >= {cfg['works_from']}, BN's mean and every seed "
-                      f"within {cfg['within']:g} points of its best mean there; not supported "
+                      f"within {cfg['within']:g} points of its best mean there, at least two "
+                      "seeds; not supported "
                       "if at most half of those sizes are, or if its best is not halfway "
                       "from chance to 100%",
         )
@@ -474,17 +480,18 @@ class BatchSize(Experiment):
             for label, by_bs in groups.items():
                 color = COLORS.get(label, "black")
                 xs = sorted(by_bs)
-                ax.plot(xs, [100 * stats.mean(by_bs[b][0]) for b in xs], "o-", color=color,
-                        label=f"{label}, running statistics")
-                ax.plot(xs, [100 * stats.mean(by_bs[b][1]) for b in xs], "s--", color=color,
-                        alpha=0.7, label=f"{label}, batch statistics")
+                for i, (style, kind) in enumerate((("o-", "running"), ("s--", "batch"))):
+                    values = [[100 * v for v in by_bs[b][i]] for b in xs]
+                    _mean_with_range(ax, xs, values, style, color,
+                                     f"{label}, {kind} statistics", alpha=1.0 - 0.3 * i)
             _batch_axis(ax, sizes)
             plots.percent_axis(ax)
             ax.set_ylabel("test accuracy at the end (%)")
             plots.legend(ax, fontsize=8)
             caption = ("The trained networks tested in eval mode (running statistics, solid) "
                        "and with each test batch, of the training batch size, normalized by "
-                       "its own statistics as in training (dashed); mean over seeds.")
+                       "its own statistics as in training (dashed); mean over seeds, bars: "
+                       "min..max over seeds.")
             out.append((caption, fig))
         return out
 
@@ -498,6 +505,17 @@ def _accuracy_lines(ax: Axes, label: str, by_seed: dict[int, dict[int, float]]) 
             label=f"{label} (mean of {len(by_seed)} seeds)")
     for accs in by_seed.values():
         ax.plot(sorted(accs), [100 * accs[b] for b in sorted(accs)], ".", color=color, alpha=0.4)
+
+
+def _mean_with_range(ax: Axes, xs: list[int], values: list[list[float]], style: str,
+                     color: str, label: str, alpha: float = 1.0) -> None:
+    """The mean over seeds at each x as a line, with error bars from the seeds' min to
+    max (none where only one seed has a value)."""
+    means = [stats.mean(v) for v in values]
+    low = [m - min(v) for m, v in zip(means, values)]
+    high = [max(v) - m for m, v in zip(means, values)]
+    ax.errorbar(xs, means, yerr=[low, high], fmt=style, color=color, alpha=alpha,
+                capsize=3, label=f"{label} (n={max(len(v) for v in values)})")
 
 
 def _batch_axis(ax: Axes, sizes: list[int]) -> None:

@@ -79,6 +79,9 @@ class DistributionsConfig(LabConfig):
         if not 0 <= self.layer < len(self.hidden):
             raise ConfigError(
                 f"--layer: expected 0 <= layer < {len(self.hidden)}, got {self.layer}")
+        # A share of 0 would pass whatever moved, one above 1 could never pass.
+        if not 0 < self.moved_share <= 1:
+            raise ConfigError(f"--moved_share: expected a share in (0, 1], got {self.moved_share}")
 
 
 class StagesProbe(Probe):
@@ -277,13 +280,13 @@ class Distributions(Experiment):
         groups = stats.by_label(record["runs"])
         panels = [("baseline", ENTERS, "baseline: enters activation")] + [
             ("BN", s, f"BN: {s}") for s in (ENTERS, NORMALIZED, AFFINE)]
+        shown = _shown_runs(groups)
         fig, axes = plots.figure(ncols=len(panels), nrows=1, width=3.6, height=3.0)
         for ax, (label, stage, title) in zip(axes, panels):
-            runs = [r for r in groups.get(label, []) if r["extra"].get("end")]
-            if not runs:
+            run = shown[label]
+            if run is None:
                 ax.set_visible(False)
                 continue
-            run = runs[0]
             both = {when: run["extra"][key]["stages"][stage]["sample"]
                     for when, key in (("init", "start"), ("trained", "end"))}
             values = [v for vs in both.values() for v in vs]
@@ -298,11 +301,33 @@ class Distributions(Experiment):
             ax.legend(fontsize=7)
         axes[0].set_ylabel("density")
         layer = record["config"]["layer"]
-        caption = (f"Hidden layer {layer}, seed {record['runs'][0]['seed']}: values of all units "
+        seeds = {label: run["seed"] for label, run in shown.items() if run is not None}
+        if not seeds:
+            which = "no completed run"
+        elif len(set(seeds.values())) == 1:
+            which = f"seed {next(iter(seeds.values()))}"
+        else:
+            which = "seeds " + ", ".join(f"{seed} ({label})" for label, seed in seeds.items())
+        caption = (f"Hidden layer {layer}, {which}: values of all units "
                    f"on {record['config']['probe_examples']} test examples, at initialization "
                    "(black line) and after training (filled); values beyond the plotted range are "
                    "counted in the edge bins.")
         return [(caption, fig)]
+
+
+def _shown_runs(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any] | None]:
+    """The run whose values the figure shows, per network (None if none completed).
+
+    A diverged run has no trained values, so only completed runs can be shown. The
+    lowest seed that completed in both networks is preferred, so the panels compare one
+    seed; failing that, each network's lowest completed seed.
+    """
+    done = {label: {r["seed"]: r for r in groups.get(label, []) if r["extra"].get("end")}
+            for label in ("baseline", "BN")}
+    both = sorted(set(done["baseline"]) & set(done["BN"]))
+    if both:
+        return {label: runs[both[0]] for label, runs in done.items()}
+    return {label: runs[min(runs)] if runs else None for label, runs in done.items()}
 
 
 def _robust_range(values: list[float]) -> tuple[float, float]:

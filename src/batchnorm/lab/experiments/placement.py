@@ -69,7 +69,7 @@ class PlacementConfig(LabConfig):
         grad_ratio_max: the kept bias counts as inert if ‖∂L/∂b‖ / ‖∂L/∂W‖ stays
             below this in every layer and seed (float32 rounding gives ~1e-8).
         same_tolerance: accuracy points within which "bias kept" must match the
-            paper's layer (mean over seeds) for the bias to be called redundant.
+            paper's layer, in every seed, for the bias to be called redundant.
         placement_margin: accuracy points by which BN before the activation must
             beat BN after it, in every activation, for the placement claim.
     """
@@ -147,13 +147,16 @@ class BNPlacement(Experiment):
         "with the bias kept, the bias's gradient against the weight's."
     )
     criterion = (
-        "Redundant bias: supported if the kept bias's gradient is below `grad_ratio_max` "
-        "times the weight's in every layer, seed and activation, and the mean final "
-        "accuracy with the bias is within `same_tolerance` points of the paper's layer "
-        "for every activation; mixed if one of the two holds. Placement: supported if BN "
-        "before the activation beats BN after it by at least `placement_margin` points "
-        "on average for every activation, seed ranges apart; not supported if after is "
-        "as good or better for every activation; mixed otherwise."
+        "Zero bias gradient (a check: it holds by construction): verified if the kept "
+        "bias's gradient is below `grad_ratio_max` times the weight's in every layer, "
+        "seed and activation. Redundant bias: supported if in every seed the final "
+        "accuracy with the bias is within `same_tolerance` points of the paper's layer, "
+        "for every activation, with at least two seeds; not supported if for an "
+        "activation every seed differs by more, the same way; mixed otherwise. "
+        "Placement: supported if BN before the activation beats BN after it by at least "
+        "`placement_margin` points on average for every activation, seed ranges apart; "
+        "not supported if after is as good or better for every activation; mixed "
+        "otherwise."
     )
     Config = PlacementConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -208,31 +211,29 @@ class BNPlacement(Experiment):
             f"{max(moved):.2e}" if moved else "n/a")
 
         activations = list(dict.fromkeys(a for a, _ in acc))
-        # Redundant bias: inert gradient, and no accuracy difference.
-        # "Everywhere": a run that diverged or gave no finite ratio is not inert evidence.
-        inert = bool(ratios) and not unmeasured and max(ratios) < cfg["grad_ratio_max"]
-        diffs = {a: 100 * (stats.mean(acc.get((a, "BN before, bias kept"), []))
-                           - stats.mean(acc.get((a, "BN before"), []))) for a in activations}
-        # Equal accuracy means something only if those networks trained (two diverged
-        # variants both score chance).
-        kept_trained = all(stats.trained(r, chance) for r in record["runs"]
-                           if r["params"].get("variant") in ("BN before", "BN before, bias kept"))
-        same = kept_trained and all(
-            math.isfinite(d) and abs(d) <= cfg["same_tolerance"] for d in diffs.values())
-        bias_verdict = SUPPORTED if inert and same else MIXED if inert or same else NOT_SUPPORTED
-        diff_text = ", ".join(f"{a} {stats.show(d, '+.2f')}" for a, d in diffs.items())
+        # The zero gradient is an identity (BN's mean subtraction removes every constant):
+        # a check that the probe measures what it says, not evidence for the claim.
+        # "Everywhere": a run that diverged or gave no finite ratio verifies nothing.
+        largest = max(ratios, default=math.nan)
+        if ratios and largest >= cfg["grad_ratio_max"]:
+            check_verdict = NOT_SUPPORTED
+        elif ratios and not unmeasured:
+            check_verdict = SUPPORTED
+        else:
+            check_verdict = MIXED
         verdicts = [Verdict(
             claim=8,
-            statement="A bias in front of BN is redundant: BN subtracts it, its gradient "
-                      "is zero, and dropping it changes nothing.",
-            measured=f"|grad b| / |grad W| <= {stats.show(max(ratios, default=math.nan), '.1e')}; "
-                     f"accuracy with the bias minus without (points): {diff_text}",
-            verdict=bias_verdict,
-            criterion=f"gradient ratio < {cfg['grad_ratio_max']:g} in every run that keeps the "
-                      f"bias (none diverged or unmeasured) and accuracy within "
-                      f"{cfg['same_tolerance']:g} points for every activation, both variants "
-                      "trained (at least halfway from chance to 100%) in every run",
+            statement="A bias in front of BN gets no gradient: BN subtracts the batch mean, "
+                      "which removes it.",
+            measured=f"|grad b| / |grad W| <= {stats.show(largest, '.1e')}"
+                     + (f"; {unmeasured} run(s) diverged or unmeasured" if unmeasured else ""),
+            verdict=check_verdict,
+            criterion=f"gradient ratio < {cfg['grad_ratio_max']:g} in every layer of every run "
+                      "that keeps the bias; mixed (not verified) if one diverged or gave no "
+                      "finite ratio",
+            check=True,
         )]
+        verdicts.append(_bias_verdict(cfg, record["runs"], activations, chance))
 
         # Placement: before vs after, per activation.
         margins, separated = {}, {}
@@ -279,6 +280,54 @@ class BNPlacement(Experiment):
         caption = ("Test accuracy over training, mean and seed range: BN before the "
                    "activation without and with the Linear bias, BN after it, no BN.")
         return [(caption, fig)]
+
+
+def _bias_verdict(cfg: dict[str, Any], runs: list[dict[str, Any]], activations: list[str],
+                  chance: float) -> Verdict:
+    """Dropping the bias in front of BN changes nothing: per activation and seed, the
+    final accuracy with the bias kept minus without it (same seed: same batches).
+
+    An equivalence under the seed-spread rule: supported if every seed's difference is
+    within ``same_tolerance`` points, with at least two seeds (one seed has no spread
+    to compare); not supported if, for some activation, every seed's difference lies
+    beyond the tolerance on the same side; mixed otherwise. Equal accuracy means
+    something only if both networks trained (two diverged variants both score chance),
+    so an untrained run makes it mixed.
+    """
+    acc: dict[tuple[str, str], dict[int, float]] = {}
+    for r in runs:
+        key = (r["params"]["activation"], r["params"]["variant"])
+        acc.setdefault(key, {})[r["seed"]] = stats.final_accuracy(r, chance)
+    tol = cfg["same_tolerance"]
+    diffs: dict[str, list[float]] = {}
+    for a in activations:
+        kept, without = acc.get((a, "BN before, bias kept"), {}), acc.get((a, "BN before"), {})
+        diffs[a] = [100 * (kept[s] - without[s]) for s in sorted(kept) if s in without]
+    trained = all(stats.trained(r, chance) for r in runs
+                  if r["params"].get("variant") in ("BN before", "BN before, bias kept"))
+    within = all(len(d) >= 2 and all(abs(v) <= tol for v in d) for d in diffs.values())
+    apart = any(len(d) >= 2 and (min(d) > tol or max(d) < -tol) for d in diffs.values())
+    if trained and within:
+        verdict = SUPPORTED
+    elif trained and apart:
+        verdict = NOT_SUPPORTED
+    else:
+        verdict = MIXED
+    measured = "accuracy with the bias minus without (points): " + ", ".join(
+        f"{a} {stats.show(stats.mean(d), '+.2f')} (seeds "
+        + ", ".join(f"{v:+.2f}" for v in d) + ")" for a, d in diffs.items())
+    if not trained:
+        measured += "; not testable: a network did not train"
+    return Verdict(
+        claim=8,
+        statement="A bias in front of BN is redundant: dropping it changes nothing.",
+        measured=measured,
+        verdict=verdict,
+        criterion=f"every seed's difference within {tol:g} points for every activation, at "
+                  "least two seeds, both variants trained (at least halfway from chance to "
+                  f"100%) in every run; not supported if for an activation every seed's "
+                  f"difference is beyond {tol:g} points on the same side; mixed otherwise",
+    )
 
 
 def _finite(value: Any) -> bool:

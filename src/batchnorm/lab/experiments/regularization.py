@@ -10,10 +10,20 @@ dropout, BN, BN with dropout) each train at every rate of a small grid, and each
 judged at the rate that does best on held-out training examples, so that no
 configuration is compared at a rate that suits only another one.
 
-The noise itself is measured directly on the trained BN network: the first BN
-layer's normalized value of one fixed example changes with the other examples
-drawn into its mini-batch. Its spread over many random batch compositions is
-taken at several batch sizes; sampling theory says it shrinks as 1/sqrt(B).
+The mechanism (the regularization comes from the noise of the batch statistics, so
+it is stronger for smaller batches) is tested by varying that noise alone: ghost BN
+(``batchnorm.GhostBatchNorm1d``) normalizes chunks of ``virtual_batch_size``
+examples of each batch with the chunk's own statistics, so smaller chunks mean
+noisier statistics while the batch, the learning rate (BN's chosen one), the steps
+and the seeds stay those of the BN runs. If the noise regularizes, the smallest
+chunks give the smallest generalization gap; if the order reverses, it does not.
+
+The noise itself is also measured, as a description, not as evidence: the first
+BN layer's normalized value of one fixed example changes with the other examples
+drawn into its mini-batch, and its spread over random batch compositions shrinks
+about as 1/sqrt(B). That is the arithmetic of sampling and holds for any network
+and any input (an untrained network on Gaussian noise gives the same numbers), so
+it says how strong the noise is, not that it regularizes.
 """
 
 from __future__ import annotations
@@ -28,7 +38,15 @@ from torch import Tensor
 
 from batchnorm.lab import plots, stats
 from batchnorm.lab.config import ConfigError, LabConfig
-from batchnorm.lab.experiments.base import Analysis, Experiment, Verdict, grade
+from batchnorm.lab.experiments.base import (
+    MIXED,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    Analysis,
+    Experiment,
+    Verdict,
+    grade,
+)
 from batchnorm.lab.models import MLP, Activation, MLPSpec
 from batchnorm.lab.runner import Runner, dataset
 from batchnorm.lab.train import (
@@ -83,12 +101,14 @@ class RegularizationConfig(LabConfig):
             values are followed across batch compositions.
         noise_draws: random batch compositions per example and batch size.
         noise_batch_sizes: the batch sizes of the noise measurement.
+        virtual_batches: ghost BN's virtual batch sizes (each below ``batch_size``),
+            trained at BN's chosen rate for claim 5c; the full batch is the BN runs
+            themselves. 6 and 20 divide the batch of 60 into equal chunks.
         gap_margin: accuracy points by which BN's generalization gap must be smaller
-            than the baseline's (claim 5a).
+            than the baseline's (claim 5a), and the smallest virtual batch's than
+            the full batch's (claim 5c).
         dropout_tolerance: accuracy points by which BN without dropout may fall short
             of the baseline with dropout and still count as "as good" (claim 5b).
-        slope_min, slope_max: the range the log-log slope of noise against batch
-            size must fall in (claim 5c; sampling theory: -0.5).
     """
 
     hidden: tuple[int, ...] = (300, 300)
@@ -104,10 +124,9 @@ class RegularizationConfig(LabConfig):
     noise_examples: int = 32
     noise_draws: int = 200
     noise_batch_sizes: tuple[int, ...] = (4, 16, 64, 256)
+    virtual_batches: tuple[int, ...] = (6, 20)
     gap_margin: float = 0.5
     dropout_tolerance: float = 0.5
-    slope_min: float = -0.7
-    slope_max: float = -0.3
 
     def check(self) -> None:
         super().check()
@@ -135,29 +154,35 @@ class RegularizationConfig(LabConfig):
                 f"= {others + 1}, got {max(self.noise_batch_sizes)}")
         if self.noise_draws < 2:
             raise ConfigError(f"--noise_draws: expected an int >= 2, got {self.noise_draws}")
-        if not self.slope_min < self.slope_max:
+        sizes = self.virtual_batches
+        if (not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 2
+                or sizes[-1] >= self.batch_size):
             raise ConfigError(
-                f"--slope_min/--slope_max: expected min < max, got {self.slope_min}, "
-                f"{self.slope_max}")
+                f"--virtual_batches: expected increasing sizes, each >= 2 and below "
+                f"batch_size ({self.batch_size}), got {sizes}")
 
 
 class EndProbe(Probe):
     """Loss and accuracy on the training subset, the validation examples and the test
-    set, and, for BN networks, the batch noise of the first BN layer.
+    set, and, for BN networks when ``measure_noise``, the batch noise of the first BN
+    layer.
 
     Args:
         train_examples: the size of the training subset (its first examples).
         validation_examples: the held-out examples at the end of the training split.
         noise_examples, noise_draws, batch_sizes: see :class:`RegularizationConfig`.
+        measure_noise: whether to measure the batch noise (not for the ghost BN runs:
+            the description is taken once, on the BN networks).
     """
 
     def __init__(self, train_examples: int, validation_examples: int, noise_examples: int,
-                 noise_draws: int, batch_sizes: tuple[int, ...]):
+                 noise_draws: int, batch_sizes: tuple[int, ...], measure_noise: bool = True):
         self.train_examples = train_examples
         self.validation_examples = validation_examples
         self.noise_examples = noise_examples
         self.noise_draws = noise_draws
         self.batch_sizes = batch_sizes
+        self.measure_noise = measure_noise
 
     def at_end(self, model: MLP, data: Dataset) -> dict[str, Any]:
         n = self.train_examples
@@ -172,7 +197,7 @@ class EndProbe(Probe):
             loss, acc = evaluate(model, x, y)  # eval mode: running statistics, no dropout
             out[name] = {"loss": loss, "accuracy": acc}
         norm = model.blocks[0].norm
-        if not isinstance(norm, torch.nn.Identity):
+        if self.measure_noise and not isinstance(norm, torch.nn.Identity):
             noise = batch_noise(model, data.x_train[:n], self.noise_examples, self.noise_draws,
                                 self.batch_sizes, float(norm.eps))
             out["noise"] = {str(b): v for b, v in noise.items()}
@@ -233,6 +258,10 @@ def _label(name: str, lr: float) -> str:
     return f"{name} lr={lr:g}"
 
 
+def _ghost_name(virtual_batch: int) -> str:
+    return f"BN, virtual batch {virtual_batch}"
+
+
 class Regularization(Experiment):
     name = "regularization"
     title = "Regularization by batch noise, and the need for dropout"
@@ -240,9 +269,11 @@ class Regularization(Experiment):
         "Trains a ReLU MLP until it fits a small training subset, as baseline, baseline "
         "+ dropout, BN and BN + dropout, each at every rate of a small grid and judged "
         "at the rate that does best on held-out training examples. Compares test "
-        "accuracy and the generalization gap (train - test, eval mode), and measures "
-        "directly how much the first BN layer's normalized value of an example varies "
-        "with the other examples of its batch, at several batch sizes."
+        "accuracy and the generalization gap (train - test, eval mode). For the "
+        "mechanism, trains ghost BN at BN's chosen rate with smaller virtual batches "
+        "(noisier batch statistics, everything else the same) and compares the gaps. "
+        "Also describes how much the first BN layer's normalized value of an example "
+        "varies with the other examples of its batch, at several batch sizes."
     )
     criterion = (
         "Each configuration is judged at the rate of `lr_grid` with the best mean "
@@ -252,10 +283,15 @@ class Regularization(Experiment):
         "than the baseline's, seed ranges apart, and its test accuracy is not lower. "
         "5b: BN without dropout comes within `dropout_tolerance` points of the baseline "
         "with dropout on test accuracy, and dropout gains BN less than it gains the "
-        "baseline (per-seed gains, ranges apart); mixed if only one holds. 5c: the "
-        "batch noise of BN's first layer falls with the batch size in every seed, the "
-        "smallest size's range above the largest's, with a mean log-log slope between "
-        "`slope_min` and `slope_max`."
+        "baseline (per-seed gains, ranges apart); mixed if only one holds. 5c, the "
+        "mechanism: ghost BN with the smallest of `virtual_batches` has a generalization "
+        "gap at least `gap_margin` points smaller than BN's with the full batch, seed "
+        "ranges apart, the mean gap growing with the virtual batch size, its test "
+        "accuracy not lower and its train accuracy at most `gap_margin` points lower; "
+        "not supported if the smallest virtual batch's gap is larger in every seed; "
+        "mixed otherwise. A diverged seed fails that seed in every rule. The spread of "
+        "x̂ over batch compositions is reported as a description only: it falls as "
+        "1/sqrt(B) by sampling arithmetic, for any network."
     )
     Config = RegularizationConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -291,11 +327,31 @@ class Regularization(Experiment):
                                   train_examples=cfg.train_examples)
                 specs += [RunSpec(_label(name, lr), seed, cfg.data, model, train, probe=probe,
                                   params={"config": name, "norm": norm, "lr": lr,
-                                          "dropout": model.dropout})
+                                          "dropout": model.dropout, "part": "grid"})
                           for seed in range(cfg.seeds)]
         runs = runner.run(specs, desc=self.name)
         chosen = choose_rates([r.to_dict() for r in runs])
-        return runs, {"chosen_lr": chosen}
+
+        # Claim 5c: only the noise of the statistics changes. Ghost BN at BN's chosen
+        # rate, batch, steps and seeds; the BN runs at that rate are the full batch.
+        lr = chosen[BN]
+        train = TrainSpec(steps=cfg.steps, lr=lr, batch_size=cfg.batch_size,
+                          optimizer=cfg.optimizer, eval_every=cfg.eval_every,
+                          train_examples=cfg.train_examples)
+        ghost_probe = EndProbe(cfg.train_examples, cfg.validation_examples, cfg.noise_examples,
+                               cfg.noise_draws, cfg.noise_batch_sizes, measure_noise=False)
+        ghost_specs = []
+        for v in cfg.virtual_batches:
+            model = MLPSpec(data.num_features, cfg.hidden, data.num_classes, norm="ghost",
+                            activation=cfg.activation, norm_backend=cfg.norm_backend,
+                            norm_options=(("virtual_batch_size", v),))
+            ghost_specs += [RunSpec(_label(_ghost_name(v), lr), seed, cfg.data, model, train,
+                                    probe=ghost_probe,
+                                    params={"config": _ghost_name(v), "norm": "ghost", "lr": lr,
+                                            "dropout": 0.0, "virtual_batch": v, "part": "ghost"})
+                            for seed in range(cfg.seeds)]
+        runs += runner.run(ghost_specs, desc=f"{self.name} ghost")
+        return runs, {"chosen_lr": chosen, "virtual_batch_lr": lr}
 
     def analyze(self, record: dict[str, Any]) -> Analysis:
         cfg = record["config"]
@@ -311,11 +367,7 @@ class Regularization(Experiment):
         }
         for name, t in m.items():
             prefix = f"{name} (lr {record['notes']['chosen_lr'][name]:g})"
-            measures[f"{prefix}: train / test accuracy (%)"] = (
-                f"{stats.fmt_range(t['train_acc'], 2, 100)} / "
-                f"{stats.fmt_range(t['test_acc'], 2, 100)}")
-            measures[f"{prefix}: generalization gap (accuracy points)"] = stats.fmt_range(
-                t["gap"], 2, 100)
+            measures.update(_accuracy_measures(prefix, t))
             measures[f"{prefix}: loss gap (test - train loss)"] = stats.fmt_range(
                 t["loss_gap"], 3)
             n_div = sum(stats.diverged(r) for r in chosen[name])
@@ -325,11 +377,19 @@ class Regularization(Experiment):
             if m.get(without) and m.get(with_):
                 measures[f"{without}: test accuracy gained by dropout (points)"] = (
                     stats.fmt_range(_paired_gain(m[without], m[with_]), 2, 100))
+        ghosts = {v: _end_table(group) for v, group in ghost_runs(record).items()}
+        for v, t in ghosts.items():
+            prefix = f"{_ghost_name(v)} (lr {record['notes']['virtual_batch_lr']:g})"
+            measures.update(_accuracy_measures(prefix, t))
+            if t["failed"]:
+                measures[f"{prefix}: diverged runs"] = len(t["failed"])
+        # A description of the noise, not evidence: it falls as 1/sqrt(B) for any input.
         noise = _noise_table(chosen.get(BN, []))
         for b, values in noise["by_size"].items():
-            measures[f"BN: batch noise at B={b} (std of x̂)"] = stats.fmt_range(values, 4)
+            measures[f"BN: batch noise at B={b} (std of x̂; descriptive)"] = stats.fmt_range(
+                values, 4)
         if noise["slopes"]:
-            measures["BN: log-log slope of noise against B (-0.5: 1/sqrt(B))"] = (
+            measures["BN: log-log slope of noise against B (-0.5: 1/sqrt(B), by sampling)"] = (
                 stats.fmt_range(noise["slopes"], 3))
 
         verdicts: list[Verdict] = []
@@ -338,8 +398,8 @@ class Regularization(Experiment):
             verdicts.append(_verdict_regularizes(cfg, m[BASELINE], m[BN], halfway))
         if all(m.get(name) for name, _, _ in CONFIGS):
             verdicts.append(_verdict_dropout(cfg, m, halfway))
-        if noise["slopes"]:
-            verdicts.append(_verdict_noise(cfg, noise))
+        if ghosts and BN in m:
+            verdicts.append(_verdict_batch_noise(cfg, m[BN], ghosts, halfway))
         return Analysis(measures, verdicts)
 
     def figures(self, record: dict[str, Any]) -> list[tuple[str, Figure]]:
@@ -382,6 +442,34 @@ class Regularization(Experiment):
                    "dots: seeds.")
         out.append((caption, fig))
 
+        ghosts = {v: _end_table(group) for v, group in ghost_runs(record).items()}
+        if ghosts and BN in chosen:
+            by_size = {**ghosts, cfg["batch_size"]: _end_table(chosen[BN])}
+            fig, (ax_gap, ax_test) = plots.figure(ncols=2, width=4.2, height=3.6)
+            sizes = sorted(by_size)
+            for ax, key in ((ax_gap, "gap"), (ax_test, "test_acc")):
+                xs = [b for b in sizes if by_size[b][key]]
+                ax.plot(xs, [100 * stats.mean(by_size[b][key]) for b in xs], "o-",
+                        color=COLORS[BN], label="mean over seeds")
+                for b in xs:
+                    ax.plot([b] * len(by_size[b][key]), [100 * v for v in by_size[b][key]],
+                            ".", color=COLORS[BN], alpha=0.5)
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sizes, [str(b) for b in sizes])
+                ax.minorticks_off()
+                ax.set_xlabel("virtual batch size (log scale)")
+                ax.grid(alpha=0.3)
+            ax_gap.set_ylabel("train - test accuracy (points)")
+            ax_test.set_ylabel("test accuracy (%)")
+            ax_gap.set_title("generalization gap", fontsize=10)
+            ax_test.set_title("test accuracy", fontsize=10)
+            caption = (f"Ghost BN: the same network, batch ({cfg['batch_size']}), rate (BN's "
+                       f"chosen {record['notes']['virtual_batch_lr']:g}), steps and seeds, "
+                       "each batch normalized in chunks of the virtual batch size (the "
+                       f"largest, {cfg['batch_size']}, is BN); smaller chunks, noisier "
+                       "statistics. Line: mean, dots: seeds.")
+            out.append((caption, fig))
+
         noise_runs = {name: chosen[name] for name in (BN, BN_DROPOUT) if name in chosen}
         if any(_noise_table(g)["slopes"] for g in noise_runs.values()):
             fig, (ax,) = plots.figure(width=5.0)
@@ -403,13 +491,16 @@ class Regularization(Experiment):
             plots.legend(ax, fontsize=8)
             caption = (f"Batch noise of the first BN layer after training: the spread of one "
                        f"example's normalized value over {cfg['noise_draws']} random batches, "
-                       f"mean over units and {cfg['noise_examples']} examples; dots: seeds.")
+                       f"mean over units and {cfg['noise_examples']} examples; dots: seeds. "
+                       "A description of the noise's size: its fall as 1/sqrt(B) is "
+                       "sampling arithmetic and holds for any network and input.")
             out.append((caption, fig))
         return out
 
 
 def choose_rates(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Per configuration, the rate with the best mean validation accuracy over seeds.
+    """Per configuration of the rate grid, the rate with the best mean validation
+    accuracy over seeds.
 
     A diverged run (no end measurements) scores 0.
     """
@@ -418,9 +509,12 @@ def choose_rates(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _validation_by_rate(runs: list[dict[str, Any]]) -> dict[str, dict[float, float]]:
-    """configuration -> rate -> mean validation accuracy over seeds."""
+    """configuration -> rate -> mean validation accuracy over seeds, for the runs of
+    the rate grid (not the ghost BN runs, which train at BN's chosen rate only)."""
     scores: dict[str, dict[float, list[float]]] = {}
     for r in runs:
+        if r["params"].get("part", "grid") != "grid":
+            continue
         acc = r["extra"].get("end", {}).get("validation", {}).get("accuracy", 0.0)
         scores.setdefault(r["params"]["config"], {}).setdefault(r["params"]["lr"], []).append(acc)
     return {name: {lr: stats.mean(v) for lr, v in sorted(by_lr.items())}
@@ -439,13 +533,37 @@ def chosen_runs(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def ghost_runs(record: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """virtual batch size -> the ghost BN runs (claim 5c), sorted by seed, by size."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in record["runs"]:
+        if r["params"].get("part") == "ghost":
+            out.setdefault(int(r["params"]["virtual_batch"]), []).append(r)
+    return {v: sorted(g, key=lambda r: r["seed"]) for v, g in sorted(out.items())}
+
+
+def _accuracy_measures(prefix: str, table: dict[str, Any]) -> dict[str, str]:
+    """The report's accuracy and gap lines for one configuration's end table."""
+    return {
+        f"{prefix}: train / test accuracy (%)": (
+            f"{stats.fmt_range(table['train_acc'], 2, 100)} / "
+            f"{stats.fmt_range(table['test_acc'], 2, 100)}"),
+        f"{prefix}: generalization gap (accuracy points)": stats.fmt_range(
+            table["gap"], 2, 100),
+    }
+
+
 def _end_table(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """End-of-run measures of completed runs, one value per seed."""
+    """End-of-run measures, one value per seed that completed, and under "failed" the
+    seeds whose run diverged (no end measurements). A failed seed has no gap to
+    compare, and a verdict's "every seed" must not quietly shrink to the others: every
+    verdict counts it as a seed that fails (:func:`_failed_text`)."""
     t: dict[str, list[float]] = {
-        k: [] for k in ("seed", "train_acc", "test_acc", "gap", "loss_gap")}
+        k: [] for k in ("seed", "train_acc", "test_acc", "gap", "loss_gap", "failed")}
     for r in runs:
         end = r["extra"].get("end", {})
         if "train" not in end:
+            t["failed"].append(float(r["seed"]))
             continue
         t["seed"].append(float(r["seed"]))
         t["train_acc"].append(end["train"]["accuracy"])
@@ -456,11 +574,9 @@ def _end_table(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def _noise_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Noise per batch size (one value per seed), each seed's log-log slope, and
-    whether each seed's noise falls strictly with the batch size."""
+    """Noise per batch size (one value per seed) and each seed's log-log slope."""
     by_size: dict[int, list[float]] = {}
     slopes: list[float] = []
-    decreasing: list[bool] = []
     for r in runs:
         noise = r["extra"].get("end", {}).get("noise")
         if not noise:
@@ -470,8 +586,7 @@ def _noise_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for b, v in zip(sizes, values):
             by_size.setdefault(b, []).append(v)
         slopes.append(loglog_slope([float(b) for b in sizes], values))
-        decreasing.append(all(a > b for a, b in pairwise(values)))
-    return {"by_size": dict(sorted(by_size.items())), "slopes": slopes, "decreasing": decreasing}
+    return {"by_size": dict(sorted(by_size.items())), "slopes": slopes}
 
 
 def _plot_noise(ax: Axes, runs: list[dict[str, Any]], name: str, color: str,
@@ -487,8 +602,15 @@ def _plot_noise(ax: Axes, runs: list[dict[str, Any]], name: str, color: str,
 
 
 def _learned(t: dict[str, list[float]], halfway: float) -> bool:
-    """Every seed tests at least halfway from chance to 100%: the network learned."""
-    return bool(t["test_acc"]) and all(a >= halfway for a in t["test_acc"])
+    """Every seed completed and tests at least halfway from chance to 100%: the network
+    learned. A diverged seed fails this, as it fails every "every seed" rule."""
+    return bool(t["test_acc"]) and not t["failed"] and all(a >= halfway for a in t["test_acc"])
+
+
+def _failed_text(tables: dict[str, dict[str, list[float]]]) -> str:
+    """A note for a verdict's measured text on the seeds that diverged ("" if none)."""
+    parts = [f"{name} {len(t['failed'])}" for name, t in tables.items() if t["failed"]]
+    return ("; diverged seeds (each fails its seed): " + ", ".join(parts)) if parts else ""
 
 
 def _verdict_regularizes(cfg: dict[str, Any], base: dict[str, list[float]],
@@ -503,11 +625,13 @@ def _verdict_regularizes(cfg: dict[str, Any], base: dict[str, list[float]],
         claim=5,
         statement="BN regularizes: a network that fits its training set generalizes better "
                   "with BN (smaller train - test gap).",
-        measured=f"gap {100 * stats.mean(bn['gap']):.2f} (BN) vs "
-                 f"{100 * stats.mean(base['gap']):.2f} (baseline) points, {shrink:.2f} "
-                 f"smaller; test accuracy {test_diff:+.2f} points; train accuracy "
-                 f"{100 * stats.mean(bn['train_acc']):.1f}% vs "
-                 f"{100 * stats.mean(base['train_acc']):.1f}%",
+        measured=f"gap {stats.show(100 * stats.mean(bn['gap']), '.2f')} (BN) vs "
+                 f"{stats.show(100 * stats.mean(base['gap']), '.2f')} (baseline) points, "
+                 f"{stats.show(shrink, '.2f')} smaller; test accuracy "
+                 f"{stats.show(test_diff, '+.2f')} points; train accuracy "
+                 f"{stats.show(100 * stats.mean(bn['train_acc']), '.1f', '%')} vs "
+                 f"{stats.show(100 * stats.mean(base['train_acc']), '.1f', '%')}"
+                 + _failed_text({BN: bn, BASELINE: base}),
         verdict=grade(
             effect_ok=stats.separated(base["gap"], bn["gap"]) and fits
             and _learned(base, halfway) and _learned(bn, halfway),
@@ -517,7 +641,8 @@ def _verdict_regularizes(cfg: dict[str, Any], base: dict[str, list[float]],
         criterion=f"BN's gap >= {cfg['gap_margin']:g} points smaller on average, seed ranges "
                   "apart, its test accuracy not lower, its train accuracy at most "
                   f"{cfg['gap_margin']:g} points below the baseline's, and both networks "
-                  "testing at least halfway from chance to 100%",
+                  "testing at least halfway from chance to 100% in every seed (a diverged "
+                  "seed fails)",
     )
 
 
@@ -534,9 +659,10 @@ def _verdict_dropout(cfg: dict[str, Any], m: dict[str, dict[str, list[float]]],
         claim=5,
         statement="BN can reduce the need for dropout: BN alone tests as well as the "
                   "baseline with dropout, and dropout adds less to BN.",
-        measured=f"BN {bn_vs_drop:+.2f} points vs baseline + dropout; dropout gains "
-                 f"{100 * stats.mean(gain_base):+.2f} (baseline) and "
-                 f"{100 * stats.mean(gain_bn):+.2f} (BN) points",
+        measured=f"BN {stats.show(bn_vs_drop, '+.2f')} points vs baseline + dropout; "
+                 f"dropout gains {stats.show(100 * stats.mean(gain_base), '+.2f')} (baseline) "
+                 f"and {stats.show(100 * stats.mean(gain_bn), '+.2f')} (BN) points"
+                 + _failed_text(m),
         verdict=grade(
             effect_ok=stats.separated(gain_base, gain_bn)
             and all(_learned(t, halfway) for t in m.values()),
@@ -546,30 +672,61 @@ def _verdict_dropout(cfg: dict[str, Any], m: dict[str, dict[str, list[float]]],
         criterion=f"BN within {cfg['dropout_tolerance']:g} points of baseline + dropout (mean "
                   "test accuracy), and dropout's per-seed gain for BN below every seed's gain "
                   "for the baseline, all four testing at least halfway from chance to "
-                  "100%; mixed if only one holds",
+                  "100% in every seed (a diverged seed fails); mixed if only one holds",
     )
 
 
-def _verdict_noise(cfg: dict[str, Any], noise: dict[str, Any]) -> Verdict:
-    """5c: the batch noise is stronger for small batches."""
-    by_size = noise["by_size"]
-    smallest, largest = min(by_size), max(by_size)
-    slope = stats.mean(noise["slopes"])
+def _verdict_batch_noise(cfg: dict[str, Any], full: dict[str, list[float]],
+                         ghosts: dict[int, dict[str, list[float]]], halfway: float) -> Verdict:
+    """5c, the mechanism: BN regularizes through the noise of its batch statistics, so
+    noisier statistics regularize more.
+
+    Ghost BN with virtual batches of v normalizes each chunk of v examples with the
+    chunk's statistics: the smaller v, the noisier the statistics, and nothing else
+    differs from the BN runs (``full``, virtual batch = the batch). If the noise is the
+    regularizer, the smallest virtual batch has the smallest generalization gap, and
+    not because it fits the training subset less (its train accuracy at most
+    gap_margin points lower) or tests worse. The test can fail: if the noise did not
+    regularize, the gaps would not order by v, or would order the other way.
+    """
+    batch = cfg["batch_size"]
+    tables = {**ghosts, batch: full}
+    sizes = sorted(tables)
+    small = tables[sizes[0]]
+    margin = cfg["gap_margin"]
+    means = [stats.mean(tables[v]["gap"]) for v in sizes]
+    shrink = 100 * (stats.mean(full["gap"]) - stats.mean(small["gap"]))
+    test_diff = 100 * (stats.mean(small["test_acc"]) - stats.mean(full["test_acc"]))
+    fits = 100 * (stats.mean(full["train_acc"]) - stats.mean(small["train_acc"])) <= margin
+    ordered = all(a <= b for a, b in pairwise(means))
+    # Each seed completed and learned in every configuration ("every seed" counts a
+    # diverged seed as failing, never as absent).
+    learned = all(_learned(t, halfway) for t in tables.values())
+    if (learned and fits and ordered and shrink >= margin and test_diff >= 0
+            and stats.separated(full["gap"], small["gap"])):
+        verdict = SUPPORTED
+    elif learned and shrink < 0 and stats.separated(small["gap"], full["gap"]):
+        verdict = NOT_SUPPORTED  # the order reverses, beyond the seeds' spread
+    else:
+        verdict = MIXED
+    names = {v: (f"virtual batch {v}" if v != batch else f"full batch {v} (BN)") for v in sizes}
     return Verdict(
         claim=5,
-        statement="The noise BN injects through batch statistics is stronger for small "
-                  "batches (about 1/sqrt(B)).",
-        measured=f"std of x̂ {stats.mean(by_size[smallest]):.3f} at B={smallest} to "
-                 f"{stats.mean(by_size[largest]):.3f} at B={largest}; log-log slope "
-                 f"{slope:.2f} (seeds " + ", ".join(f"{s:.2f}" for s in noise["slopes"]) + ")",
-        verdict=grade(
-            effect_ok=all(noise["decreasing"])
-            and stats.separated(by_size[smallest], by_size[largest]),
-            threshold_ok=cfg["slope_min"] <= slope <= cfg["slope_max"],
-            direction_ok=slope < 0,
-        ),
-        criterion=f"noise falls strictly with B in every seed, B={smallest}'s range above "
-                  f"B={largest}'s, mean slope in [{cfg['slope_min']:g}, {cfg['slope_max']:g}]",
+        statement="BN's regularization comes from the noise of its batch statistics, "
+                  "stronger for smaller batches: ghost BN with smaller virtual batches "
+                  "generalizes better.",
+        measured="generalization gap (points): " + ", ".join(
+            f"{names[v]} {stats.show(100 * mu, '.2f')}" for v, mu in zip(sizes, means))
+                 + f"; smallest vs full: gap {stats.show(shrink, '.2f')} smaller, test "
+                 f"accuracy {stats.show(test_diff, '+.2f')} points"
+                 + _failed_text({names[v]: tables[v] for v in sizes}),
+        verdict=verdict,
+        criterion=f"at BN's chosen rate, the smallest virtual batch's gap >= {margin:g} points "
+                  "below the full batch's, seed ranges apart, the mean gap growing with the "
+                  f"virtual batch size, its test accuracy not lower and its train accuracy at "
+                  f"most {margin:g} points lower, every network testing at least halfway from "
+                  "chance to 100% in every seed; not supported if the smallest virtual "
+                  "batch's gap is larger in every seed; mixed otherwise",
     )
 
 
