@@ -939,3 +939,19 @@ def test_double_backward_with_a_bias_and_no_weight_under_auto() -> None:
         return bn.functional.batch_norm(inp, None, None, None, bias, training=True)
 
     assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+@pytest.mark.parametrize("function", ["batch_norm", "batch_norm_act"])
+@pytest.mark.parametrize(("counter", "got"), [
+    (torch.zeros(1, dtype=torch.long), r"shape \(1,\)"),
+    (torch.zeros((), dtype=torch.int32), "torch.int32"),
+    (torch.zeros(()), "torch.float32"),
+    (0, "int 0"),
+], ids=["shape", "int32", "float", "python-int"])
+def test_bad_counters_are_named(function: str, counter, got: str) -> None:
+    call = getattr(F, function)
+    mean, var = torch.zeros(3), torch.ones(3)
+    for key in ("num_batches_tracked", "num_batches_skipped"):
+        with pytest.raises(ValueError, match=rf"{function}: {key} must be a 0-dim int64 .*{got}"):
+            call(torch.randn(4, 3), mean, var, training=True, **{key: counter})
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.ones(3))

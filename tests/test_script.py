@@ -347,9 +347,47 @@ def test_layers_without_a_script_form_refuse_by_name(name: str, make) -> None:
     assert model[1] is layer  # the model is left as it was
 
 
-def test_initialized_lazy_layer_scripts_as_the_plain_layer() -> None:
+@pytest.mark.parametrize(("layer_dtype", "input_dtype"), [
+    (torch.float64, torch.bfloat16), (torch.float64, torch.float16),
+    (torch.float16, torch.bfloat16),
+])
+def test_scripted_statistics_of_half_input_are_float32_precise(layer_dtype, input_dtype) -> None:
+    # aten takes float32 statistics with half-precision input: a layer of another dtype
+    # is updated through float32 copies, never through the input's 8 or 11 bits.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 3, 4, 4, generator=gen) * 1.7 + 3.3).to(input_dtype)
+    layer = bn.BatchNorm2d(3, dtype=layer_dtype)
+    scripted = torch.jit.script(copy.deepcopy(layer))
+    scripted(x)
+    data = x.double()
+    expected_mean = 0.1 * data.mean(dim=(0, 2, 3))
+    expected_var = 0.9 + 0.1 * data.var(dim=(0, 2, 3))
+    # float32 rounding of the update, then the layer's own dtype.
+    tol = 1e-6 if layer_dtype == torch.float64 else 1e-3
+    assert_close(scripted.running_mean.double(), expected_mean, tol, tol, "running_mean")
+    assert_close(scripted.running_var.double(), expected_var, tol, tol, "running_var")
+
+
+def test_integer_eps_and_momentum_script() -> None:
+    layer = bn.BatchNorm2d(3, eps=1, momentum=1)
+    twin = copy.deepcopy(layer)
+    scripted = torch.jit.script(layer)
+    x = torch.randn(4, 3, 2, 2)
+    assert_close(scripted(x), twin(x), 1e-5, 1e-5, "output")
+    assert_close(scripted.running_mean, twin.running_mean, 1e-6, 1e-6, "running_mean")
+
+
+@pytest.mark.parametrize("initialize", ["forward", "load_state_dict"])
+def test_initialized_lazy_layer_scripts_as_the_plain_layer(initialize: str) -> None:
     lazy = bn.LazyBatchNorm2d()
-    lazy(torch.randn(4, 5, 3, 3))
+    if initialize == "forward":
+        lazy(torch.randn(4, 5, 3, 3))
+    else:
+        # Initialized without a forward: still the lazy class, with its pre-hook.
+        source = bn.BatchNorm2d(5)
+        _randomize(source)
+        lazy.load_state_dict(source.state_dict())
     scripted = torch.jit.script(lazy)
+    assert type(lazy) is bn.BatchNorm2d
     x = torch.randn(4, 5, 3, 3)
     assert_close(scripted(x), copy.deepcopy(lazy)(x), 1e-5, 1e-5, "output")

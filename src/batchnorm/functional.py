@@ -150,6 +150,7 @@ def _batch_norm_validated(
         raise ValueError(
             "batch_norm: momentum=None (cumulative average) needs num_batches_tracked"
         )
+    check_counters("batch_norm", input, num_batches_tracked, num_batches_skipped)
     if m == 0:
         # An empty batch has no statistics: the output is empty and nothing is updated.
         scale = torch.ones(num_channels, dtype=input.dtype, device=input.device)
@@ -244,6 +245,29 @@ def _plain_number(name: str, value: Any) -> Any:
             f"shape {tuple(value.shape)} and dtype {value.dtype}"
         )
     return float(value)
+
+
+def check_counters(
+    owner: str, input: Tensor, tracked: Tensor | None, skipped: Tensor | None
+) -> None:
+    """The batch counters, where given, are 0-dim int64 tensors on the input's device:
+    the kernels add to them in place, and a wrong one would fail inside a kernel (or,
+    on the reference backend, broadcast)."""
+    device = input.get_device()
+    for name, t in (("num_batches_tracked", tracked), ("num_batches_skipped", skipped)):
+        if t is None or (
+            isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.long
+            and t.get_device() == device
+        ):
+            continue
+        if not isinstance(t, Tensor):
+            got = f"{type(t).__name__} {t!r}"
+        else:
+            got = f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype} on {t.device}"
+        raise ValueError(
+            f"{owner}: {name} must be a 0-dim int64 tensor on {input.device} (it is "
+            f"counted in place), got {got}"
+        )
 
 
 def _validate(
@@ -351,6 +375,7 @@ def batch_norm_act(
     batch_stats_used = training
     if batch_stats_used:
         check_training_eps("batch_norm_act", eps)
+        check_counters("batch_norm_act", input, num_batches_tracked, num_batches_skipped)
     m = input.numel() // input.shape[1]
     chosen = select_backend(backend, input, weight, bias, running_mean, running_var)
     # Small input under "auto": aten's batch norm and in-place ops cost less.

@@ -387,6 +387,12 @@ class _BatchNormBase(_BatchNorm):
         check_scriptable(
             self, self._not_scriptable, {"eps": self.eps, "momentum": self.momentum}
         )
+        # The compiled forward types eps and momentum as floats; an int (eps=1,
+        # momentum=1) is the same number.
+        if isinstance(self.eps, int):
+            self.eps = float(self.eps)
+        if isinstance(self.momentum, int):
+            self.momentum = float(self.momentum)
         return self
 
     @torch.jit.unused

@@ -80,12 +80,14 @@ def check_channels(owner: str, input: Tensor, num_features: int) -> None:
 
 def _as_input_dtype(t: Tensor | None, input: Tensor) -> Tensor | None:
     """A parameter or statistic in the dtype aten's batch norm takes with ``input``:
-    float16/bfloat16 inputs keep float32 ones (aten's mixed-precision kernels); any
-    other dtype mismatch (a float64 layer fed float32) is cast to the input's."""
+    float16/bfloat16 inputs take float32 ones (aten's mixed-precision kernels), so a
+    float64 (or other half-precision) layer's statistics are computed and kept to
+    float32, not to the input's 8 or 11 bits; any other dtype mismatch (a float64 layer
+    fed float32) is cast to the input's."""
     if t is None or t.dtype == input.dtype:
         return t
-    if t.dtype == torch.float32 and (input.dtype == torch.float16 or input.dtype == torch.bfloat16):
-        return t
+    if input.dtype == torch.float16 or input.dtype == torch.bfloat16:
+        return t if t.dtype == torch.float32 else t.to(torch.float32)
     return t.to(input.dtype)
 
 

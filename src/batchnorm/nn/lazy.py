@@ -72,6 +72,16 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
                 f"{type(self).__name__}: torch.jit.script cannot compile a lazy layer that "
                 "has not seen an input; run one batch through the model before scripting it"
             )
+        if hasattr(self, "_initialize_hook"):
+            # Initialized by load_state_dict: the forward pre-hook that makes the layer
+            # its plain class has not run, and script cannot compile that hook (nor
+            # would it need it). Finish the change now, as a first forward would.
+            self._initialize_hook.remove()
+            self._load_hook.remove()
+            del self._initialize_hook, self._load_hook
+            if self.cls_to_become is not None:
+                self.__class__ = self.cls_to_become
+            return self.__prepare_scriptable__()
         return super().__prepare_scriptable__()
 
     def reset_running_stats(self) -> None:
