@@ -190,9 +190,9 @@ def _page(results_dir: Path, records: list[dict[str, Any]], rows: list[dict[str,
 experiment time; torch {_e(env.get('torch'))}, batchnorm {_e(env.get('batchnorm'))},
 commit {_e(env.get('git_commit') or 'unknown')}. Report written {_e(results.now())}.</p>
 <h2>Scorecard</h2>
-<p>{counts['supported']} supported, {counts['mixed']} mixed, {counts['not supported']} not
-supported{f", {checks} of them checks" if checks else ""}. Every verdict below is
-computed from the runs in this directory.</p>
+<p>{sum(counts.values())} verdicts{f" ({checks} of them checks, rows that verify an identity)" if checks else ""}:
+{counts['supported']} supported, {counts['mixed']} mixed, {counts['not supported']} not
+supported. Every verdict below is computed from the runs in this directory.</p>
 {''.join(score)}
 <p class="note"><b>The verdict rule.</b> {_e(SPREAD_RULE)} A diverged run (NaN or infinite
 loss) is an outcome, not an error: it scores chance accuracy and never reaches a target.
