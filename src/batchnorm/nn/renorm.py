@@ -65,12 +65,13 @@ class _RenormSpec(NamedTuple):
 
 
 def _renorm_constants(
-    mean: Tensor, invstd: Tensor, old_mean: Tensor, sigma: Tensor, r_max: float, d_max: float
+    mean_diff: Tensor, invstd: Tensor, sigma: Tensor, r_max: float, d_max: float
 ) -> tuple[Tensor, Tensor]:
-    """r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max), from the
-    batch's mean and invstd = 1/σ_B and the running μ, σ from before the update."""
+    """r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max), from
+    ``mean_diff`` = μ_B − μ, the batch's invstd = 1/σ_B and the running σ, all from
+    before the update."""
     r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)
-    d = ((mean - old_mean) / sigma).clamp(-d_max, d_max)
+    d = (mean_diff / sigma).clamp(-d_max, d_max)
     return r, d
 
 
@@ -110,8 +111,7 @@ def _renorm_constants_centred(
     work = torch.promote_types(dtype, running_mean.dtype)
     diff = (centre.to(work) - running_mean.to(work)) + offset.to(work)
     sigma = torch.sqrt(running_var.to(dtype) + eps)
-    r = (1.0 / (invstd * sigma)).clamp(1.0 / r_max, r_max)
-    d = (diff.to(dtype) / sigma).clamp(-d_max, d_max)
+    r, d = _renorm_constants(diff.to(dtype), invstd, sigma, r_max, d_max)
     # One stacked tensor, which the compilers' partitioner never recomputes (stack/cat
     # are not on its list of ops to recompute): it saves r and d for the backward.
     # Left to it, it recomputes r from the running variance there, which the forward
@@ -280,7 +280,7 @@ def _renorm_composed(
         x, None, None, eps, running_mean, running_var, momentum,
         num_batches_tracked, num_batches_skipped,
     )
-    r, d = _renorm_constants(mean, invstd, old_mean, sigma, r_max, d_max)
+    r, d = _renorm_constants(mean - old_mean, invstd, sigma, r_max, d_max)
     # (a backend may return the mean in float64, Triton's does: d in the stats dtype)
     r, d = r.to(dtype), d.to(dtype)
     scale, shift = _renorm_affine(
