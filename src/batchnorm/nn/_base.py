@@ -19,14 +19,18 @@ from batchnorm._backends import BACKEND_NAMES
 from batchnorm.nn import _script
 
 
+def check_positive_int(owner: str, what: str, value: object) -> None:
+    """ValueError naming ``owner`` unless ``value`` is an integer >= 1 (numbers.Integral:
+    NumPy integers too, as torch's layers take them; never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {what} must be a positive int, got {value!r}")
+
+
 def check_layer_args(
     owner: str, num_features: object, eps: float, momentum: float | None, backend: str
 ) -> None:
     """The constructor checks every batch-norm layer shares; errors name ``owner``."""
-    # numbers.Integral: NumPy integers too, as torch's layers take them.
-    if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
-            or num_features < 1):
-        raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+    check_positive_int(owner, "num_features", num_features)
     for name, value in (("eps", eps), ("momentum", momentum)):
         if not isinstance(value, (numbers.Real, Tensor)) and not (name == "momentum" and value is None):
             raise TypeError(

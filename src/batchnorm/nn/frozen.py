@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from batchnorm import functional as F
 from batchnorm.nn import _script
-from batchnorm.nn._base import name_the_layer, non_tensor_input, resolve_annotations
+from batchnorm.nn._base import (
+    check_positive_int,
+    name_the_layer,
+    non_tensor_input,
+    resolve_annotations,
+)
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -47,11 +52,9 @@ class _FrozenBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        # numbers.Integral / numbers.Real: NumPy numbers too, as the other layers take.
-        if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
-                or num_features < 1):
-            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
-        # A 0-dim tensor as the trainable layers take (convert and freeze carry theirs).
+        check_positive_int(name, "num_features", num_features)
+        # numbers.Real: NumPy numbers too, as the other layers take; a 0-dim tensor as
+        # the trainable layers take (convert and freeze carry theirs).
         if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, Tensor)):
             raise TypeError(f"{name}: eps must be a real number, got {type(eps).__name__} {eps!r}")
         if not (0.0 <= eps < math.inf):

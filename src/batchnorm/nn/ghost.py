@@ -16,7 +16,6 @@ obtains them from the same pass that normalizes.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,7 +38,12 @@ from batchnorm._reference import (
     stats_dtype,
     update_running_stats,
 )
-from batchnorm.nn._base import _BatchNormBase, names_its_errors, non_tensor_input
+from batchnorm.nn._base import (
+    _BatchNormBase,
+    check_positive_int,
+    names_its_errors,
+    non_tensor_input,
+)
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -246,16 +250,7 @@ class _GhostBatchNorm(_BatchNormBase):
         backend: str = "auto",
         check_finite: bool = False,
     ) -> None:
-        # numbers.Integral: NumPy integers too, as num_features takes them.
-        if (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, numbers.Integral)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: virtual_batch_size must be a positive int, got "
-                f"{virtual_batch_size!r}"
-            )
+        check_positive_int(type(self).__name__, "virtual_batch_size", virtual_batch_size)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, backend=backend, check_finite=check_finite,

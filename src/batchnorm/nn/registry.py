@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from torch import nn
 
+from batchnorm.nn._base import check_positive_int
 from batchnorm.nn.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
@@ -86,12 +87,6 @@ def _check_dim(owner: str, dim: object) -> int:
             f"(N, C, D, H, W), got {type(dim).__name__} {dim!r}"
         )
     return int(dim)
-
-
-def _check_num_features(owner: str, num_features: object) -> None:
-    if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
-            or num_features < 1):
-        raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
 
 
 def _check_kwargs(owner: str, factory: NormFactory, kwargs: Mapping[str, Any]) -> None:
@@ -167,7 +162,7 @@ def create_norm(spec: NormSpec, num_features: int, *, dim: int = 2, **kwargs: An
     dim = _check_dim(f"create_norm({_spec_text(spec)})", dim)
     factory = get_norm_layer(spec, dim)
     owner = f"create_norm({_spec_text(spec)}, dim={dim})"
-    _check_num_features(owner, num_features)
+    check_positive_int(owner, "num_features", num_features)
     _check_kwargs(owner, factory, kwargs)
     return factory(num_features, **kwargs)
 
@@ -194,7 +189,7 @@ def layer_norm(
     rank: ``LayerNorm(C)`` normalizes the *last* dim, so it would need a channels-last
     (N, L, C) layout for (N, C, L) inputs.
     """
-    _check_num_features("layer_norm", num_features)
+    check_positive_int("layer_norm", "num_features", num_features)
     return nn.GroupNorm(1, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 
 
@@ -210,7 +205,7 @@ def group_norm(
     """
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
-    _check_num_features("group_norm", num_features)
+    check_positive_int("group_norm", "num_features", num_features)
     groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
     return nn.GroupNorm(groups, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 
