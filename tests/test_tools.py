@@ -198,6 +198,10 @@ def test_unfreeze_gives_back_the_layers_freeze_replaced() -> None:
             assert torch.equal(state[key], value), f"{what}.{key}"
     assert int(restored[1].num_batches_tracked) == 2  # momentum=None averages by it
     assert getattr(restored[2], "backend", None) == "reference"
+    # A rank-agnostic layer keeps the rank it was converted from through the round trip.
+    sync = bn.unfreeze(bn.freeze(bn.convert(nn.Sequential(nn.BatchNorm3d(4)), "sync")))
+    assert type(sync[0]) is bn.SyncBatchNorm
+    assert type(bn.convert(sync, "torch")[0]) is nn.BatchNorm3d
     # A frozen layer built as such becomes this package's layer with the defaults.
     plain = bn.unfreeze(nn.Sequential(bn.FrozenBatchNorm2d(4)))
     assert type(plain[0]) is bn.BatchNorm2d and plain[0].momentum == 0.1

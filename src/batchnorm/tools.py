@@ -272,11 +272,18 @@ def _build(
     _copy_state(old, new)
     if kind == "frozen" and not frozen_source:
         new._thawed = _Thawed.of(old)  # so that unfreeze can give the layer back
+    _carry_rank_and_mode(old, new)
+    return new
+
+
+def _carry_rank_and_mode(old: nn.Module, new: nn.Module) -> None:
+    """``new`` (built to replace ``old``) gets ``old``'s train/eval mode and, when it has
+    no rank of its own (SyncBatchNorm), the rank of ``old``, so that a later convert
+    back knows it."""
     source = layer_rank(old)
     if layer_rank(new) is None and source is not None:
-        new._source_dim = source  # so a later convert back knows the rank
+        new._source_dim = source
     new.train(old.training)
-    return new
 
 
 def _trainable_config(old: nn.Module, cls: Any) -> dict[str, Any]:
@@ -330,10 +337,7 @@ def _thaw(old: _FrozenBatchNorm, record: _Thawed, name: str) -> nn.Module:
         tracked = getattr(new, "num_batches_tracked", None)
         if isinstance(tracked, Tensor) and record.num_batches_tracked is not None:
             tracked.fill_(record.num_batches_tracked)
-    source = getattr(old, "_source_dim", None)
-    if source is not None and layer_rank(new) is None:
-        new._source_dim = source
-    new.train(old.training)
+    _carry_rank_and_mode(old, new)
     return new
 
 
