@@ -171,7 +171,7 @@ def _report(directory: Path, output: Path | None) -> int:
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from batchnorm.lab import report, suite
     from batchnorm.lab.data import DataError
-    from batchnorm.lab.runner import Runner, default_jobs
+    from batchnorm.lab.runner import Runner, check_workers, default_jobs
 
     # Everything that can be wrong with the command is checked before the results
     # directory is created: a refused command leaves nothing behind.
@@ -180,10 +180,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         overrides["seeds"] = str(args.seeds)
     if args.data is not None:
         overrides["data"] = args.data
-    for option, value in (("--jobs", args.jobs), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{option}: expected an int >= 1, got {value}")
     jobs = args.jobs if args.jobs is not None else default_jobs()
+    check_workers(jobs, args.threads, prefix="--")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out: expected a directory, got the file {args.out}")
     try:

@@ -67,6 +67,14 @@ def _run_in_worker(spec: RunSpec) -> RunResult:
     return train(spec, dataset(spec.data))
 
 
+def check_workers(jobs: int, threads: int, prefix: str = "") -> None:
+    """ValueError unless ``jobs`` and ``threads`` are at least 1; the message names
+    each as ``prefix + name`` (the command line's ``--jobs``)."""
+    for name, value in (("jobs", jobs), ("threads", threads)):
+        if value < 1:
+            raise ValueError(f"{prefix}{name}: expected an int >= 1, got {value}")
+
+
 class Runner:
     """Runs :class:`RunSpec` lists and shows one progress bar per call.
 
@@ -82,9 +90,7 @@ class Runner:
     """
 
     def __init__(self, jobs: int = 1, threads: int = 1, progress: bool | None = None):
-        for name, value in (("jobs", jobs), ("threads", threads)):
-            if value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value}")
+        check_workers(jobs, threads)
         self.jobs = jobs
         self.threads = threads
         self.progress = sys.stdout.isatty() if progress is None else progress
